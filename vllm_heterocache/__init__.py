@@ -1,0 +1,15 @@
+"""vllm-heterocache: HeteroCache (arXiv 2601.13684) heterogeneous KV-cache compression for vLLM.
+
+This module holds only :func:`register`, vLLM's general-plugin entry point
+(``vllm.general_plugins`` in pyproject.toml). It is cheap and imports nothing heavy.
+"""
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """vLLM general-plugin entry point; vLLM calls it in every process it starts.
+
+    Idempotent. The attention backend itself is registered here once it exists (backend issue);
+    until then the plugin only makes the package importable in vLLM's processes.
+    """

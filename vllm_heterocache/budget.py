@@ -1,0 +1,180 @@
+"""Budget planner: per-head prompt-token budgets (algorithm.md section 2). Pure function.
+
+With H KV heads in the whole model (layers x KV heads), F of them full (volatile, pivot), a
+prompt of L tokens and compression ratio r (fraction of the KV cache KEPT), a compressed head
+(anchor, satellite) h with budget ratio rho(h) keeps
+
+    budget(h) = min(L, max(W', floor(base * rho(h))))          W' = min(L, window)
+    base      = (r * H - F) * L / (H - F)      (ratio mode; needs r * H > F)
+    base      = token_budget                   (absolute mode)
+
+prompt tokens, the most recent W' of them always among them (the window is part of the budget,
+and a budget never drops below it). With ``round_to_block`` the budget is rounded up to a
+multiple of the KV block size (capped at L). Full heads keep all L tokens; r = 1 keeps every
+token of every head. Pivots track a reference top-K of K = min(L, max(1, floor(base))) tokens.
+
+Tensor parallelism: each rank holds a contiguous slice of the KV heads (or, when there are more
+ranks than KV heads, one replicated head, as vLLM's QKVParallelLinear does). A pivot and its
+satellites must live on one rank, since refills move data from pivot to satellites.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.errors import BudgetError, ProfileError
+from vllm_heterocache.profile.schema import HeadProfile
+
+
+def local_kv_heads(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, ...]:
+    """Global indices of the KV heads held by ``tp_rank`` of ``tp_size`` ranks."""
+    if tp_size < 1 or not 0 <= tp_rank < tp_size:
+        raise ValueError(f"bad tensor-parallel position: rank {tp_rank} of {tp_size}")
+    if tp_size <= num_kv_heads:
+        if num_kv_heads % tp_size:
+            raise ProfileError(
+                f"{num_kv_heads} KV heads cannot be split evenly over tensor_parallel_size={tp_size}"
+            )
+        n = num_kv_heads // tp_size
+        return tuple(range(tp_rank * n, (tp_rank + 1) * n))
+    if tp_size % num_kv_heads:
+        raise ProfileError(
+            f"tensor_parallel_size={tp_size} is not a multiple of the model's {num_kv_heads} KV heads"
+        )
+    return (tp_rank // (tp_size // num_kv_heads),)
+
+
+def rank_of_heads(num_kv_heads: int, tp_size: int) -> list[set[int]]:
+    """For each global KV head, the set of ranks that hold it."""
+    ranks: list[set[int]] = [set() for _ in range(num_kv_heads)]
+    for rank in range(tp_size):
+        for h in local_kv_heads(num_kv_heads, rank, tp_size):
+            ranks[h].add(rank)
+    return ranks
+
+
+def check_tp_compatible(profile: HeadProfile, tp_size: int) -> None:
+    """Refuse a profile whose pivot clusters cross tensor-parallel rank boundaries."""
+    if tp_size == 1:
+        return
+    ranks = rank_of_heads(profile.num_kv_heads, tp_size)
+    crossing = []
+    for c in profile.clusters:
+        held = ranks[c.pivot]
+        away = [s for s in c.satellites if ranks[s] != held]
+        if away:
+            crossing.append(f"layer {c.layer} pivot {c.pivot} -> satellites {away}")
+    if crossing:
+        shown = "; ".join(crossing[:8]) + (f"; and {len(crossing) - 8} more" if len(crossing) > 8 else "")
+        raise ProfileError(
+            f"profile {profile.source} cannot be split over tensor_parallel_size={tp_size}: "
+            f"{len(crossing)} pivot cluster(s) cross rank boundaries ({shown}). Re-profile with "
+            f"`python -m vllm_heterocache.profiler ... --tp-size {tp_size}` (keeps clusters inside "
+            "a rank) or serve with a smaller tensor_parallel_size."
+        )
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """Budgets of one request's prompt on one tensor-parallel rank.
+
+    Attributes:
+        prompt_len: L, tokens in the prompt.
+        window: W' = min(L, window), recent prompt tokens every compressed head keeps.
+        base: base budget of a compressed head (float; see the module docstring).
+        reference_topk: K, size of a pivot's reference top-K set.
+        global_heads: local KV head j -> global KV head index.
+        budgets: int64 ``[num_layers, num_local_kv_heads]``: prompt tokens each head keeps
+            (full heads: ``prompt_len``).
+        full: bool ``[num_layers, num_local_kv_heads]``: the head keeps its full KV.
+    """
+
+    prompt_len: int
+    window: int
+    base: float
+    reference_topk: int
+    global_heads: tuple[int, ...]
+    budgets: torch.Tensor
+    full: torch.Tensor
+
+    def kept_fraction(self) -> float:
+        """Fraction of this rank's prompt KV entries kept."""
+        if self.prompt_len == 0:
+            return 1.0
+        return float(self.budgets.sum()) / (self.budgets.numel() * self.prompt_len)
+
+
+def min_feasible_ratio(profile: HeadProfile) -> float:
+    """The F / H bound: a compression ratio must exceed it (full heads alone keep that much)."""
+    total = profile.num_layers * profile.num_kv_heads
+    return profile.num_full_heads() / total
+
+
+def _ratios(profile: HeadProfile, heads: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(
+        [[profile.budget_ratios[l][h] or 0.0 for h in heads] for l in range(profile.num_layers)],
+        dtype=torch.float64,
+    )
+
+
+def plan_budgets(
+    profile: HeadProfile,
+    config: HeteroCacheConfig,
+    prompt_len: int,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    block_size: int | None = None,
+) -> BudgetPlan:
+    """Per-head token budgets for a prompt of ``prompt_len`` tokens on rank ``tp_rank``."""
+    if prompt_len < 0:
+        raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
+    if config.round_to_block and not block_size:
+        raise ValueError("round_to_block needs the KV block size (block_size)")
+    check_tp_compatible(profile, tp_size)
+    heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
+    full = torch.tensor(
+        [[profile.head_types[l][h].is_full for h in heads] for l in range(profile.num_layers)],
+        dtype=torch.bool,
+    )
+    L = prompt_len
+    total = profile.num_layers * profile.num_kv_heads
+    n_full = profile.num_full_heads()
+    r = config.compression_ratio
+    if config.token_budget is not None:
+        base = float(config.token_budget)
+    elif r >= 1.0 or n_full == total:
+        base = float(L)
+    elif r * total <= n_full:
+        smallest = math.floor(n_full / total * 1000 + 1) / 1000
+        raise BudgetError(
+            f"heterocache.compression_ratio={r} is infeasible with profile {profile.source}: its "
+            f"{n_full} full heads of {total} alone keep {n_full / total:.4f} of the KV cache "
+            f"(r * H must exceed F). The smallest feasible ratio is {smallest}; or set "
+            "heterocache.token_budget instead."
+        )
+    else:
+        base = (r * total - n_full) * L / (total - n_full)
+
+    window = min(L, config.window)
+    if r is not None and r >= 1.0 and config.token_budget is None:
+        budgets = torch.full(full.shape, L, dtype=torch.int64)
+    else:
+        budgets = torch.floor(base * _ratios(profile, heads)).to(torch.int64)
+        budgets = budgets.clamp(min=window, max=L)
+        if config.round_to_block:
+            budgets = (torch.div(budgets + block_size - 1, block_size, rounding_mode="floor") * block_size).clamp(max=L)
+        budgets = torch.where(full, torch.full_like(budgets, L), budgets)
+    return BudgetPlan(
+        prompt_len=L,
+        window=window,
+        base=base,
+        reference_topk=min(L, max(1, math.floor(base))),
+        global_heads=heads,
+        budgets=budgets,
+        full=full,
+    )

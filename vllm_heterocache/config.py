@@ -1,0 +1,144 @@
+"""The one HeteroCache config object, read once from vLLM's ``additional_config``.
+
+Users pass it as::
+
+    vllm serve MODEL --attention-backend heterocache \
+        --additional-config '{"heterocache": {"compression_ratio": 0.25}}'
+
+Every option, its meaning and default is the field list of :class:`HeteroCacheConfig`. Errors
+name the option (``heterocache.<name>``) and what to change. Pure layer: no vLLM import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_heterocache.errors import ConfigError
+
+ADDITIONAL_CONFIG_KEY = "heterocache"
+DEFAULT_COMPRESSION_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class HeteroCacheConfig:
+    """Validated HeteroCache options.
+
+    Attributes:
+        profile: path of a head profile (JSON). None: the shipped profile whose model
+            fingerprint matches the served model.
+        compression_ratio: fraction of the prompt KV cache KEPT, over all heads, in (0, 1]
+            (1 keeps everything). Exclusive with ``token_budget``. Default 0.5 when neither is set.
+        token_budget: prompt tokens kept by an average compressed head (before its budget ratio
+            is applied), instead of a ratio. Exclusive with ``compression_ratio``.
+        window: the most recent prompt tokens every compressed head keeps (observation window);
+            also the number of last prompt queries that score tokens at prefill.
+        drift_interval: pivots check for drift every this many decode steps (N).
+        stability_threshold: overlap below which a pivot has drifted; None: the profile's
+            calibration ``tau_stable``.
+        pool_kernel: width of the average pooling over positions applied to attention scores
+            before top-k (odd).
+        refill: False disables drift-triggered refills (satellites keep their prefill selection;
+            the ablation that shows what retrieval buys).
+        round_to_block: round every compressed head's budget up to a multiple of the KV block
+            size (capped at the prompt length).
+    """
+
+    profile: str | None = None
+    compression_ratio: float | None = None
+    token_budget: int | None = None
+    window: int = 32
+    drift_interval: int = 5
+    stability_threshold: float | None = None
+    pool_kernel: int = 5
+    refill: bool = True
+    round_to_block: bool = False
+
+    def __post_init__(self) -> None:
+        _check_type(self)
+        if self.compression_ratio is not None and self.token_budget is not None:
+            raise ConfigError(
+                "heterocache.compression_ratio and heterocache.token_budget are exclusive: set one"
+            )
+        if self.compression_ratio is None and self.token_budget is None:
+            object.__setattr__(self, "compression_ratio", DEFAULT_COMPRESSION_RATIO)
+        r = self.compression_ratio
+        if r is not None and not (math.isfinite(r) and 0.0 < r <= 1.0):
+            raise ConfigError(
+                f"heterocache.compression_ratio must be in (0, 1] (fraction of the KV cache kept), got {r}"
+            )
+        _positive("token_budget", self.token_budget, allow_none=True)
+        _positive("window", self.window, minimum=0)
+        _positive("drift_interval", self.drift_interval)
+        _positive("pool_kernel", self.pool_kernel)
+        if self.pool_kernel % 2 == 0:
+            raise ConfigError(f"heterocache.pool_kernel must be odd, got {self.pool_kernel}")
+        t = self.stability_threshold
+        if t is not None and not 0.0 <= t <= 1.0:
+            raise ConfigError(f"heterocache.stability_threshold must be in [0, 1], got {t}")
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any]) -> HeteroCacheConfig:
+        if not isinstance(options, Mapping):
+            raise ConfigError(
+                f"additional_config.{ADDITIONAL_CONFIG_KEY} must be a JSON object, got {type(options).__name__}"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown option(s) heterocache.{', heterocache.'.join(unknown)}; valid options: "
+                + ", ".join(sorted(known))
+            )
+        return cls(**options)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> HeteroCacheConfig:
+        """Read ``additional_config["heterocache"]`` (defaults when absent)."""
+        if not additional_config:
+            return cls()
+        if not isinstance(additional_config, Mapping):
+            raise ConfigError(f"additional_config must be a JSON object, got {type(additional_config).__name__}")
+        return cls.from_dict(additional_config.get(ADDITIONAL_CONFIG_KEY) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "profile": (str,),
+    "compression_ratio": (float, int),
+    "token_budget": (int,),
+    "window": (int,),
+    "drift_interval": (int,),
+    "stability_threshold": (float, int),
+    "pool_kernel": (int,),
+    "refill": (bool,),
+    "round_to_block": (bool,),
+}
+
+
+def _check_type(cfg: HeteroCacheConfig) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None and f.default is None:
+            continue
+        allowed = _TYPES[f.name]
+        ok = isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+        if not ok:
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ConfigError(f"heterocache.{f.name} must be {names}, got {value!r} ({type(value).__name__})")
+    if cfg.compression_ratio is not None:
+        object.__setattr__(cfg, "compression_ratio", float(cfg.compression_ratio))
+    if cfg.stability_threshold is not None:
+        object.__setattr__(cfg, "stability_threshold", float(cfg.stability_threshold))
+
+
+def _positive(name: str, value: int | None, *, minimum: int = 1, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < minimum:
+        raise ConfigError(f"heterocache.{name} must be an integer >= {minimum}, got {value!r}")

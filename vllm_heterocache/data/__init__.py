@@ -1,0 +1,1 @@
+"""Text shipped inside permissively licensed PyPI packages (no downloads at run time)."""

@@ -1,0 +1,227 @@
+"""Pure-PyTorch reference operations of HeteroCache (the oracle for kernels and the backend).
+
+Conventions (shared with the kernels):
+
+- GQA: query head ``q`` reads KV head ``q // G`` with ``G = Hq // Hkv`` (vLLM/HF order).
+- Index sets are int64 tensors padded on the right with ``-1``; valid entries are ascending
+  positions. Ties in scores go to the LOWER position (deterministic).
+- Scores are attention probabilities in float32: softmax(q k^T / sqrt(D)) per query head,
+  averaged over the queries of one step (or window), average-pooled over positions with an odd
+  ``pool_kernel`` (stride 1, zero-free edges: ``count_include_pad=False``), then reduced over the
+  GQA group by max.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+PAD = -1
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Average-pool ``[..., T]`` scores over positions (odd ``kernel``; 1 = identity)."""
+    if kernel == 1 or scores.shape[-1] == 0:
+        return scores
+    flat = scores.reshape(-1, 1, scores.shape[-1])
+    pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    return pooled.reshape(scores.shape)
+
+
+def gqa_max(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """``[Hq, T]`` per-query-head scores -> ``[Hkv, T]``, max over each GQA group."""
+    hq, t = scores.shape
+    return scores.reshape(num_kv_heads, hq // num_kv_heads, t).amax(dim=1)
+
+
+def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
+    """Token importance of a prompt for each KV head, from its last queries.
+
+    Args:
+        query: ``[W, Hq, D]``, the queries of the last W prompt positions (L-W .. L-1).
+        key: ``[L, Hkv, D]``, the prompt's keys (after RoPE, as cached).
+        pool_kernel: odd width of the positional average pooling.
+
+    Returns:
+        float32 ``[Hkv, L]``: softmax attention (causal: query i sees keys <= L-W+i) averaged over
+        the W queries, pooled, max over the GQA group.
+    """
+    w, hq, d = query.shape
+    length, hkv, _ = key.shape
+    g = hq // hkv
+    k = key.float().repeat_interleave(g, dim=1)  # [L, Hq, D]
+    logits = torch.einsum("whd,lhd->hwl", query.float(), k) / d**0.5  # [Hq, W, L]
+    pos = torch.arange(length)
+    qpos = torch.arange(length - w, length)
+    logits = logits.masked_fill(pos[None, :] > qpos[:, None], float("-inf"))
+    probs = logits.softmax(dim=-1).mean(dim=1)  # [Hq, L]
+    return gqa_max(pool_scores(probs, pool_kernel), hkv)
+
+
+def topk_positions(scores: torch.Tensor, counts: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """The ``counts[i]`` highest-scoring positions among the first ``limits[i]`` of each row.
+
+    Args:
+        scores: float ``[N, T]``.
+        counts: int64 ``[N]``, how many to take (clamped to ``limits``).
+        limits: int64 ``[N]``, only positions ``< limits[i]`` are candidates.
+
+    Returns:
+        int64 ``[N, max(counts)]``, ascending positions, padded with -1.
+    """
+    n, t = scores.shape
+    counts = torch.minimum(counts, limits).clamp_min(0)
+    width = int(counts.max()) if n else 0
+    out = torch.full((n, width), PAD, dtype=torch.int64)
+    pos = torch.arange(t)
+    masked = scores.float().masked_fill(pos[None, :] >= limits[:, None], float("-inf"))
+    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices  # ties: lower first
+    for i in range(n):
+        c = int(counts[i])
+        out[i, :c] = order[i, :c].sort().values
+    return out
+
+
+def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window: int) -> torch.Tensor:
+    """Prefill selection: each head keeps its last ``window`` positions plus its top-scoring rest.
+
+    Args:
+        scores: float ``[Hkv, L]`` from :func:`prefill_scores`.
+        budgets: int64 ``[Hkv]``, tokens each head keeps (window included; ``L`` keeps all).
+        window: recent positions always kept (clamped to L).
+
+    Returns:
+        int64 ``[Hkv, max(budgets)]`` ascending positions, -1 padded.
+    """
+    h, length = scores.shape
+    window = min(window, length)
+    budgets = budgets.clamp(max=length)
+    head = topk_positions(
+        scores,
+        (budgets - window).clamp_min(0),
+        torch.full((h,), length - window, dtype=torch.int64),
+    )
+    out = torch.full((h, int(budgets.max()) if h else 0), PAD, dtype=torch.int64)
+    recent = torch.arange(length - window, length)
+    for i in range(h):
+        chosen = head[i][head[i] >= 0]
+        keep = torch.cat([chosen, recent[: max(0, int(budgets[i]) - chosen.numel())]])
+        out[i, : keep.numel()] = keep
+    return out
+
+
+def overlap_coefficient(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|A n B| / min(|A|, |B|) of -1-padded index sets ``[..., Ka]`` and ``[..., Kb]`` -> ``[...]``.
+
+    Two empty sets overlap 1 (nothing drifted)."""
+    va, vb = a >= 0, b >= 0
+    hit = ((a[..., :, None] == b[..., None, :]) & vb[..., None, :]).any(-1) & va
+    size = torch.minimum(va.sum(-1), vb.sum(-1))
+    inter = hit.sum(-1).float()
+    return torch.where(size > 0, inter / size.clamp_min(1).float(), torch.ones_like(inter))
+
+
+class DriftResult(NamedTuple):
+    drift: torch.Tensor  # bool [P]
+    median_overlap: torch.Tensor  # float32 [P]
+    latest_topk: torch.Tensor  # int64 [P, max K], -1 padded: top-K of the last buffered step
+    latest_scores: torch.Tensor  # float32 [P, T]: pooled, GQA-maxed scores of the last step
+
+
+def _median(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[-1]
+    s = x.sort(dim=-1).values
+    return (s[..., (n - 1) // 2] + s[..., n // 2]) / 2
+
+
+def drift_check(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_lens: torch.Tensor,
+    candidates: torch.Tensor,
+    reference: torch.Tensor,
+    topk: torch.Tensor,
+    threshold: float,
+    pool_kernel: int = 5,
+) -> DriftResult:
+    """Drift decision for a batch of P pivots (algorithm.md section 4).
+
+    Args:
+        queries: ``[P, N, G, D]``, each pivot's buffered queries of its G query heads over the
+            last N decode steps.
+        keys: ``[P, T, D]``, each pivot's keys (padded on the right to a common T).
+        key_lens: int64 ``[P]``: valid keys of each pivot; the softmax runs over them.
+        candidates: int64 ``[P]``, ``<= key_lens``: only positions ``< candidates[p]`` (the
+            retrievable tokens) enter the top-K sets.
+        reference: int64 ``[P, K]``, -1 padded: each pivot's reference top-K set.
+        topk: int64 ``[P]``: K per pivot.
+        threshold: drift when the median overlap over the N steps is below it.
+
+    Returns:
+        :class:`DriftResult`.
+    """
+    p, n, g, d = queries.shape
+    t = keys.shape[1]
+    logits = torch.einsum("pngd,ptd->pngt", queries.float(), keys.float()) / d**0.5
+    pos = torch.arange(t)
+    valid = pos[None, :] < key_lens[:, None]  # [P, T]
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(logits.softmax(dim=-1), nan=0.0)  # a pivot with no keys: zeros
+    scores = pool_scores(probs, pool_kernel).amax(dim=2)  # [P, N, T]
+    overlaps = torch.empty(p, n)
+    latest = None
+    for step in range(n):
+        cur = topk_positions(scores[:, step], topk, candidates)
+        overlaps[:, step] = overlap_coefficient(cur, reference)
+        latest = cur
+    med = _median(overlaps)
+    return DriftResult(med < threshold, med, latest, scores[:, -1])
+
+
+def refill_indices(pivot_scores: torch.Tensor, counts: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Which positions a satellite's budget slots get after its pivot drifted.
+
+    Args:
+        pivot_scores: float ``[S, T]``: for each satellite, its pivot's latest scores.
+        counts: int64 ``[S]``: refillable slots of each satellite (budget minus window).
+        candidates: int64 ``[S]``: retrievable positions are ``< candidates`` (prompt minus window).
+
+    Returns:
+        int64 ``[S, max(counts)]`` ascending positions, -1 padded.
+    """
+    return topk_positions(pivot_scores, counts, candidates)
+
+
+def subset_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Decode attention where every KV head attends only to its own token subset.
+
+    Args:
+        query: ``[B, Hq, D]``, one new query per sequence.
+        key: ``[B, T, Hkv, D]``, value: ``[B, T, Hkv, Dv]``, padded on T.
+        indices: int64 ``[B, Hkv, S]``, -1 padded positions each head attends to.
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Returns:
+        ``[B, Hq, Dv]`` in the query's dtype, computed in float32; a head with an empty subset
+        outputs zeros.
+    """
+    b, hq, d = query.shape
+    t, hkv = key.shape[1], key.shape[2]
+    g = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    mask = torch.zeros(b, hkv, t + 1, dtype=torch.bool)
+    mask.scatter_(-1, torch.where(indices >= 0, indices, t), True)
+    mask = mask[..., :t].repeat_interleave(g, dim=1)  # [B, Hq, T]
+    k = key.float().repeat_interleave(g, dim=2)  # [B, T, Hq, D]
+    v = value.float().repeat_interleave(g, dim=2)
+    logits = torch.einsum("bhd,bthd->bht", query.float(), k) * scale
+    probs = torch.nan_to_num(logits.masked_fill(~mask, float("-inf")).softmax(-1), nan=0.0)
+    return torch.einsum("bht,bthd->bhd", probs, v).to(query.dtype)
