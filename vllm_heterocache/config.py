@@ -102,7 +102,8 @@ class HeteroCacheConfig:
             return cls()
         if not isinstance(additional_config, Mapping):
             raise ConfigError(f"additional_config must be a JSON object, got {type(additional_config).__name__}")
-        return cls.from_dict(additional_config.get(ADDITIONAL_CONFIG_KEY) or {})
+        options = additional_config.get(ADDITIONAL_CONFIG_KEY)
+        return cls() if options is None else cls.from_dict(options)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

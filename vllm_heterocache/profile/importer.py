@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from vllm_heterocache import __version__
 from vllm_heterocache.errors import ProfileError
 from vllm_heterocache.profile.fingerprint import ModelFingerprint
+from vllm_heterocache.profile.provenance import provenance
 from vllm_heterocache.profile.schema import SCHEMA_VERSION, HeadProfile
 
 # Both naming variants seen in the published files, mapped to this project's type names.
@@ -94,7 +94,6 @@ def convert_reference(
     model_name: str,
     model_config: Mapping[str, Any] | None = None,
     command: str = "",
-    created: str = "",
 ) -> HeadProfile:
     """Read a reference-code profile and return a validated :class:`HeadProfile`.
 
@@ -158,19 +157,16 @@ def convert_reference(
             "step": params["step"],
             "data": "reference code's calibration set (not published with the profile)",
         },
-        "provenance": {
-            "tool": "vllm-heterocache",
-            "tool_version": __version__,
-            "command": command,
-            "created": created,
-            "source": "imported",
-            "imported_from": {
+        "provenance": provenance(
+            command,
+            "imported",
+            imported_from={
                 "file": path.name,
                 "repository": "https://github.com/ponytaill/HeteroCache",
                 "path": "data/clusters/",
                 "commit": "01dc7fe",
                 "license": "Apache-2.0",
             },
-        },
+        ),
     }
     return HeadProfile.from_json(data, source=str(path))

@@ -1,0 +1,22 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "tests" / "data"
+PROFILES = ROOT / "profiles"
+
+REFERENCE_FILES = {
+    "meta-llama/Llama-3.1-8B-Instruct": DATA / "Head_Analysis_llama-3.1-8b-instruct_topk1024_th0.5_sim0.5_step5000.json",
+    "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": DATA / "Head_Analysis_deepseek-r1-distill-llama-8b_topk1024_th0.5_sim0.4_step5000.json",
+    "Qwen/Qwen2.5-14B-Instruct": DATA / "Head_Analysis_qwen2.5-14b-instruct_topk1024_th0.4_sim0.5_step5000.json",
+}
+
+
+@pytest.fixture(scope="session")
+def llama_profile():
+    from vllm_heterocache.profile.importer import convert_reference
+
+    name = "meta-llama/Llama-3.1-8B-Instruct"
+    return convert_reference(REFERENCE_FILES[name], model_name=name)

@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from vllm_heterocache.budget import check_tp_compatible, local_kv_heads, min_feasible_ratio, plan_budgets
+from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.errors import BudgetError, ProfileError
+from vllm_heterocache.profile import HeadProfile
+
+
+def test_ratio_formula_matches_the_paper(llama_profile):
+    L, H, F = 4096, 256, 50
+    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.25, window=0), L)
+    base = (0.25 * H - F) * L / (H - F)
+    assert plan.base == pytest.approx(base)
+    for l in range(32):
+        for h in range(8):
+            r = llama_profile.budget_ratios[l][h]
+            expected = L if r is None else min(L, math.floor(base * r))
+            assert int(plan.budgets[l, h]) == expected
+    assert plan.kept_fraction() == pytest.approx(0.25, abs=0.002)
+    assert plan.reference_topk == math.floor(base)
+
+
+def test_window_is_a_floor_of_every_budget(llama_profile):
+    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.21, window=64), 1000)
+    assert int(plan.budgets.min()) == 64
+
+
+def test_prompt_shorter_than_window_keeps_everything(llama_profile):
+    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.25, window=32), 20)
+    assert torch.all(plan.budgets == 20)
+
+
+def test_ratio_one_keeps_every_token(llama_profile):
+    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=1.0), 777)
+    assert torch.all(plan.budgets == 777) and plan.kept_fraction() == 1.0
+
+
+def test_token_budget_mode(llama_profile):
+    plan = plan_budgets(llama_profile, HeteroCacheConfig(token_budget=100, window=8), 10_000)
+    r = llama_profile.budget_ratios[0][0]
+    assert plan.base == 100 and int(plan.budgets[0, 0]) == max(8, math.floor(100 * r))
+    assert plan.reference_topk == 100
+
+
+def test_infeasible_ratio_names_the_smallest_feasible_one(llama_profile):
+    assert min_feasible_ratio(llama_profile) == pytest.approx(50 / 256)
+    with pytest.raises(BudgetError) as e:
+        plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.1), 4096)
+    msg = str(e.value)
+    assert "heterocache.compression_ratio=0.1 is infeasible" in msg
+    assert "smallest feasible ratio is 0.196" in msg
+    plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.196), 4096)  # and it is
+
+
+def test_round_to_block(llama_profile):
+    cfg = HeteroCacheConfig(compression_ratio=0.3, round_to_block=True)
+    plan = plan_budgets(llama_profile, cfg, 1000, block_size=16)
+    assert torch.all((plan.budgets % 16 == 0) | (plan.budgets == 1000))
+    unrounded = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.3), 1000)
+    assert torch.all(plan.budgets >= unrounded.budgets)
+    with pytest.raises(ValueError, match="block_size"):
+        plan_budgets(llama_profile, cfg, 1000)
+
+
+def test_local_heads_split_and_replicate():
+    assert local_kv_heads(8, 1, 2) == (4, 5, 6, 7)
+    assert local_kv_heads(2, 3, 4) == (1,)  # 4 ranks, 2 KV heads: ranks 2, 3 hold head 1
+    with pytest.raises(ProfileError, match="tensor_parallel_size=3"):
+        local_kv_heads(8, 0, 3)
+
+
+def _two_layer_profile(clusters, layer0=("pivot", "satellite", "anchor", "satellite")):
+    types = [list(layer0), ["anchor"] * 4]
+    ratio_rows = [[None if t == "pivot" else 1.0 for t in row] for row in types]
+    data = {
+        "schema_version": 1,
+        "model": {
+            "name": "toy", "architecture": "LlamaForCausalLM", "num_layers": 2, "num_kv_heads": 4,
+            "num_attention_heads": 8, "head_dim": 64, "config_hash": "sha256:0", "config": {},
+        },
+        "head_types": types,
+        "clusters": clusters,
+        "budget_ratios": ratio_rows,
+        "calibration": {"topk": 4, "tau_stable": 0.5, "tau_sim": 0.5},
+        "provenance": {"tool": "t", "tool_version": "0", "command": "", "created": ""},
+    }
+    return HeadProfile.from_json(data, source="toy.json")
+
+
+def test_tp_slicing_maps_local_heads_to_global_ones():
+    profile = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1, 3]}])
+    plan = plan_budgets(profile, HeteroCacheConfig(compression_ratio=0.5, window=0), 100)
+    assert plan.global_heads == (0, 1, 2, 3) and plan.full[0].tolist() == [True, False, False, False]
+
+
+def test_clusters_crossing_ranks_are_refused_with_names():
+    profile = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1, 3]}])
+    with pytest.raises(ProfileError) as e:
+        plan_budgets(profile, HeteroCacheConfig(), 100, tp_rank=1, tp_size=2)
+    assert "layer 0 pivot 0 -> satellites [3]" in str(e.value) and "--tp-size 2" in str(e.value)
+    ok = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1]}], ("pivot", "satellite", "anchor", "anchor"))
+    check_tp_compatible(ok, 2)
+    plan = plan_budgets(ok, HeteroCacheConfig(compression_ratio=0.5, window=0), 100, tp_rank=1, tp_size=2)
+    assert plan.global_heads == (2, 3) and plan.budgets.shape == (2, 2)
