@@ -1,0 +1,18 @@
+# The two commands of the README. Both bootstrap ./.venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export VLLM_CPU_KVCACHE_SPACE ?= 2
+
+.PHONY: demo test bootstrap bootstrap-test
+
+demo: bootstrap
+	$(PY) -m vllm_heterocache.cli demo
+
+test: bootstrap-test
+	$(PY) -m pytest -q
+
+bootstrap:
+	HETEROCACHE_VENV=$(VENV) scripts/bootstrap.sh
+
+bootstrap-test:
+	HETEROCACHE_VENV=$(VENV) scripts/bootstrap.sh --test
