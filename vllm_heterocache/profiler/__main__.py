@@ -73,9 +73,9 @@ def _check(args: argparse.Namespace) -> None:
 def resolve_model(spec: str) -> tuple[Path, str | None]:
     """``default`` / ``tiny`` / a folder -> (folder, canonical name or None)."""
     if spec == "default":
-        from vllm_heterocache.models.smollm2 import MODEL_NAME, prepare_default_model
+        from vllm_heterocache.models.smollm2 import HF_MODEL_ID, prepare_default_model
 
-        return prepare_default_model(), MODEL_NAME
+        return prepare_default_model(), HF_MODEL_ID
     if spec == "tiny":
         from vllm_heterocache.models.tiny import build_tiny_model
 

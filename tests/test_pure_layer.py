@@ -1,0 +1,50 @@
+"""The pure layer (profile, taxonomy, budgets, config, reference ops) must import without vLLM."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PURE_MODULES = [
+    "vllm_heterocache",
+    "vllm_heterocache.config",
+    "vllm_heterocache.budget",
+    "vllm_heterocache.taxonomy",
+    "vllm_heterocache.profile",
+    "vllm_heterocache.profile.importer",
+    "vllm_heterocache.profile.report",
+    "vllm_heterocache.ops.reference",
+]
+
+
+def test_pure_layer_imports_without_vllm():
+    code = (
+        "import sys\n"
+        "sys.modules['vllm'] = None  # any `import vllm` now raises ImportError\n"
+        f"for m in {PURE_MODULES!r}:\n"
+        "    __import__(m)\n"
+        "assert not any(k == 'vllm' or k.startswith('vllm.') for k, v in sys.modules.items() if v is not None)\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_register_is_cheap_and_idempotent():
+    code = (
+        "import sys, vllm_heterocache\n"
+        "vllm_heterocache.register(); vllm_heterocache.register()\n"
+        "heavy = [m for m in ('vllm', 'transformers', 'torch') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("heterocache") == "vllm_heterocache:register"
