@@ -1,0 +1,1 @@
+"""Models the project prepares locally from installed packages."""
