@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 def register() -> None:
     """vLLM general-plugin entry point; vLLM calls it in every process it starts.
 
-    Idempotent. The attention backend itself is registered here once it exists (backend issue);
-    until then the plugin only makes the package importable in vLLM's processes.
+    Registers the ``heterocache`` attention backend (``--attention-backend heterocache``).
+    Idempotent; imports vLLM's registry only (vLLM is already imported when it runs).
     """
+    from vllm_heterocache.vllm_adapter.registration import register as _register
+
+    _register()

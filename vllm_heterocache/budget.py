@@ -114,11 +114,74 @@ def min_feasible_ratio(profile: HeadProfile) -> float:
     return profile.num_full_heads() / total
 
 
-def _ratios(profile: HeadProfile, heads: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(
-        [[profile.budget_ratios[l][h] or 0.0 for h in heads] for l in range(profile.num_layers)],
-        dtype=torch.float64,
-    )
+class BudgetPlanner:
+    """:func:`plan_budgets` with the per-profile work done once (the backend plans per request)."""
+
+    def __init__(
+        self,
+        profile: HeadProfile,
+        config: HeteroCacheConfig,
+        *,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        block_size: int | None = None,
+    ):
+        if config.round_to_block and not block_size:
+            raise ValueError("round_to_block needs the KV block size (block_size)")
+        check_tp_compatible(profile, tp_size)
+        self.profile, self.config, self.block_size = profile, config, block_size
+        self.heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
+        layers = range(profile.num_layers)
+        self.full = torch.tensor(
+            [[profile.head_types[l][h].is_full for h in self.heads] for l in layers], dtype=torch.bool
+        )
+        self.ratios = torch.tensor(
+            [[profile.budget_ratios[l][h] or 0.0 for h in self.heads] for l in layers], dtype=torch.float64
+        )
+        self.total = profile.num_layers * profile.num_kv_heads
+        self.n_full = profile.num_full_heads()
+        r = config.compression_ratio
+        self.keep_all = config.token_budget is None and (r >= 1.0 or self.n_full == self.total)
+        if not self.keep_all and config.token_budget is None and r * self.total <= self.n_full:
+            smallest = math.floor(self.n_full / self.total * 1000 + 1) / 1000
+            raise BudgetError(
+                f"heterocache.compression_ratio={r} is infeasible with profile {profile.source}: its "
+                f"{self.n_full} full heads of {self.total} alone keep {self.n_full / self.total:.4f} of the "
+                f"KV cache (r * H must exceed F). The smallest feasible ratio is {smallest}; or set "
+                "heterocache.token_budget instead."
+            )
+
+    def base(self, prompt_len: int) -> float:
+        if self.config.token_budget is not None:
+            return float(self.config.token_budget)
+        if self.keep_all:
+            return float(prompt_len)
+        r = self.config.compression_ratio
+        return (r * self.total - self.n_full) * prompt_len / (self.total - self.n_full)
+
+    def plan(self, prompt_len: int) -> BudgetPlan:
+        if prompt_len < 0:
+            raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
+        L = prompt_len
+        base = self.base(L)
+        window = min(L, self.config.window)
+        if self.keep_all:
+            budgets = torch.full(self.full.shape, L, dtype=torch.int64)
+        else:
+            budgets = torch.floor(base * self.ratios).to(torch.int64).clamp(min=window, max=L)
+            if self.config.round_to_block:
+                bs = self.block_size
+                budgets = (torch.div(budgets + bs - 1, bs, rounding_mode="floor") * bs).clamp(max=L)
+            budgets = torch.where(self.full, torch.full_like(budgets, L), budgets)
+        return BudgetPlan(
+            prompt_len=L,
+            window=window,
+            base=base,
+            reference_topk=min(L, max(1, math.floor(base))),
+            global_heads=self.heads,
+            budgets=budgets,
+            full=self.full,
+        )
 
 
 def plan_budgets(
@@ -131,50 +194,5 @@ def plan_budgets(
     block_size: int | None = None,
 ) -> BudgetPlan:
     """Per-head token budgets for a prompt of ``prompt_len`` tokens on rank ``tp_rank``."""
-    if prompt_len < 0:
-        raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
-    if config.round_to_block and not block_size:
-        raise ValueError("round_to_block needs the KV block size (block_size)")
-    check_tp_compatible(profile, tp_size)
-    heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
-    full = torch.tensor(
-        [[profile.head_types[l][h].is_full for h in heads] for l in range(profile.num_layers)],
-        dtype=torch.bool,
-    )
-    L = prompt_len
-    total = profile.num_layers * profile.num_kv_heads
-    n_full = profile.num_full_heads()
-    r = config.compression_ratio
-    if config.token_budget is not None:
-        base = float(config.token_budget)
-    elif r >= 1.0 or n_full == total:
-        base = float(L)
-    elif r * total <= n_full:
-        smallest = math.floor(n_full / total * 1000 + 1) / 1000
-        raise BudgetError(
-            f"heterocache.compression_ratio={r} is infeasible with profile {profile.source}: its "
-            f"{n_full} full heads of {total} alone keep {n_full / total:.4f} of the KV cache "
-            f"(r * H must exceed F). The smallest feasible ratio is {smallest}; or set "
-            "heterocache.token_budget instead."
-        )
-    else:
-        base = (r * total - n_full) * L / (total - n_full)
-
-    window = min(L, config.window)
-    if r is not None and r >= 1.0 and config.token_budget is None:
-        budgets = torch.full(full.shape, L, dtype=torch.int64)
-    else:
-        budgets = torch.floor(base * _ratios(profile, heads)).to(torch.int64)
-        budgets = budgets.clamp(min=window, max=L)
-        if config.round_to_block:
-            budgets = (torch.div(budgets + block_size - 1, block_size, rounding_mode="floor") * block_size).clamp(max=L)
-        budgets = torch.where(full, torch.full_like(budgets, L), budgets)
-    return BudgetPlan(
-        prompt_len=L,
-        window=window,
-        base=base,
-        reference_topk=min(L, max(1, math.floor(base))),
-        global_heads=heads,
-        budgets=budgets,
-        full=full,
-    )
+    planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
+    return planner.plan(prompt_len)

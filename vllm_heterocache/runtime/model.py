@@ -1,0 +1,101 @@
+"""The HeteroCache runtime of one model instance: profile, budgets, request states, counters.
+
+One object per engine process, shared by the metadata builder (plans each step) and the
+attention impl of every layer (runs the algorithm). Built once from the validated config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.profile.schema import HeadProfile, HeadType
+from vllm_heterocache.runtime.requests import RequestTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerHeads:
+    """The local KV heads of one layer by role (indices are local to this TP rank)."""
+
+    full: torch.Tensor  # bool [H_kv_local]
+    compressed: tuple[int, ...]
+    pivots: tuple[int, ...]
+    satellites: dict[int, tuple[int, ...]]  # local pivot -> its local satellites
+
+
+@dataclass
+class Counters:
+    prefill_selections: int = 0
+    drift_checks: int = 0
+    drifts: int = 0
+    refilled_heads: int = 0
+
+
+class HeteroCacheRuntime:
+    def __init__(
+        self,
+        profile: HeadProfile,
+        config: HeteroCacheConfig,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        block_size: int,
+        max_requests: int,
+    ):
+        self.profile = profile
+        self.config = config
+        self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
+        self.threshold = (
+            config.stability_threshold
+            if config.stability_threshold is not None
+            else float(profile.calibration["tau_stable"])
+        )
+        self.requests = RequestTable(capacity=max(64, 4 * max_requests))
+        self.counters = Counters()
+        local = {g: j for j, g in enumerate(self.planner.heads)}
+        self.layers: list[LayerHeads] = []
+        for layer, types in enumerate(profile.head_types):
+            heads = [types[g] for g in self.planner.heads]
+            sats = {
+                local[c.pivot]: tuple(local[s] for s in c.satellites)
+                for c in profile.clusters_of_layer(layer)
+                if c.pivot in local
+            }
+            self.layers.append(
+                LayerHeads(
+                    full=torch.tensor([t.is_full for t in heads]),
+                    compressed=tuple(j for j, t in enumerate(heads) if not t.is_full),
+                    pivots=tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT),
+                    satellites=sats,
+                )
+            )
+
+    @property
+    def compresses(self) -> bool:
+        """False when every token of every head is kept (ratio 1 or an all-full profile)."""
+        return not self.planner.keep_all and any(lh.compressed for lh in self.layers)
+
+    def describe(self) -> str:
+        counts = self.profile.counts()
+        cfg = self.config
+        budget = (
+            f"compression_ratio={cfg.compression_ratio} (fraction kept)"
+            if cfg.token_budget is None
+            else f"token_budget={cfg.token_budget}"
+        )
+        example = self.planner.plan(4096)
+        return (
+            f"HeteroCache attention backend: profile {self.profile.source} ({self.profile.model.name}); "
+            f"heads: {counts['volatile']} volatile, {counts['pivot']} pivot, {counts['anchor']} anchor, "
+            f"{counts['satellite']} satellite; {budget}, window={cfg.window}; at 4096 prompt tokens a "
+            f"compressed head keeps {int(example.budgets[~example.full].min()) if (~example.full).any() else 4096}"
+            f"-{int(example.budgets[~example.full].max()) if (~example.full).any() else 4096} tokens "
+            f"(kept fraction {example.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, "
+            f"threshold {self.threshold}, refill {'on' if cfg.refill else 'OFF'}"
+        )

@@ -1,0 +1,83 @@
+"""Startup checks and construction of the HeteroCache runtime from vLLM's config.
+
+Everything a user can get wrong is checked here, before the first request, with a message that
+names the flag or option to change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.errors import ConfigError
+from vllm_heterocache.profile.resolve import resolve_profile
+from vllm_heterocache.runtime.model import HeteroCacheRuntime
+
+# A child of vLLM's logger, so the line shows with vLLM's own logging setup in every process.
+log = logging.getLogger("vllm.heterocache")
+
+_RUNTIMES: dict[int, HeteroCacheRuntime] = {}  # id(vllm_config) -> runtime: one per engine
+
+
+def check_layer(attn_type: str, sliding_window, alibi_slopes, sinks, logits_soft_cap, kv_cache_dtype: str,
+                kv_sharing_target_layer_name) -> None:
+    """Refuse attention layers the method does not cover."""
+    from vllm.v1.attention.backend import AttentionType
+
+    unsupported = []
+    if attn_type != AttentionType.DECODER:
+        unsupported.append(f"{attn_type} attention (only decoder self-attention is supported)")
+    if sliding_window is not None:
+        unsupported.append(f"sliding-window attention (window {sliding_window})")
+    if alibi_slopes is not None:
+        unsupported.append("ALiBi")
+    if sinks is not None:
+        unsupported.append("attention sinks")
+    if logits_soft_cap:
+        unsupported.append("logit soft-capping")
+    if kv_cache_dtype not in ("auto", None):
+        unsupported.append(f"--kv-cache-dtype {kv_cache_dtype} (use auto)")
+    if kv_sharing_target_layer_name is not None:
+        unsupported.append("cross-layer KV sharing")
+    if unsupported:
+        raise ConfigError(
+            "heterocache does not support " + "; ".join(unsupported)
+            + " in this model: serve it without --attention-backend heterocache"
+        )
+
+
+def runtime_for(vllm_config) -> HeteroCacheRuntime:
+    """The engine's runtime, built (and logged) on first use."""
+    rt = _RUNTIMES.get(id(vllm_config))
+    if rt is None:
+        rt = _build(vllm_config)
+        _RUNTIMES[id(vllm_config)] = rt
+        log.info("%s", rt.describe())
+    return rt
+
+
+def _build(vllm_config) -> HeteroCacheRuntime:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
+    cache = vllm_config.cache_config
+    if cache.enable_prefix_caching:
+        raise ConfigError(
+            "heterocache does not support prefix caching yet (compressed heads keep per-request "
+            "token selections, which shared prefix blocks cannot hold): add --no-enable-prefix-caching "
+            "(LLM(..., enable_prefix_caching=False))"
+        )
+    if vllm_config.speculative_config is not None:
+        raise ConfigError("heterocache does not support speculative decoding yet: remove --speculative-config")
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ConfigError("heterocache does not support pipeline parallelism yet: use --pipeline-parallel-size 1")
+    model_config = vllm_config.model_config
+    profile = resolve_profile(model_config.hf_config, model_config.model, config.profile)
+    return HeteroCacheRuntime(
+        profile,
+        config,
+        tp_rank=get_tensor_model_parallel_rank(),
+        tp_size=get_tensor_model_parallel_world_size(),
+        block_size=cache.block_size,
+        max_requests=vllm_config.scheduler_config.max_num_seqs,
+    )
