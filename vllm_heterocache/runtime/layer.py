@@ -1,7 +1,7 @@
 """The per-layer steps of HeteroCache on one batch row (algorithm.md sections 3 and 4).
 
-All functions read K/V from the paged cache (``runtime.paged``) and record selections in the
-layer's ``kept_bits``. Shapes: ``query`` is the step's ``[num_tokens, H_q, D]``; a row's tokens
+All functions read K/V from the layer's paged cache and record selections in its selection bits
+(``runtime.paged.LayerCache``). Shapes: ``query`` is the step's ``[num_tokens, H_q, D]``; a row's tokens
 are ``query[row.start : row.start + row.q_len]`` at positions ``seq_len - q_len .. seq_len - 1``.
 """
 
@@ -13,7 +13,7 @@ import torch
 
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
-from vllm_heterocache.runtime.paged import gather_kv, read_bits, write_bits
+from vllm_heterocache.runtime.paged import LayerCache, read_bits, write_bits
 from vllm_heterocache.runtime.requests import RequestState
 
 
@@ -32,7 +32,7 @@ class Row:
 
 def select_after_prefill(
     rt: HeteroCacheRuntime, layer: int, heads: LayerHeads, row: Row, query: torch.Tensor,
-    kv_cache: torch.Tensor, bits: torch.Tensor,
+    cache: LayerCache,
 ) -> None:
     """End of a prefill chunk: compressed heads choose their budget; pivots record references.
 
@@ -44,27 +44,27 @@ def select_after_prefill(
     cut = L - W
     w = max(1, min(rt.config.window, row.q_len))
     q = query[row.start + row.q_len - w : row.start + row.q_len]
-    k, _ = gather_kv(kv_cache, row.block_row, L)
+    k, _ = cache.gather(row.block_row, L)
     scores = ref.prefill_scores(q, k, rt.config.pool_kernel)  # [H_kv, L]
     if heads.compressed:
         c = list(heads.compressed)
         chosen = ref.select_tokens(scores[c], plan.budgets[layer, c], W)
         for i, h in enumerate(c):
-            write_bits(bits, row.block_row, h, cut, chosen[i])
+            write_bits(cache.bits, row.block_row, h, cut, chosen[i])
     if heads.pivots:
         p = list(heads.pivots)
         n = len(p)
         row.state.references[layer] = ref.topk_positions(
             scores[p], torch.full((n,), plan.reference_topk), torch.full((n,), cut)
         )
-        g = query.shape[1] // kv_cache.shape[1]
+        g = query.shape[1] // cache.num_kv_heads
         row.state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])
     rt.counters.prefill_selections += 1
 
 
 def track_drift(
     rt: HeteroCacheRuntime, layer: int, heads: LayerHeads, row: Row, query: torch.Tensor,
-    kv_cache: torch.Tensor, bits: torch.Tensor,
+    cache: LayerCache,
 ) -> None:
     """Buffer the pivots' queries; every ``drift_interval`` steps check drift and refill satellites."""
     state, plan = row.state, row.state.plan
@@ -72,7 +72,8 @@ def track_drift(
     if ring is None:
         return
     n_steps = rt.config.drift_interval
-    hkv, g = kv_cache.shape[1], query.shape[1] // kv_cache.shape[1]
+    hkv = cache.num_kv_heads
+    g = query.shape[1] // hkv
     p = list(heads.pivots)
     cut = plan.prompt_len - plan.window
     for j in range(row.q_len):
@@ -82,8 +83,8 @@ def track_drift(
         if (step + 1) % n_steps:
             continue
         visible = row.seq_len - (row.q_len - 1 - j)
-        k, _ = gather_kv(kv_cache, row.block_row, visible)
-        keys = k[:, p].permute(1, 0, 2)  # [P, T, D]
+        k, _ = cache.gather(row.block_row, visible, heads=p)
+        keys = k.permute(1, 0, 2)  # [P, T, D]
         npiv = len(p)
         result = ref.drift_check(
             ring.roll(-(slot + 1), dims=1),  # oldest .. newest
@@ -107,14 +108,13 @@ def track_drift(
                 chosen = ref.refill_indices(
                     result.latest_scores[i : i + 1], torch.tensor([count]), torch.tensor([cut])
                 )
-                write_bits(bits, row.block_row, sat, cut, chosen[0])
+                write_bits(cache.bits, row.block_row, sat, cut, chosen[0])
                 rt.counters.refilled_heads += 1
                 state.refills += 1
 
 
 def compressed_attention(
-    heads: LayerHeads, row: Row, query: torch.Tensor, kv_cache: torch.Tensor, bits: torch.Tensor,
-    scale: float, output: torch.Tensor,
+    heads: LayerHeads, row: Row, query: torch.Tensor, cache: LayerCache, scale: float, output: torch.Tensor,
 ) -> None:
     """Attention of the compressed heads of a decode row over their kept tokens only.
 
@@ -125,12 +125,12 @@ def compressed_attention(
     plan = row.state.plan
     c = list(heads.compressed)
     s, qn = row.seq_len, row.q_len
-    hkv = kv_cache.shape[1]
+    hkv = cache.num_kv_heads
     g = query.shape[1] // hkv
-    k, v = gather_kv(kv_cache, row.block_row, s)
-    k, v = k[:, c].float(), v[:, c].float()  # [S, C, D]
+    k, v = cache.gather(row.block_row, s, heads=c)
+    k, v = k.float(), v.float()  # [S, C, D]
     pos = torch.arange(s)
-    kept = read_bits(bits, row.block_row, s)[c] | (pos >= plan.prompt_len - plan.window)  # [C, S]
+    kept = read_bits(cache.bits, row.block_row, s)[c] | (pos >= plan.prompt_len - plan.window)  # [C, S]
     qpos = torch.arange(s - qn, s)
     visible = kept[:, None, :] & (pos[None, None, :] <= qpos[None, :, None])  # [C, qn, S]
     q = query[row.start : row.start + qn].view(qn, hkv, g, -1)[:, c].float()  # [qn, C, G, D]

@@ -2,7 +2,13 @@
 
 KV cache of one layer (vLLM CPU_ATTN layout)::
 
-    kv_cache  [num_blocks, H_kv, block_size, 2 * D]      K in [..., :D], V in [..., D:]
+    kv_cache  [num_blocks, H_kv, block_size, 2 * D]
+
+whose last two dims hold, per (block, head), a K region then a V region of ``block_size * D``
+elements each. Inside a region the CPU kernels pick their own order, which depends on the ISA
+(e.g. the AVX2 ``vec`` kernels store K transposed, ``[D, block_size]``, and V as
+``[block_size, D]``). A :class:`BlockLayout` holds that order as index maps, measured by writing
+a probe with vLLM's own cache-write op (``vllm_adapter.layout``), so these views never guess.
 
 A request's token at position ``p`` lives in block ``block_row[p // block_size]`` at offset
 ``p % block_size``. HeteroCache adds, per layer, one byte per (block, KV head, offset)::
@@ -18,7 +24,22 @@ and die with vLLM's blocks: no per-request allocation, nothing to free.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where token ``t``, dim ``d`` of K (V) sits in a block's K (V) region of ``bs * D`` elements.
+
+    ``k_index[t * D + d]`` / ``v_index[t * D + d]``: int64 offsets into the region.
+    """
+
+    block_size: int
+    head_size: int
+    k_index: torch.Tensor
+    v_index: torch.Tensor
 
 
 def token_slots(block_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -27,14 +48,24 @@ def token_slots(block_row: torch.Tensor, length: int, block_size: int) -> torch.
     return block_row[pos // block_size].long() * block_size + pos % block_size
 
 
-def gather_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of positions ``0 .. length-1``: two ``[length, H_kv, D]`` tensors (copies)."""
+def gather_kv(
+    kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int, heads=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions ``0 .. length-1`` (of the KV heads ``heads``, default all): two
+    ``[length, H, D]`` tensors (copies)."""
     nb, hkv, bs, d2 = kv_cache.shape
-    nblk = (length + bs - 1) // bs
-    blocks = kv_cache[block_row[:nblk].long()]  # [nblk, H, bs, 2D]
-    flat = blocks.permute(0, 2, 1, 3).reshape(nblk * bs, hkv, d2)[:length]
     d = d2 // 2
-    return flat[..., :d], flat[..., d:]
+    nblk = (length + bs - 1) // bs
+    regions = kv_cache.view(nb, hkv, 2, bs * d)[block_row[:nblk].long()]  # [nblk, H, 2, bs*D]
+    if heads is not None:
+        regions = regions[:, heads]
+    h = regions.shape[1]
+
+    def tokens(region: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        x = region[..., index].view(nblk, h, bs, d)  # token-major inside each block
+        return x.permute(0, 2, 1, 3).reshape(nblk * bs, h, d)[:length]
+
+    return tokens(regions[:, :, 0], layout.k_index), tokens(regions[:, :, 1], layout.v_index)
 
 
 def read_bits(bits: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
@@ -55,3 +86,19 @@ def write_bits(
     bits[blocks, head, offsets] = False
     keep = keep[(keep >= 0) & (keep < length)]
     bits[blocks[keep], head, offsets[keep]] = True
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's paged KV cache with its layout and HeteroCache's selection bits."""
+
+    kv: torch.Tensor  # [num_blocks, H_kv, block_size, 2 * D]
+    layout: BlockLayout
+    bits: torch.Tensor  # bool [num_blocks, H_kv, block_size]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv.shape[1]
+
+    def gather(self, block_row: torch.Tensor, length: int, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_kv(self.kv, self.layout, block_row, length, heads)

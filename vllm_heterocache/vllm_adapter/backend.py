@@ -37,6 +37,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_heterocache.runtime.layer import Row, compressed_attention, select_after_prefill, track_drift
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.paged import LayerCache
+from vllm_heterocache.vllm_adapter.layout import probe_layout
 from vllm_heterocache.vllm_adapter.registration import BACKEND_NAME
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
@@ -138,19 +140,20 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         heads = rt.layers[li]
         if not heads.compressed and not heads.pivots:
             return output
-        bits = self._bits(kv_cache)
+        cache = self._cache(layer, kv_cache)
         for row in attn_metadata.rows:
             if row.prefilling:
-                select_after_prefill(rt, li, heads, row, query, kv_cache, bits)
+                select_after_prefill(rt, li, heads, row, query, cache)
                 continue
             if rt.config.refill and heads.pivots:
-                track_drift(rt, li, heads, row, query, kv_cache, bits)
+                track_drift(rt, li, heads, row, query, cache)
             if heads.compressed:
-                compressed_attention(heads, row, query, kv_cache, bits, self.scale, output)
+                compressed_attention(heads, row, query, cache, self.scale, output)
         return output
 
-    def _bits(self, kv_cache: torch.Tensor) -> torch.Tensor:
+    def _cache(self, layer, kv_cache: torch.Tensor) -> LayerCache:
         shape = kv_cache.shape[:3]
         if self.kept_bits is None or self.kept_bits.shape != shape:
             self.kept_bits = torch.zeros(shape, dtype=torch.bool)
-        return self.kept_bits
+        layout = probe_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], kv_cache.shape[3] // 2)
+        return LayerCache(kv_cache, layout, self.kept_bits)

@@ -7,6 +7,7 @@ names the flag or option to change.
 from __future__ import annotations
 
 import logging
+import weakref
 
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import ConfigError
@@ -16,7 +17,9 @@ from vllm_heterocache.runtime.model import HeteroCacheRuntime
 # A child of vLLM's logger, so the line shows with vLLM's own logging setup in every process.
 log = logging.getLogger("vllm.heterocache")
 
-_RUNTIMES: dict[int, HeteroCacheRuntime] = {}  # id(vllm_config) -> runtime: one per engine
+# One runtime per engine (vllm_config object); ids are reused after garbage collection, so
+# each entry keeps a weak reference to its config and is rebuilt if that config is gone.
+_RUNTIMES: dict[int, tuple[weakref.ref, HeteroCacheRuntime]] = {}
 
 
 def check_layer(attn_type: str, sliding_window, alibi_slopes, sinks, logits_soft_cap, kv_cache_dtype: str,
@@ -48,11 +51,12 @@ def check_layer(attn_type: str, sliding_window, alibi_slopes, sinks, logits_soft
 
 def runtime_for(vllm_config) -> HeteroCacheRuntime:
     """The engine's runtime, built (and logged) on first use."""
-    rt = _RUNTIMES.get(id(vllm_config))
-    if rt is None:
-        rt = _build(vllm_config)
-        _RUNTIMES[id(vllm_config)] = rt
-        log.info("%s", rt.describe())
+    entry = _RUNTIMES.get(id(vllm_config))
+    if entry is not None and entry[0]() is vllm_config:
+        return entry[1]
+    rt = _build(vllm_config)
+    _RUNTIMES[id(vllm_config)] = (weakref.ref(vllm_config), rt)
+    log.info("%s", rt.describe())
     return rt
 
 
