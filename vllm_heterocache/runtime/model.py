@@ -32,6 +32,7 @@ class LayerHeads:
 @dataclass
 class Counters:
     prefill_selections: int = 0
+    recomputed_rows: int = 0  # rows re-running generated tokens after a preemption
     drift_checks: int = 0
     drifts: int = 0
     refilled_heads: int = 0

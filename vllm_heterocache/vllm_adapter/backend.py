@@ -112,6 +112,8 @@ def plan_rows(rt: HeteroCacheRuntime, cm: CommonAttentionMetadata) -> tuple[Row,
             state = rt.requests.get(key)
             steps_before = state.decode_steps
             state.decode_steps += q_len
+            if q_len > 1:
+                rt.counters.recomputed_rows += 1
         rows.append(Row(qsl[i], q_len, seq_len, table[i], bool(prefilling[i]), state, steps_before))
     return tuple(rows)
 

@@ -1,0 +1,85 @@
+"""Runs real vLLM engines in a fresh process and prints one JSON line of results.
+
+    python tests/engine_runner.py SCENARIO MODEL_DIR PROFILE.json
+
+Used by tests/test_engine.py (a subprocess keeps engines, env vars and vLLM's process-wide state
+out of the test process). In-process engine mode unless VLLM_ENABLE_V1_MULTIPROCESSING=1 is set.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def prompts(tokenizer, lengths):
+    from vllm_heterocache.data.texts import documents
+
+    docs = documents(len(lengths), 40 * max(lengths))
+    out = []
+    for doc, n in zip(docs, lengths):
+        ids = tokenizer(doc, add_special_tokens=False).input_ids[:n]
+        out.append({"prompt_token_ids": ids})
+    return out
+
+
+def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enable_prefix_caching=False,
+              enforce_eager=True, seed=0, **kw)
+    preemptions = []
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    if core is not None:  # in-process engine: count the scheduler's preemptions
+        original = core.scheduler._preempt_request
+
+        def counting(request, *args, **kwargs):
+            preemptions.append(request.request_id)
+            return original(request, *args, **kwargs)
+
+        core.scheduler._preempt_request = counting
+    outs = llm.generate(prompts(llm.get_tokenizer(), lengths), SamplingParams(temperature=0, max_tokens=max_tokens))
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions)}
+    worker = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
+    if worker is not None:
+        impl = worker.worker.model_runner.model.model.layers[0].self_attn.attn.impl
+        rt = getattr(impl, "runtime", None)
+        if rt is not None:
+            result["counters"] = vars(rt.counters)
+            result["states"] = len(rt.requests)
+            result["compresses"] = rt.compresses
+    del llm
+    return result
+
+
+def heterocache(profile, **options):
+    return {"attention_backend": "heterocache", "additional_config": {"heterocache": {"profile": profile, **options}}}
+
+
+def main():
+    scenario, model, profile = sys.argv[1:4]
+    lengths = [37, 300, 1100, 90]
+    results = {}
+    if scenario == "identity":
+        results["stock"] = generate(model, lengths, 24)
+        results["ratio1"] = generate(model, lengths, 24, **heterocache(profile, compression_ratio=1.0))
+        results["keep_all_budget"] = generate(model, lengths, 24, **heterocache(profile, token_budget=100_000))
+    elif scenario == "serving":
+        many = [40 + 97 * (i % 9) for i in range(24)]
+        results["compressed"] = generate(
+            model, many, 40, max_model_len=1280,
+            max_num_batched_tokens=256,  # chunked prefill: prompts longer than this come in chunks
+            max_num_seqs=8,
+            num_gpu_blocks_override=12,  # 12 blocks of 128 tokens: requests wait and get preempted
+            **heterocache(profile, compression_ratio=0.6, window=8, drift_interval=3),
+        )
+    elif scenario == "multiprocess":
+        results["compressed"] = generate(model, lengths[:2], 12, **heterocache(profile, compression_ratio=0.6))
+    print("RESULT " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The backend inside real vLLM engines (tiny model; SmolLM2 for identity): greedy identity with
+the stock backend when nothing is compressed, and real serving conditions when compressing."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from backend_support import save_synthetic_profile
+from conftest import PROFILES, ROOT
+
+RUNNER = ROOT / "tests" / "engine_runner.py"
+pytestmark = pytest.mark.slow
+
+
+def run_engines(scenario, model, profile, multiprocess=False, timeout=900):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+    out = subprocess.run([sys.executable, str(RUNNER), scenario, str(model), str(profile)],
+                         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-6000:]
+    return json.loads(lines[-1][len("RESULT "):]), out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from vllm_heterocache.models.tiny import build_tiny_model
+
+    return build_tiny_model()  # the shared cached copy: vLLM's compile cache is keyed by path
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tiny, tmp_path_factory):
+    # every layer has compressed heads; pivots with satellites in layers 0, 1 and 3
+    return save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp_path_factory.mktemp("p") / "tiny.json")
+
+
+def test_identity_with_the_stock_backend_on_the_tiny_model(tiny, tiny_profile):
+    results, log = run_engines("identity", tiny, tiny_profile)
+    stock = results["stock"]["tokens"]
+    assert [len(t) for t in stock] == [24] * 4
+    # ratio 1 keeps every token: the base kernel's output is used as is
+    assert results["ratio1"]["tokens"] == stock and results["ratio1"]["compresses"] is False
+    # a token budget beyond every prompt: compressed heads run HeteroCache's own attention path
+    # over all tokens, and greedy decoding still equals the stock backend's
+    assert results["keep_all_budget"]["compresses"] is True
+    assert results["keep_all_budget"]["counters"]["prefill_selections"] > 0
+    assert results["keep_all_budget"]["tokens"] == stock
+    assert "HeteroCache attention backend: profile" in log
+    assert "Cannot use" not in log  # the CPU platform did not replace the selection
+
+
+def test_serving_conditions_with_compression(tiny, tiny_profile):
+    results, _ = run_engines("serving", tiny, tiny_profile)
+    r = results["compressed"]
+    assert [len(t) for t in r["tokens"]] == [40] * 24
+    c = r["counters"]
+    # chunked prefill (256-token steps) re-selects after each chunk: more selections than prompts
+    assert c["prefill_selections"] > 24 * 3
+    assert c["drift_checks"] > 0 and c["refilled_heads"] > 0
+    assert r["preemptions"] >= 1  # 12 KV blocks for 24 requests
+    assert r["states"] <= 8  # request states are dropped as blocks are reused: no growth
+
+
+def test_multiprocess_engine_selects_heterocache(tiny, tiny_profile):
+    results, log = run_engines("multiprocess", tiny, tiny_profile, multiprocess=True)
+    assert [len(t) for t in results["compressed"]["tokens"]] == [12, 12]
+    assert "HeteroCache attention backend: profile" in log  # logged by the spawned engine core
+    assert "Cannot use" not in log
+
+
+@pytest.mark.model
+def test_identity_with_the_stock_backend_on_smollm2():
+    from vllm_heterocache.models.smollm2 import prepare_default_model
+
+    results, _ = run_engines("identity", prepare_default_model(), PROFILES / "SmolLM2-135M-Instruct.json")
+    stock = results["stock"]["tokens"]
+    assert results["ratio1"]["tokens"] == stock
+    assert results["keep_all_budget"]["tokens"] == stock

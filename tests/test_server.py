@@ -1,0 +1,114 @@
+"""The real OpenAI-compatible server (`vllm serve ... --attention-backend heterocache`) on
+127.0.0.1 with the tiny model: completions, chat, streaming, an aborted stream."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from backend_support import save_synthetic_profile
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from vllm_heterocache.models.tiny import build_tiny_model
+
+    tiny = build_tiny_model()
+    tmp = tmp_path_factory.mktemp("server")
+    profile = save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp / "tiny.json")
+    port = free_port()
+    options = {"heterocache": {"profile": str(profile), "compression_ratio": 0.6, "window": 8}}
+    cmd = [
+        str(Path(sys.executable).parent / "vllm"), "serve", str(tiny),
+        "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
+        "--attention-backend", "heterocache", "--additional-config", json.dumps(options),
+        "--no-enable-prefix-caching", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+    ]
+    log_path = tmp / "server.log"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
+            try:
+                if requests.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server did not start in 300 s:\n{log_path.read_text()[-5000:]}")
+            time.sleep(1)
+        yield base, log_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_backend_is_selected(server):
+    _, log = server
+    text = log.read_text()
+    assert "HeteroCache attention backend: profile" in text
+    assert "Cannot use" not in text
+
+
+def test_completion(server):
+    base, _ = server
+    r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "In the beginning " * 50,
+                                                      "max_tokens": 8, "temperature": 0}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 8 and body["choices"][0]["text"]
+
+
+def test_chat_and_streaming_with_the_openai_client(server):
+    from openai import OpenAI
+
+    base, _ = server
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "And God said, let there be light. " * 20}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    assert chat.choices[0].message.content and chat.usage.completion_tokens == 6
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0, stream=True)
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == chat.choices[0].message.content  # same greedy answer, streamed
+
+
+def test_aborted_stream_leaves_the_server_healthy(server):
+    base, _ = server
+    with requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "The king said " * 30,
+                       "max_tokens": 400, "temperature": 0, "stream": True}, stream=True, timeout=120) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 3:
+                break  # the client goes away: the server aborts the request
+    r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "Then ", "max_tokens": 4,
+                                                      "temperature": 0}, timeout=120)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+def test_malformed_request_gets_a_clear_error(server):
+    base, _ = server
+    r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": -3}, timeout=60)
+    assert r.status_code == 400

@@ -1,0 +1,80 @@
+"""Unsupported or wrong setups fail at engine startup with a message naming what to change."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from backend_support import save_synthetic_profile
+from conftest import PROFILES, ROOT
+from vllm_heterocache.vllm_adapter.startup import check_layer
+from vllm_heterocache.errors import ConfigError
+
+SCRIPT = """
+import json, sys
+from vllm import LLM
+kwargs = json.loads(sys.argv[1])
+if __name__ == "__main__":
+    LLM(model=sys.argv[2], dtype="float32", max_model_len=1024, enforce_eager=True,
+        attention_backend="heterocache", **kwargs)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from vllm_heterocache.models.tiny import build_tiny_model
+
+    return build_tiny_model()
+
+
+def start(model, **kwargs):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1",
+               VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kwargs), str(model)], capture_output=True,
+                         text=True, timeout=300, env=env, cwd=ROOT)
+    assert out.returncode != 0, "the engine started although it should not have"
+    return out.stdout + out.stderr
+
+
+def hc(**options):
+    return {"additional_config": {"heterocache": options}}
+
+
+@pytest.mark.slow
+def test_startup_errors(tiny, tmp_path):
+    profile = save_synthetic_profile(tiny, ["PS", "AV"], tmp_path / "tiny.json")
+    cases = [
+        (dict(enable_prefix_caching=False, **hc(profile=str(PROFILES / "Llama-3.1-8B-Instruct.json"))),
+         "model.num_layers: profile has 32, model has 4"),
+        (dict(enable_prefix_caching=False, **hc()),
+         "no shipped head profile matches the model"),
+        (dict(enable_prefix_caching=False, **hc(profile=str(profile), compression_ratio=0.3)),
+         "The smallest feasible ratio is 0.501"),
+        (dict(enable_prefix_caching=False, **hc(profile=str(profile), windw=4)),
+         "unknown option(s) heterocache.windw"),
+        (dict(enable_prefix_caching=True, **hc(profile=str(profile))),
+         "add --no-enable-prefix-caching"),
+    ]
+    for kwargs, needle in cases:
+        log = start(tiny, **kwargs)
+        assert needle in log, f"{kwargs}: {log[-3000:]}"
+    assert "python -m vllm_heterocache.profiler --model" in start(tiny, enable_prefix_caching=False, **hc())
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(attn_type="encoder_only"), "encoder_only attention"),
+        (dict(sliding_window=4096), "sliding-window attention (window 4096)"),
+        (dict(kv_cache_dtype="fp8"), "--kv-cache-dtype fp8"),
+        (dict(logits_soft_cap=30.0), "logit soft-capping"),
+    ],
+)
+def test_unsupported_layers_are_refused(kwargs, needle):
+    args = dict(attn_type="decoder", sliding_window=None, alibi_slopes=None, sinks=None, logits_soft_cap=None,
+                kv_cache_dtype="auto", kv_sharing_target_layer_name=None) | kwargs
+    with pytest.raises(ConfigError, match="serve it without --attention-backend heterocache") as e:
+        check_layer(**args)
+    assert needle in str(e.value)
