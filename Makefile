@@ -3,10 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export VLLM_CPU_KVCACHE_SPACE ?= 2
 
-.PHONY: demo test bootstrap bootstrap-test
+.PHONY: demo profile test bootstrap bootstrap-test
 
 demo: bootstrap
 	$(PY) -m vllm_heterocache.cli demo
+
+profile: bootstrap
+	$(PY) -m vllm_heterocache.cli profile-demo
 
 test: bootstrap-test
 	$(PY) -m pytest -q

@@ -30,7 +30,8 @@ def make(isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0)
 
     g = torch.Generator().manual_seed(seed)
     profile = synthetic_profile(CONFIG, [pattern])
-    cfg = HeteroCacheConfig(compression_ratio=ratio, window=window, drift_interval=interval, pool_kernel=3)
+    cfg = HeteroCacheConfig(compression_ratio=ratio, window=window, drift_interval=interval, pool_kernel=3,
+                            min_prompt_len=0)
     rt = HeteroCacheRuntime(profile, cfg, tp_rank=0, tp_size=1, block_size=BS, max_requests=4)
     kv = torch.zeros(NB, HKV, BS, 2 * D)
     cache = LayerCache(kv, probe_layout(isa, torch.float32, BS, D), torch.zeros(NB, HKV, BS, dtype=torch.bool))

@@ -105,3 +105,9 @@ def test_clusters_crossing_ranks_are_refused_with_names():
     check_tp_compatible(ok, 2)
     plan = plan_budgets(ok, HeteroCacheConfig(compression_ratio=0.5, window=0), 100, tp_rank=1, tp_size=2)
     assert plan.global_heads == (2, 3) and plan.budgets.shape == (2, 2)
+
+
+def test_short_prompts_keep_every_token(llama_profile):
+    cfg = HeteroCacheConfig(compression_ratio=0.25, window=32, min_prompt_len=300)
+    assert torch.all(plan_budgets(llama_profile, cfg, 299).budgets == 299)
+    assert plan_budgets(llama_profile, cfg, 300).kept_fraction() < 0.3

@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("server")
     profile = save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp / "tiny.json")
     port = free_port()
-    options = {"heterocache": {"profile": str(profile), "compression_ratio": 0.6, "window": 8}}
+    options = {"heterocache": {"profile": str(profile), "compression_ratio": 0.6, "window": 8, "min_prompt_len": 0}}
     cmd = [
         str(Path(sys.executable).parent / "vllm"), "serve", str(tiny),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",

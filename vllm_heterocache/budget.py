@@ -9,7 +9,7 @@ prompt of L tokens and compression ratio r (fraction of the KV cache KEPT), a co
     base      = token_budget                   (absolute mode)
 
 prompt tokens, the most recent W' of them always among them (the window is part of the budget,
-and a budget never drops below it). With ``round_to_block`` the budget is rounded up to a
+and a budget never drops below it). Prompts shorter than ``min_prompt_len`` keep every token. With ``round_to_block`` the budget is rounded up to a
 multiple of the KV block size (capped at L). Full heads keep all L tokens; r = 1 keeps every
 token of every head. Pivots track a reference top-K of K = min(L, max(1, floor(base))) tokens.
 
@@ -165,7 +165,7 @@ class BudgetPlanner:
         L = prompt_len
         base = self.base(L)
         window = min(L, self.config.window)
-        if self.keep_all:
+        if self.keep_all or L < self.config.min_prompt_len:
             budgets = torch.full(self.full.shape, L, dtype=torch.int64)
         else:
             budgets = torch.floor(base * self.ratios).to(torch.int64).clamp(min=window, max=L)

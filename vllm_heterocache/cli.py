@@ -1,6 +1,7 @@
 """The ``heterocache`` command: the project's jobs in one place.
 
-    heterocache demo                 prepare SmolLM2, profile it, print the taxonomy, write the heatmap
+    heterocache demo                 serve SmolLM2 with the HeteroCache backend on 127.0.0.1 and ask it once
+    heterocache profile-demo         prepare SmolLM2, profile it, print the taxonomy, write the heatmap
     heterocache prepare-model        prepare the embedded default model (SmolLM2-135M-Instruct)
     heterocache tiny-model           build the tiny random-weight test model
     heterocache profile ...          the offline profiler (= python -m vllm_heterocache.profiler)
@@ -21,6 +22,12 @@ from vllm_heterocache.errors import HeteroCacheError
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from vllm_heterocache.demo import run_demo
+
+    return run_demo(args.host, args.port, args.compression_ratio, args.once)
+
+
+def _profile_demo(args: argparse.Namespace) -> int:
     from vllm_heterocache.profiler.__main__ import main as profiler_main
 
     out = args.output_dir
@@ -83,7 +90,12 @@ def _show(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heterocache", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="prepare the default model, profile it, print the taxonomy, write the heatmap")
+    d = sub.add_parser("demo", help="serve the default model with the HeteroCache backend and ask it once")
+    d.add_argument("--host", default="127.0.0.1")
+    d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--compression-ratio", type=float, default=0.5, help="fraction of the KV cache kept (default 0.5)")
+    d.add_argument("--once", action="store_true", help="stop the server after the first answer")
+    d = sub.add_parser("profile-demo", help="prepare the default model, profile it, print the taxonomy, write the heatmap")
     d.add_argument("--output-dir", type=Path, default=Path("out"), help="where the profile and heatmap go (default ./out)")
     d.add_argument("--num-docs", type=int, default=8)
     d.add_argument("--prompt-tokens", type=int, default=1024)
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "import-reference":
             return _import_reference(args, argv)
-        return {"demo": _demo, "prepare-model": _prepare_model, "tiny-model": _tiny_model, "show": _show}[args.command](args)
+        return {"demo": _demo, "profile-demo": _profile_demo, "prepare-model": _prepare_model, "tiny-model": _tiny_model, "show": _show}[args.command](args)
     except HeteroCacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,6 +45,9 @@ class HeteroCacheConfig:
             the ablation that shows what retrieval buys).
         round_to_block: round every compressed head's budget up to a multiple of the KV block
             size (capped at the prompt length).
+        min_prompt_len: prompts shorter than this keep every token. Compressing a short prompt
+            saves little, and its budgets would hold little more than the window, dropping the
+            first tokens that models attend to most (the attention sink).
     """
 
     profile: str | None = None
@@ -56,6 +59,7 @@ class HeteroCacheConfig:
     pool_kernel: int = 5
     refill: bool = True
     round_to_block: bool = False
+    min_prompt_len: int = 256
 
     def __post_init__(self) -> None:
         _check_type(self)
@@ -74,6 +78,7 @@ class HeteroCacheConfig:
         _positive("window", self.window, minimum=0)
         _positive("drift_interval", self.drift_interval)
         _positive("pool_kernel", self.pool_kernel)
+        _positive("min_prompt_len", self.min_prompt_len, minimum=0)
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"heterocache.pool_kernel must be odd, got {self.pool_kernel}")
         t = self.stability_threshold
@@ -119,6 +124,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "pool_kernel": (int,),
     "refill": (bool,),
     "round_to_block": (bool,),
+    "min_prompt_len": (int,),
 }
 
 
