@@ -62,7 +62,13 @@ def runtime_for(vllm_config) -> HeteroCacheRuntime:
 
 def _build(vllm_config) -> HeteroCacheRuntime:
     from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+    from vllm.platforms import current_platform
 
+    if not current_platform.is_cpu():
+        raise ConfigError(
+            f"heterocache runs on vLLM's CPU platform only in this version, not on {current_platform.device_name}: "
+            "serve without --attention-backend heterocache (GPU support is planned)"
+        )
     config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
     cache = vllm_config.cache_config
     if cache.enable_prefix_caching:
