@@ -193,3 +193,31 @@ def manifest_problem(directory: Path, recipe: Mapping[str, Any]) -> str | None:
 def verify_manifest(directory: Path, recipe: Mapping[str, Any]) -> bool:
     """True if ``directory`` is a complete, unmodified build of ``recipe`` (see :func:`manifest_problem`)."""
     return manifest_problem(directory, recipe) is None
+
+
+def ensure_built(target: Path, recipe: Mapping[str, Any], build, *, force: bool = False, what: str = "") -> Path:
+    """Return ``target`` if it is a verified build of ``recipe``; else build it atomically.
+
+    ``build(staging)`` writes the files into an empty folder; the manifest is added here. Holds
+    :func:`build_lock`, so concurrent callers build once.
+    """
+    import time
+
+    target = Path(target)
+    if not force and manifest_problem(target, recipe) is None:
+        return target
+    with build_lock(target):
+        problem = manifest_problem(target, recipe)
+        if problem is None and not force:  # another process built it while we waited
+            return target
+        if force:
+            logger.info("rebuilding %s (force=True)", target)
+        elif target.exists():
+            logger.warning("rebuilding %s: %s", target, problem)
+        logger.info("building %s into %s", what or target.name, target)
+        start = time.perf_counter()
+        with atomic_directory(target) as staging:
+            build(staging)
+            write_manifest(staging, recipe)
+        logger.info("built %s in %.1f s", target, time.perf_counter() - start)
+    return target

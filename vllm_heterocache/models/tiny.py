@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import time
 from pathlib import Path
 from typing import Any
 
 from vllm_heterocache.errors import ConfigError
-from vllm_heterocache.models.cache import atomic_directory, build_lock, cache_dir, manifest_problem, write_manifest
+from vllm_heterocache.models.cache import cache_dir, ensure_built
 
-logger = logging.getLogger(__name__)
 
 # Bump when the build changes in a way the parameters do not show, so existing folders are rebuilt.
 RECIPE_VERSION = 1
@@ -196,18 +193,4 @@ def build_tiny_model(
     }
     recipe = _recipe(params)
     target = Path(out_dir) if out_dir is not None else cache_dir() / "models" / f"tiny-llama-{recipe_hash(recipe)}"
-    if not force and manifest_problem(target, recipe) is None:
-        return target
-    with build_lock(target):
-        problem = manifest_problem(target, recipe)
-        if problem is None and not force:
-            return target
-        if target.exists() and not force:
-            logger.warning("rebuilding %s: %s", target, problem)
-        logger.info("building tiny Llama into %s", target)
-        start = time.perf_counter()
-        with atomic_directory(target) as staging:
-            _build(recipe, staging)
-            write_manifest(staging, recipe)
-        logger.info("built %s in %.1f s", target, time.perf_counter() - start)
-    return target
+    return ensure_built(target, recipe, lambda staging: _build(recipe, staging), force=force, what="tiny Llama")
