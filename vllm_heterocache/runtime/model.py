@@ -82,7 +82,8 @@ class HeteroCacheRuntime:
         """False when every token of every head is kept (ratio 1 or an all-full profile)."""
         return not self.planner.keep_all and any(lh.compressed for lh in self.layers)
 
-    def describe(self) -> str:
+    def describe(self, example_prompt: int = 4096) -> str:
+        """The startup log line: profile, head counts, budgets, drift settings."""
         counts = self.profile.counts()
         cfg = self.config
         budget = (
@@ -90,13 +91,14 @@ class HeteroCacheRuntime:
             if cfg.token_budget is None
             else f"token_budget={cfg.token_budget}"
         )
-        example = self.planner.plan(4096)
+        plan = self.planner.plan(example_prompt)
+        compressed = plan.budgets[~plan.full]
+        span = f"{int(compressed.min())}-{int(compressed.max())}" if compressed.numel() else "all"
         return (
             f"HeteroCache attention backend: profile {self.profile.source} ({self.profile.model.name}); "
             f"heads: {counts['volatile']} volatile, {counts['pivot']} pivot, {counts['anchor']} anchor, "
-            f"{counts['satellite']} satellite; {budget}, window={cfg.window}; at 4096 prompt tokens a "
-            f"compressed head keeps {int(example.budgets[~example.full].min()) if (~example.full).any() else 4096}"
-            f"-{int(example.budgets[~example.full].max()) if (~example.full).any() else 4096} tokens "
-            f"(kept fraction {example.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, "
-            f"threshold {self.threshold}, refill {'on' if cfg.refill else 'OFF'}"
+            f"{counts['satellite']} satellite; {budget}, window={cfg.window}, min_prompt_len={cfg.min_prompt_len}; "
+            f"a {example_prompt}-token prompt keeps {span} tokens per compressed head (fraction kept "
+            f"{plan.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
+            f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}"
         )
