@@ -118,24 +118,24 @@ def compressed_attention(
 ) -> None:
     """Attention of the compressed heads of a decode row over their kept tokens only.
 
-    Kept: the selected prompt tokens (bits), the window, and every token after the prompt.
-    Writes the compressed heads' slice of ``output`` (``[num_tokens, H_q, D_v]``); full heads'
-    output (computed by the base backend over all tokens) is left as is.
+    Kept: the selected prompt tokens (bits), the window, and every token after the prompt. Only
+    those tokens are read from the cache. Writes the compressed heads' slice of ``output``
+    (``[num_tokens, H_q, D_v]``); full heads' output (computed by the base backend over all
+    tokens) is left as is.
     """
     plan = row.state.plan
-    c = list(heads.compressed)
     s, qn = row.seq_len, row.q_len
     hkv = cache.num_kv_heads
     g = query.shape[1] // hkv
-    k, v = cache.gather(row.block_row, s, heads=c)
-    k, v = k.float(), v.float()  # [S, C, D]
     pos = torch.arange(s)
-    kept = read_bits(cache.bits, row.block_row, s)[c] | (pos >= plan.prompt_len - plan.window)  # [C, S]
+    always = pos >= plan.prompt_len - plan.window  # window and generated tokens
+    bits = read_bits(cache.bits, row.block_row, s)
     qpos = torch.arange(s - qn, s)
-    visible = kept[:, None, :] & (pos[None, None, :] <= qpos[None, :, None])  # [C, qn, S]
-    q = query[row.start : row.start + qn].view(qn, hkv, g, -1)[:, c].float()  # [qn, C, G, D]
-    logits = torch.einsum("qcgd,scd->cgqs", q, k) * scale
-    logits = logits.masked_fill(~visible[:, None], float("-inf"))
-    out = torch.einsum("cgqs,scd->qcgd", logits.softmax(-1), v)
+    q_all = query[row.start : row.start + qn].view(qn, hkv, g, -1)
     dst = output[row.start : row.start + qn].view(qn, hkv, g, -1)
-    dst[:, c] = out.to(output.dtype)
+    for h in heads.compressed:
+        kept = torch.nonzero(bits[h] | always).flatten()  # ascending positions
+        k, v = cache.gather_positions(row.block_row, h, kept)
+        logits = torch.einsum("qgd,nd->qgn", q_all[:, h].float(), k.float()) * scale
+        logits = logits.masked_fill((kept[None, :] > qpos[:, None])[:, None, :], float("-inf"))
+        dst[:, h] = torch.einsum("qgn,nd->qgd", logits.softmax(-1), v.float()).to(output.dtype)

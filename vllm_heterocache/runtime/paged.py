@@ -102,3 +102,19 @@ class LayerCache:
 
     def gather(self, block_row: torch.Tensor, length: int, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
         return gather_kv(self.kv, self.layout, block_row, length, heads)
+
+    def gather_positions(self, block_row: torch.Tensor, head: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of one KV head at the given positions: two ``[n, D]`` tensors (copies).
+
+        Reads only those tokens (one flat gather), unlike :meth:`gather`, which reads a prefix.
+        """
+        nb, hkv, bs, d2 = self.kv.shape
+        d = d2 // 2
+        blocks = block_row[positions // bs].long()
+        offsets = (positions % bs) * d
+        region = (blocks * hkv + head) * 2 * (bs * d)  # start of the (block, head) K region
+        dims = torch.arange(d)
+        flat = self.kv.view(-1)
+        k = flat[region[:, None] + self.layout.k_index[offsets[:, None] + dims]]
+        v = flat[(region + bs * d)[:, None] + self.layout.v_index[offsets[:, None] + dims]]
+        return k, v
