@@ -143,7 +143,7 @@ class BudgetPlanner:
         r = config.compression_ratio
         self.keep_all = config.token_budget is None and (r >= 1.0 or self.n_full == self.total)
         if not self.keep_all and config.token_budget is None and r * self.total <= self.n_full:
-            smallest = math.floor(self.n_full / self.total * 1000 + 1) / 1000
+            smallest = math.floor(min_feasible_ratio(profile) * 1000 + 1) / 1000
             raise BudgetError(
                 f"heterocache.compression_ratio={r} is infeasible with profile {profile.source}: its "
                 f"{self.n_full} full heads of {self.total} alone keep {self.n_full / self.total:.4f} of the "

@@ -97,7 +97,6 @@ def track_drift(
             rt.config.pool_kernel,
         )
         rt.counters.drift_checks += 1
-        state.drift_checks += 1
         for i, pivot in enumerate(p):
             if not bool(result.drift[i]):
                 continue
@@ -110,7 +109,6 @@ def track_drift(
                 )
                 write_bits(cache.bits, row.block_row, sat, cut, chosen[0])
                 rt.counters.refilled_heads += 1
-                state.refills += 1
 
 
 def compressed_attention(

@@ -6,24 +6,20 @@ attention impl of every layer (runs the algorithm). Built once from the validate
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-import torch
 
 from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.requests import RequestTable
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class LayerHeads:
     """The local KV heads of one layer by role (indices are local to this TP rank)."""
 
-    full: torch.Tensor  # bool [H_kv_local]
     compressed: tuple[int, ...]
     pivots: tuple[int, ...]
     satellites: dict[int, tuple[int, ...]]  # local pivot -> its local satellites
@@ -70,7 +66,6 @@ class HeteroCacheRuntime:
             }
             self.layers.append(
                 LayerHeads(
-                    full=torch.tensor([t.is_full for t in heads]),
                     compressed=tuple(j for j, t in enumerate(heads) if not t.is_full),
                     pivots=tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT),
                     satellites=sats,

@@ -31,8 +31,6 @@ class RequestState:
     decode_steps: int = 0  # tokens processed since the prompt
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, K] int64, -1 pad
     query_ring: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, N, G, D] float32
-    drift_checks: int = 0
-    refills: int = 0
 
 
 class StateLost(RuntimeError):
