@@ -159,6 +159,27 @@ class BudgetPlanner:
         r = self.config.compression_ratio
         return (r * self.total - self.n_full) * prompt_len / (self.total - self.n_full)
 
+    def capacity(self) -> PoolCapacity:
+        """The bound on any compressed head's budget, for the scheduler's block manager."""
+        profile = self.profile
+        rho = [
+            profile.budget_ratios[l][h] or 0.0
+            for l in range(profile.num_layers)
+            for h in range(profile.num_kv_heads)
+            if not profile.head_types[l][h].is_full
+        ]
+        return PoolCapacity(
+            compression_ratio=self.config.compression_ratio,
+            token_budget=self.config.token_budget,
+            total_heads=self.total,
+            full_heads=self.n_full,
+            max_ratio=max(rho, default=0.0),
+            window=self.config.window,
+            min_prompt_len=self.config.min_prompt_len,
+            round_to=self.block_size if self.config.round_to_block else 0,
+            keep_all=self.keep_all,
+        )
+
     def plan(self, prompt_len: int) -> BudgetPlan:
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
@@ -170,8 +191,7 @@ class BudgetPlanner:
         else:
             budgets = torch.floor(base * self.ratios).to(torch.int64).clamp(min=window, max=L)
             if self.config.round_to_block:
-                bs = self.block_size
-                budgets = (torch.div(budgets + bs - 1, bs, rounding_mode="floor") * bs).clamp(max=L)
+                budgets = _round_up(budgets, self.block_size).clamp(max=L)
             budgets = torch.where(self.full, torch.full_like(budgets, L), budgets)
         return BudgetPlan(
             prompt_len=L,
@@ -182,6 +202,43 @@ class BudgetPlanner:
             budgets=budgets,
             full=self.full,
         )
+
+
+def _round_up(x, multiple: int):
+    return (x + multiple - 1) // multiple * multiple
+
+
+@dataclass(frozen=True)
+class PoolCapacity:
+    """The largest budget any compressed head of the model gets for a prompt (all TP ranks).
+
+    Plain numbers, so it travels inside a KV cache spec to the scheduler process, whose block
+    manager keeps that many prompt slots per request in the compressed pool. Computed with the
+    same arithmetic as :meth:`BudgetPlanner.plan`, so ``max_budget(L) >= plan(L).budgets`` of
+    every compressed head, exactly.
+    """
+
+    compression_ratio: float
+    token_budget: int | None
+    total_heads: int
+    full_heads: int
+    max_ratio: float
+    window: int
+    min_prompt_len: int
+    round_to: int  # 0: no rounding
+    keep_all: bool
+
+    def max_budget(self, prompt_len: int) -> int:
+        L = prompt_len
+        if self.keep_all or L < self.min_prompt_len:
+            return L
+        if self.token_budget is not None:
+            base = float(self.token_budget)
+        else:
+            r, total, n_full = self.compression_ratio, self.total_heads, self.full_heads
+            base = (r * total - n_full) * L / (total - n_full)
+        budget = min(L, max(min(L, self.window), math.floor(base * self.max_ratio)))
+        return min(L, _round_up(budget, self.round_to)) if self.round_to else budget
 
 
 def plan_budgets(

@@ -48,6 +48,11 @@ class HeteroCacheConfig:
         min_prompt_len: prompts shorter than this keep every token. Compressing a short prompt
             saves little, and its budgets would hold little more than the window, dropping the
             first tokens that models attend to most (the attention sink).
+        host_tier_gib: size of the host tier, which keeps the full prompt KV of satellite heads
+            for refills (GiB). None: room for as many prompt tokens as the KV cache holds for a
+            full head. Checked against available memory at startup.
+        host_tier_path: a directory: back the host tier with a file there (memory-mapped, so the
+            full copies can leave RAM). None: anonymous memory.
     """
 
     profile: str | None = None
@@ -60,6 +65,8 @@ class HeteroCacheConfig:
     refill: bool = True
     round_to_block: bool = False
     min_prompt_len: int = 256
+    host_tier_gib: float | None = None
+    host_tier_path: str | None = None
 
     def __post_init__(self) -> None:
         _check_type(self)
@@ -81,6 +88,9 @@ class HeteroCacheConfig:
         _positive("min_prompt_len", self.min_prompt_len, minimum=0)
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"heterocache.pool_kernel must be odd, got {self.pool_kernel}")
+        g = self.host_tier_gib
+        if g is not None and not (math.isfinite(g) and g > 0):
+            raise ConfigError(f"heterocache.host_tier_gib must be a positive number of GiB, got {g}")
         t = self.stability_threshold
         if t is not None and not 0.0 <= t <= 1.0:
             raise ConfigError(f"heterocache.stability_threshold must be in [0, 1], got {t}")
@@ -125,6 +135,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refill": (bool,),
     "round_to_block": (bool,),
     "min_prompt_len": (int,),
+    "host_tier_gib": (float, int),
+    "host_tier_path": (str,),
 }
 
 
@@ -140,8 +152,9 @@ def _check_type(cfg: HeteroCacheConfig) -> None:
             raise ConfigError(f"heterocache.{f.name} must be {names}, got {value!r} ({type(value).__name__})")
     if cfg.compression_ratio is not None:
         object.__setattr__(cfg, "compression_ratio", float(cfg.compression_ratio))
-    if cfg.stability_threshold is not None:
-        object.__setattr__(cfg, "stability_threshold", float(cfg.stability_threshold))
+    for name in ("stability_threshold", "host_tier_gib"):
+        if getattr(cfg, name) is not None:
+            object.__setattr__(cfg, name, float(getattr(cfg, name)))
 
 
 def _positive(name: str, value: int | None, *, minimum: int = 1, allow_none: bool = False) -> None:

@@ -1,8 +1,18 @@
 """The per-layer steps of HeteroCache on one batch row (algorithm.md sections 3 and 4).
 
-All functions read K/V from the layer's paged cache and record selections in its selection bits
-(``runtime.paged.LayerCache``). Shapes: ``query`` is the step's ``[num_tokens, H_q, D]``; a row's tokens
-are ``query[row.start : row.start + row.q_len]`` at positions ``seq_len - q_len .. seq_len - 1``.
+A layer's KV heads live in two paged pools (``LayerPools``): full heads (volatile, pivot) in the
+full pool, every token at its position; compressed heads (anchor, satellite) in the compressed
+pool, whose block manager frees a request's prompt blocks beyond its budgets once the prompt is
+done (``vllm_adapter.pools``). Per request and compressed head ``c`` with budget ``B_c``, the
+compressed pool holds::
+
+    positions 0 .. B_c - 1      its kept prompt tokens, compacted in position order (the
+                                selection, ending with the window); refills rewrite the first
+                                B_c - window of them
+    positions L .. seq_len - 1  generated tokens, at their own positions
+
+Shapes: ``query`` is the step's ``[num_tokens, H_q, D]`` (H_q = H_kv * G, this rank's heads); a
+row's tokens are ``query[row.start : row.start + row.q_len]``.
 """
 
 from __future__ import annotations
@@ -12,83 +22,125 @@ from dataclasses import dataclass
 import torch
 
 from vllm_heterocache.ops import reference as ref
-from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
-from vllm_heterocache.runtime.paged import LayerCache, read_bits, write_bits
-from vllm_heterocache.runtime.requests import RequestState
+from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads, Row
+from vllm_heterocache.runtime.paged import LayerCache
 
 
 @dataclass(frozen=True)
-class Row:
-    """One request's part of an engine step (planned once per step by the metadata builder)."""
+class LayerPools:
+    """One layer's two pools with this step's block tables (int ``[rows, max_blocks]``)."""
 
-    start: int  # index of the row's first query token in the step
-    q_len: int
-    seq_len: int  # tokens of the sequence once this step's tokens are written
-    block_row: torch.Tensor  # int [max_blocks]: the request's block table
-    prefilling: bool  # the tokens are prompt tokens (a prefill chunk)
-    state: RequestState
-    steps_before: int  # tokens processed after the prompt before this step (decode rows)
+    full: LayerCache | None
+    full_table: torch.Tensor | None
+    compressed: LayerCache | None
+    compressed_table: torch.Tensor | None
 
 
-def select_after_prefill(
+def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
+    """``[T, H_q, D]`` -> ``[T, len(heads) * G, D]``: the query heads of the given KV heads."""
+    t, hq, d = query.shape
+    g = hq // num_kv_heads
+    return query.view(t, num_kv_heads, g, d)[:, list(heads)].reshape(t, len(heads) * g, d)
+
+
+def select_and_compact(
     rt: HeteroCacheRuntime, layer: int, heads: LayerHeads, row: Row, query: torch.Tensor,
-    cache: LayerCache,
+    num_kv_heads: int, pools: LayerPools,
 ) -> None:
-    """End of a prefill chunk: compressed heads choose their budget; pivots record references.
+    """After the last prompt token: compressed heads choose their budget and compact it to
+    positions ``0 .. B_c - 1`` of their pool; pivots record their reference top-K.
 
-    Scoring uses the last ``window`` queries of the chunk (fewer if the chunk is shorter). If a
-    later chunk extends the prompt, it is redone over the longer prompt.
+    Scoring uses the queries of the last ``window`` prompt positions that are in this row (a
+    chunk boundary inside the window leaves fewer).
+    """
+    state = row.state
+    plan = state.plan
+    L, W = plan.prompt_len, plan.window
+    lo = max(L - max(1, rt.config.window), row.first)
+    q = query[row.start + lo - row.first : row.start + L - row.first]
+    if heads.compressed:
+        c = heads.compressed
+        table = pools.compressed_table[row.index]
+        k, _ = pools.compressed.gather(table, L)
+        scores = ref.prefill_scores(_heads_of(q, num_kv_heads, c), k, rt.config.pool_kernel)
+        chosen = ref.select_tokens(scores, plan.budgets[layer, list(c)], W)
+        for i in range(len(c)):
+            keep = chosen[i][chosen[i] >= 0]
+            k_i, v_i = pools.compressed.gather_positions(table, i, keep)
+            pools.compressed.scatter_positions(table, i, torch.arange(keep.numel()), k_i, v_i)
+        state.kept[layer] = chosen
+    if heads.pivots:
+        p = heads.pivots
+        k, _ = pools.full.gather(pools.full_table[row.index], L, heads=heads.in_full_pool(p))
+        scores = ref.prefill_scores(_heads_of(q, num_kv_heads, p), k, rt.config.pool_kernel)
+        n = len(p)
+        state.references[layer] = ref.topk_positions(
+            scores, torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
+        )
+        g = query.shape[1] // num_kv_heads
+        state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])
+        state.buffered[layer] = 0
+    state.selected.add(layer)
+    rt.counters.prefill_selections += 1
+
+
+def compressed_attention(
+    heads: LayerHeads, row: Row, query: torch.Tensor, num_kv_heads: int, pools: LayerPools, layer: int,
+    scale: float, output: torch.Tensor,
+) -> None:
+    """Attention of the compressed heads of a decode row over their kept tokens only.
+
+    Reads positions ``0 .. B_c - 1`` (kept prompt tokens) and ``L .. seq_len - 1`` (generated) of
+    each compressed head's pool. Writes the compressed heads' slice of ``output``
+    (``[num_tokens, H_q, D_v]``).
     """
     plan = row.state.plan
-    L, W = plan.prompt_len, plan.window
-    cut = L - W
-    w = max(1, min(rt.config.window, row.q_len))
-    q = query[row.start + row.q_len - w : row.start + row.q_len]
-    k, _ = cache.gather(row.block_row, L)
-    scores = ref.prefill_scores(q, k, rt.config.pool_kernel)  # [H_kv, L]
-    if heads.compressed:
-        c = list(heads.compressed)
-        chosen = ref.select_tokens(scores[c], plan.budgets[layer, c], W)
-        for i, h in enumerate(c):
-            write_bits(cache.bits, row.block_row, h, cut, chosen[i])
-    if heads.pivots:
-        p = list(heads.pivots)
-        n = len(p)
-        row.state.references[layer] = ref.topk_positions(
-            scores[p], torch.full((n,), plan.reference_topk), torch.full((n,), cut)
-        )
-        g = query.shape[1] // cache.num_kv_heads
-        row.state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])
-    rt.counters.prefill_selections += 1
+    L, s, qn = plan.prompt_len, row.seq_len, row.q_len
+    table = pools.compressed_table[row.index]
+    g = query.shape[1] // num_kv_heads
+    q_all = query[row.start : row.start + qn].view(qn, num_kv_heads, g, -1)
+    dst = output[row.start : row.start + qn].view(qn, num_kv_heads, g, -1)
+    qpos = torch.arange(s - qn, s)
+    generated = torch.arange(L, s)
+    for i, h in enumerate(heads.compressed):
+        budget = int(plan.budgets[layer, h])
+        slots = torch.cat([torch.arange(budget), generated])
+        k, v = pools.compressed.gather_positions(table, i, slots)
+        logits = torch.einsum("qgd,nd->qgn", q_all[:, h].float(), k.float()) * scale
+        if qn > 1:  # causal among the row's own tokens
+            future = torch.cat([torch.zeros(qn, budget, dtype=torch.bool), generated[None, :] > qpos[:, None]], -1)
+            logits = logits.masked_fill(future[:, None, :], float("-inf"))
+        dst[:, h] = torch.einsum("qgn,nd->qgd", logits.softmax(-1), v.float()).to(output.dtype)
 
 
 def track_drift(
     rt: HeteroCacheRuntime, layer: int, heads: LayerHeads, row: Row, query: torch.Tensor,
-    cache: LayerCache,
+    num_kv_heads: int, pools: LayerPools,
 ) -> None:
-    """Buffer the pivots' queries; every ``drift_interval`` steps check drift and refill satellites."""
+    """Buffer the pivots' queries; every ``drift_interval`` of them check drift and, on drift,
+    start the refill of the pivot's satellites from the host tier (asynchronous; it is waited
+    for when the layer next reads them, see ``RefillQueue``)."""
     state, plan = row.state, row.state.plan
     ring = state.query_ring.get(layer)
     if ring is None:
         return
     n_steps = rt.config.drift_interval
-    hkv = cache.num_kv_heads
-    g = query.shape[1] // hkv
-    p = list(heads.pivots)
+    g = query.shape[1] // num_kv_heads
+    p = heads.pivots
     cut = plan.prompt_len - plan.window
     for j in range(row.q_len):
-        step = row.steps_before + j
-        slot = step % n_steps
-        ring[:, slot] = query[row.start + j].view(hkv, g, -1)[p].float()
-        if (step + 1) % n_steps:
+        slot = state.buffered[layer] % n_steps
+        ring[:, slot] = query[row.start + j].view(num_kv_heads, g, -1)[list(p)].float()
+        state.buffered[layer] += 1
+        if state.buffered[layer] < n_steps:
             continue
+        state.buffered[layer] = 0
         visible = row.seq_len - (row.q_len - 1 - j)
-        k, _ = cache.gather(row.block_row, visible, heads=p)
-        keys = k.permute(1, 0, 2)  # [P, T, D]
+        k, _ = pools.full.gather(pools.full_table[row.index], visible, heads=heads.in_full_pool(p))
         npiv = len(p)
         result = ref.drift_check(
             ring.roll(-(slot + 1), dims=1),  # oldest .. newest
-            keys,
+            k.permute(1, 0, 2),  # [P, T, D]
             torch.full((npiv,), visible),
             torch.full((npiv,), cut),
             state.references[layer],
@@ -102,38 +154,43 @@ def track_drift(
                 continue
             rt.counters.drifts += 1
             state.references[layer][i] = result.latest_topk[i]
-            for sat in heads.satellites.get(pivot, ()):
-                count = int(plan.budgets[layer, sat]) - plan.window
-                chosen = ref.refill_indices(
-                    result.latest_scores[i : i + 1], torch.tensor([count]), torch.tensor([cut])
-                )
-                write_bits(cache.bits, row.block_row, sat, cut, chosen[0])
-                rt.counters.refilled_heads += 1
+            sats = heads.satellites.get(pivot, ())
+            if sats and state.host:
+                _refill(rt, layer, heads, row, sats, result.latest_scores[i], pools)
 
 
-def compressed_attention(
-    heads: LayerHeads, row: Row, query: torch.Tensor, cache: LayerCache, scale: float, output: torch.Tensor,
-) -> None:
-    """Attention of the compressed heads of a decode row over their kept tokens only.
+def _refill(rt, layer: int, heads: LayerHeads, row: Row, sats, pivot_scores: torch.Tensor, pools: LayerPools) -> None:
+    """Queue the copies of the satellites' new selection from the host tier into their slots."""
+    state, plan = row.state, row.state.plan
+    cut = plan.prompt_len - plan.window
+    counts = torch.tensor([int(plan.budgets[layer, s]) - plan.window for s in sats])
+    chosen = ref.refill_indices(pivot_scores[None].expand(len(sats), -1), counts, torch.full((len(sats),), cut))
+    table = pools.compressed_table[row.index].clone()
+    cache, host, key = pools.compressed, rt.host, state.key
+    targets = [(heads.compressed.index(s), heads.host_rows[s], chosen[n][chosen[n] >= 0]) for n, s in enumerate(sats)]
+    kept = state.kept[layer]
+    for slot_head, _, positions in targets:
+        kept[slot_head, : positions.numel()] = positions
 
-    Kept: the selected prompt tokens (bits), the window, and every token after the prompt. Only
-    those tokens are read from the cache. Writes the compressed heads' slice of ``output``
-    (``[num_tokens, H_q, D_v]``); full heads' output (computed by the base backend over all
-    tokens) is left as is.
+    def copy() -> None:
+        for slot_head, host_row, positions in targets:
+            k, v = host.read(key, host_row, positions)
+            cache.scatter_positions(table, slot_head, torch.arange(positions.numel()), k, v)
+
+    rt.refills.submit(key, layer, copy)
+    rt.counters.refilled_heads += len(sats)
+
+
+def mirror_to_host(rt: HeteroCacheRuntime, heads: LayerHeads, row: Row, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy this row's prompt tokens of the layer's satellites into the host tier.
+
+    ``key``/``value``: the step's ``[num_tokens, H_kv, D]``.
     """
-    plan = row.state.plan
-    s, qn = row.seq_len, row.q_len
-    hkv = cache.num_kv_heads
-    g = query.shape[1] // hkv
-    pos = torch.arange(s)
-    always = pos >= plan.prompt_len - plan.window  # window and generated tokens
-    bits = read_bits(cache.bits, row.block_row, s)
-    qpos = torch.arange(s - qn, s)
-    q_all = query[row.start : row.start + qn].view(qn, hkv, g, -1)
-    dst = output[row.start : row.start + qn].view(qn, hkv, g, -1)
-    for h in heads.compressed:
-        kept = torch.nonzero(bits[h] | always).flatten()  # ascending positions
-        k, v = cache.gather_positions(row.block_row, h, kept)
-        logits = torch.einsum("qgd,nd->qgn", q_all[:, h].float(), k.float()) * scale
-        logits = logits.masked_fill((kept[None, :] > qpos[:, None])[:, None, :], float("-inf"))
-        dst[:, h] = torch.einsum("qgn,nd->qgd", logits.softmax(-1), v.float()).to(output.dtype)
+    state = row.state
+    end = min(row.seq_len, state.prompt_len)
+    if not state.host or row.first >= end or not heads.host_rows:
+        return
+    sats = list(heads.host_rows)
+    rows = torch.tensor([heads.host_rows[s] for s in sats])
+    tokens = slice(row.start, row.start + end - row.first)
+    rt.host.write(state.key, rows, row.first, key[tokens][:, sats], value[tokens][:, sats])

@@ -1,8 +1,8 @@
-"""Views of a paged KV cache in the CPU backend's layout, and the per-token selection bits.
+"""Views of one paged KV pool in the CPU backend's layout: gather and scatter by position.
 
-KV cache of one layer (vLLM CPU_ATTN layout)::
+A KV pool of one layer (vLLM CPU_ATTN layout)::
 
-    kv_cache  [num_blocks, H_kv, block_size, 2 * D]
+    kv_cache  [num_blocks, H_pool, block_size, 2 * D]
 
 whose last two dims hold, per (block, head), a K region then a V region of ``block_size * D``
 elements each. Inside a region the CPU kernels pick their own order, which depends on the ISA
@@ -10,16 +10,9 @@ elements each. Inside a region the CPU kernels pick their own order, which depen
 ``[block_size, D]``). A :class:`BlockLayout` holds that order as index maps, measured by writing
 a probe with vLLM's own cache-write op (``vllm_adapter.layout``), so these views never guess.
 
-A request's token at position ``p`` lives in block ``block_row[p // block_size]`` at offset
-``p % block_size``. HeteroCache adds, per layer, one byte per (block, KV head, offset)::
-
-    kept_bits [num_blocks, H_kv, block_size]  bool
-
-which says whether a compressed head keeps that prompt token (1/(2*D*dtype bytes) of the KV cache
-size). Only positions below ``prompt_len - window`` are read from it: the window and generated
-tokens are always kept, and full heads keep everything, so bits left in a reused block by an
-earlier request are never read before the new request's selection rewrites them. The bits live
-and die with vLLM's blocks: no per-request allocation, nothing to free.
+A request's token at (pool) position ``p`` lives in block ``block_row[p // block_size]`` at
+offset ``p % block_size``. In the full pool positions are token positions; in the compressed pool
+the first positions of a request hold its compacted selection (``runtime.layer``).
 """
 
 from __future__ import annotations
@@ -68,33 +61,12 @@ def gather_kv(
     return tokens(regions[:, :, 0], layout.k_index), tokens(regions[:, :, 1], layout.v_index)
 
 
-def read_bits(bits: torch.Tensor, block_row: torch.Tensor, length: int) -> torch.Tensor:
-    """Selection bits of positions ``0 .. length-1`` as ``[H_kv, length]`` bool."""
-    nb, hkv, bs = bits.shape
-    nblk = (length + bs - 1) // bs
-    return bits[block_row[:nblk].long()].permute(1, 0, 2).reshape(hkv, nblk * bs)[:, :length]
-
-
-def write_bits(
-    bits: torch.Tensor, block_row: torch.Tensor, head: int, length: int, keep: torch.Tensor
-) -> None:
-    """Set head ``head``'s bits of positions ``0 .. length-1``: 1 at positions in ``keep`` (int64,
-    ascending, ``-1`` padding ignored), 0 elsewhere."""
-    nb, hkv, bs = bits.shape
-    slots = token_slots(block_row, length, bs)
-    blocks, offsets = slots // bs, slots % bs
-    bits[blocks, head, offsets] = False
-    keep = keep[(keep >= 0) & (keep < length)]
-    bits[blocks[keep], head, offsets[keep]] = True
-
-
 @dataclass(frozen=True)
 class LayerCache:
-    """One layer's paged KV cache with its layout and HeteroCache's selection bits."""
+    """One paged KV pool of a layer (its full or its compressed heads) with its layout."""
 
-    kv: torch.Tensor  # [num_blocks, H_kv, block_size, 2 * D]
+    kv: torch.Tensor  # [num_blocks, H_pool, block_size, 2 * D]
     layout: BlockLayout
-    bits: torch.Tensor  # bool [num_blocks, H_kv, block_size]
 
     @property
     def num_kv_heads(self) -> int:
@@ -108,13 +80,27 @@ class LayerCache:
 
         Reads only those tokens (one flat gather), unlike :meth:`gather`, which reads a prefix.
         """
+        k_at, v_at = self._flat_index(block_row, head, positions)
+        flat = self.kv.view(-1)
+        return flat[k_at], flat[v_at]
+
+    def scatter_positions(
+        self, block_row: torch.Tensor, head: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write ``[n, D]`` K and V of one KV head to the given positions (in place)."""
+        k_at, v_at = self._flat_index(block_row, head, positions)
+        flat = self.kv.view(-1)
+        flat[k_at] = k.to(flat.dtype)
+        flat[v_at] = v.to(flat.dtype)
+
+    def _flat_index(self, block_row: torch.Tensor, head: int, positions: torch.Tensor):
+        """Flat element offsets ``[n, D]`` of K and of V of ``head`` at ``positions``."""
         nb, hkv, bs, d2 = self.kv.shape
         d = d2 // 2
         blocks = block_row[positions // bs].long()
         offsets = (positions % bs) * d
         region = (blocks * hkv + head) * 2 * (bs * d)  # start of the (block, head) K region
         dims = torch.arange(d)
-        flat = self.kv.view(-1)
-        k = flat[region[:, None] + self.layout.k_index[offsets[:, None] + dims]]
-        v = flat[(region + bs * d)[:, None] + self.layout.v_index[offsets[:, None] + dims]]
-        return k, v
+        k_at = region[:, None] + self.layout.k_index[offsets[:, None] + dims]
+        v_at = (region + bs * d)[:, None] + self.layout.v_index[offsets[:, None] + dims]
+        return k_at, v_at

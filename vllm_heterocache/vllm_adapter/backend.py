@@ -1,22 +1,23 @@
 """The HETEROCACHE attention backend for vLLM 0.32 (CPU platform).
 
-Plan/run split: the metadata builder plans each engine step once (which rows are prefill chunks,
-which request state each row belongs to, budgets at the end of prefill); the impl's forward runs
-the base backend over all heads and then HeteroCache's steps for this layer.
+Plan/run split: the metadata builders plan each engine step once (which request each row is,
+where its prompt ends; ``HeteroCacheRuntime.plan_rows``); the impl runs each layer.
 
+A layer's heads live in two KV pools (``vllm_adapter.pools``): full heads in the layer's own
+cache, compressed heads in its companion cache (or, for a layer with no full heads, in its own).
 Per step and layer:
-1. the base backend (vLLM's CPU_ATTN kernel) computes attention for every token and head: exact
-   for prefill tokens and for full heads (volatile, pivot), which keep every token;
-2. at the end of every prefill chunk, compressed heads select their budgeted tokens and pivots
-   record their reference top-K (``runtime.layer.select_after_prefill``);
-3. for decode tokens, pivots buffer their queries and, every ``drift_interval`` steps, check
-   drift and refill their satellites' selections (``track_drift``), then compressed heads
-   (anchor, satellite) re-attend over their kept tokens only and overwrite their output
-   (``compressed_attention``).
 
-Stage 0 of the design: the full KV stays in vLLM's cache, so refills re-point the selection
-bits; separate pools and the host tier come next. When nothing is compressed (ratio 1 or an
-all-full profile) steps 2-3 are skipped and the output is exactly the base backend's.
+1. cache write: each pool gets its heads' new K/V at vLLM's slot mapping of that pool's group;
+   satellites' prompt K/V is mirrored to the host tier;
+2. full heads attend over the full pool with vLLM's CPU kernel; compressed heads too, over the
+   compressed pool, when the step has prefill rows (exact: the prompt is still whole there);
+3. a row holding the last prompt token: compressed heads select their budget and compact it,
+   pivots record their reference top-K (``runtime.layer.select_and_compact``);
+4. decode rows: compressed heads attend over their kept tokens only, after waiting for their
+   pending refill; pivots buffer queries and check drift, starting refills from the host tier.
+
+When nothing is compressed (ratio 1 or an all-full profile) there is one pool per layer and the
+backend is vLLM's CPU backend, unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.config import get_current_vllm_config, get_layers_from_vllm_config
-from vllm.model_executor.layers.attention import Attention
+from vllm import _custom_ops as ops
+from vllm.config import get_current_vllm_config
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
@@ -35,10 +37,17 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_heterocache.runtime.layer import Row, compressed_attention, select_after_prefill, track_drift
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.layer import (
+    LayerPools,
+    compressed_attention,
+    mirror_to_host,
+    select_and_compact,
+    track_drift,
+)
+from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads, Row
 from vllm_heterocache.runtime.paged import LayerCache
 from vllm_heterocache.vllm_adapter.layout import probe_layout
+from vllm_heterocache.vllm_adapter.pools import companion_name
 from vllm_heterocache.vllm_adapter.registration import BACKEND_NAME
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
@@ -68,54 +77,34 @@ class HeteroCacheBackend(CPUAttentionBackend):
 @dataclass
 class HeteroCacheMetadata(CPUAttentionMetadata):
     rows: tuple[Row, ...] = ()
+    isa: str = ""  # the CPU kernels' ISA for this pool's block size
 
 
 class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
+    """CPU metadata for one pool (its query heads are those of the pool's KV heads) + the rows."""
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        impls = [layer.impl for layer in get_layers_from_vllm_config(vllm_config, Attention, layer_names).values()]
-        runtimes = {id(i.runtime) for i in impls if isinstance(i, HeteroCacheImpl)}
-        if len(runtimes) != 1:
-            raise RuntimeError(f"heterocache: layers {layer_names} do not share one runtime")
-        self.runtime: HeteroCacheRuntime = impls[0].runtime
+        self.runtime: HeteroCacheRuntime = runtime_for(vllm_config)
+        model, parallel = vllm_config.model_config, vllm_config.parallel_config
+        group = model.get_num_attention_heads(parallel) // model.get_num_kv_heads(parallel)
+        self.num_heads = kv_cache_spec.num_kv_heads * group
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        rows = plan_rows(self.runtime, common_attn_metadata) if self.runtime.compresses else ()
-        return HeteroCacheMetadata(**vars(base), rows=rows)
+        rows = ()
+        if self.runtime.compresses:
+            cm = common_attn_metadata
+            n = cm.num_reqs
+            rows = self.runtime.plan_rows(cm.query_start_loc_cpu[: n + 1].tolist(), cm.seq_lens[:n].cpu().tolist())
+        return HeteroCacheMetadata(**vars(base), rows=rows, isa=self.isa)
 
 
-def plan_rows(rt: HeteroCacheRuntime, cm: CommonAttentionMetadata) -> tuple[Row, ...]:
-    """Per-row plan of one engine step; creates and advances request states."""
-    if cm.is_prefilling is None:
-        raise RuntimeError("heterocache needs CommonAttentionMetadata.is_prefilling (vLLM >= 0.32 runners)")
-    n = cm.num_reqs
-    qsl = cm.query_start_loc_cpu[: n + 1].tolist()
-    seq_lens = cm.seq_lens[:n].cpu().tolist()
-    prefilling = cm.is_prefilling[:n].cpu().tolist()
-    table = cm.block_table_tensor[:n].cpu()
-    bs = rt.planner.block_size
-    rt.requests.forget_reused(table, torch.tensor([(s + bs - 1) // bs for s in seq_lens]))
-    rows = []
-    for i in range(n):
-        q_len = qsl[i + 1] - qsl[i]
-        if q_len == 0:
-            continue
-        seq_len = seq_lens[i]
-        key = int(table[i, 0])
-        if prefilling[i]:
-            state = rt.requests.begin(key) if seq_len == q_len else rt.requests.get(key)
-            state.plan = rt.planner.plan(seq_len)
-            state.decode_steps = 0
-            steps_before = 0
-        else:
-            state = rt.requests.get(key)
-            steps_before = state.decode_steps
-            state.decode_steps += q_len
-            if q_len > 1:
-                rt.counters.recomputed_rows += 1
-        rows.append(Row(qsl[i], q_len, seq_len, table[i], bool(prefilling[i]), state, steps_before))
-    return tuple(rows)
+@dataclass(frozen=True)
+class _Pool:
+    cache: torch.Tensor  # [num_blocks, H_pool, block_size, 2 * D]
+    metadata: HeteroCacheMetadata | None
+    slot_mapping: torch.Tensor | None
 
 
 class HeteroCacheImpl(CPUAttentionBackendImpl):
@@ -127,35 +116,113 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self.runtime = runtime_for(get_current_vllm_config())
-        self.layer_index: int | None = None
-        self.kept_bits: torch.Tensor | None = None  # [num_blocks, H_kv, block_size], see runtime.paged
+        self._heads: LayerHeads | None = None
+        self._layer_index = -1
+
+    # -- which pools this layer has ------------------------------------------------------------
+
+    def _layer(self, layer) -> tuple[int, LayerHeads]:
+        if self._heads is None:
+            self._layer_index = extract_layer_index(layer.layer_name)
+            self._heads = self.runtime.layers[self._layer_index]
+        return self._layer_index, self._heads
+
+    def _pools(self, layer, kv_cache, own_slots) -> tuple[_Pool | None, _Pool | None]:
+        """(full pool, compressed pool) of this layer in the current step."""
+        _, heads = self._layer(layer)
+        ctx = get_forward_context()
+        own = _Pool(kv_cache, ctx.attn_metadata.get(layer.layer_name) if ctx.attn_metadata else None, own_slots)
+        if not heads.full:
+            return None, own
+        name = companion_name(layer.layer_name)
+        other = _Pool(
+            ctx.no_compile_layers[name].kv_cache,
+            ctx.attn_metadata.get(name) if ctx.attn_metadata else None,
+            ctx.slot_mapping.get(name) if isinstance(ctx.slot_mapping, dict) else None,
+        )
+        return own, other
+
+    # -- 1. cache write ------------------------------------------------------------------------
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        if not self.runtime.compresses:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        _, heads = self._layer(layer)
+        if not heads.compressed:
+            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        full, compressed = self._pools(layer, kv_cache, slot_mapping)
+        for pool, pool_heads in ((full, heads.full), (compressed, heads.compressed)):
+            if pool is not None:
+                self._write(layer, key[:, list(pool_heads)], value[:, list(pool_heads)], pool)
+        meta = compressed.metadata
+        if meta is not None:
+            for row in meta.rows:
+                mirror_to_host(self.runtime, heads, row, key, value)
+
+    def _write(self, layer, key, value, pool: _Pool) -> None:
+        nb, h, bs, _ = pool.cache.shape
+        key_cache, value_cache = pool.cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+        isa = pool.metadata.isa if pool.metadata is not None else layer.isa
+        ops.cpu_attn_reshape_and_cache(
+            key.contiguous(), value.contiguous(), key_cache, value_cache, pool.slot_mapping, isa,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype,
+        )
+
+    # -- 2-4. attention ------------------------------------------------------------------------
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale)
-        if attn_metadata is None or not getattr(attn_metadata, "rows", ()):
-            return output
         rt = self.runtime
-        if self.layer_index is None:
-            self.layer_index = extract_layer_index(layer.layer_name)
-        li = self.layer_index
-        heads = rt.layers[li]
-        if not heads.compressed and not heads.pivots:
-            return output
-        cache = self._cache(layer, kv_cache)
-        for row in attn_metadata.rows:
-            if row.prefilling:
-                select_after_prefill(rt, li, heads, row, query, cache)
-                continue
-            if rt.config.refill and heads.pivots:
-                track_drift(rt, li, heads, row, query, cache)
-            if heads.compressed:
-                compressed_attention(heads, row, query, cache, self.scale, output)
+        if attn_metadata is None or not rt.compresses:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        li, heads = self._layer(layer)
+        if not heads.compressed:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        full, compressed = self._pools(layer, kv_cache, None)
+        rows = attn_metadata.rows
+        if full is not None:
+            self._attend(layer, query, heads.full, full, output)
+        if not rows or any(not row.decoding for row in rows):
+            self._attend(layer, query, heads.compressed, compressed, output)
+        pools = LayerPools(
+            self._cache(full), full.metadata.block_table if full else None,
+            self._cache(compressed), compressed.metadata.block_table,
+        )
+        for row in rows:
+            if row.ends_prompt:
+                select_and_compact(rt, li, heads, row, query, self.num_kv_heads, pools)
+            elif row.decoding:
+                rt.refills.wait(row.state.key, li)
+                compressed_attention(heads, row, query, self.num_kv_heads, pools, li, self.scale, output)
+                if rt.config.refill and heads.pivots:
+                    track_drift(rt, li, heads, row, query, self.num_kv_heads, pools)
         return output
 
-    def _cache(self, layer, kv_cache: torch.Tensor) -> LayerCache:
-        shape = kv_cache.shape[:3]
-        if self.kept_bits is None or self.kept_bits.shape != shape:
-            self.kept_bits = torch.zeros(shape, dtype=torch.bool)
-        layout = probe_layout(layer.isa, kv_cache.dtype, kv_cache.shape[2], kv_cache.shape[3] // 2)
-        return LayerCache(kv_cache, layout, self.kept_bits)
+    def _attend(self, layer, query, pool_heads, pool: _Pool, output) -> None:
+        """vLLM's CPU kernel for the query heads of ``pool_heads`` over ``pool``."""
+        meta = pool.metadata
+        n = meta.num_actual_tokens
+        hkv, d = self.num_kv_heads, self.head_size
+        g = self.num_heads // hkv
+        heads = list(pool_heads)
+        q = query[:n].view(n, hkv, g, d)[:, heads].reshape(n, len(heads) * g, d)
+        out = torch.empty(n, len(heads) * g, d, dtype=output.dtype)
+        nb, h, bs, _ = pool.cache.shape
+        key_cache, value_cache = pool.cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+        ops.cpu_attention_with_kv_cache(
+            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens, scale=self.scale, causal=meta.causal,
+            alibi_slopes=None, sliding_window=self.sliding_window, block_table=meta.block_table,
+            softcap=self.logits_soft_cap, scheduler_metadata=meta.scheduler_metadata, s_aux=None,
+            dynamic_causal=meta.dynamic_causal, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype,
+        )
+        output[:n].view(n, hkv, g, -1)[:, heads] = out.view(n, len(heads), g, -1)
+
+    def _cache(self, pool: _Pool | None) -> LayerCache | None:
+        if pool is None:
+            return None
+        kv = pool.cache
+        return LayerCache(kv, probe_layout(pool.metadata.isa, kv.dtype, kv.shape[2], kv.shape[3] // 2))

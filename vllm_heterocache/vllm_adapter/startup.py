@@ -55,6 +55,9 @@ def runtime_for(vllm_config) -> HeteroCacheRuntime:
     if entry is not None and entry[0]() is vllm_config:
         return entry[1]
     rt = _build(vllm_config)
+    from vllm_heterocache.vllm_adapter.patches import hook_model_runner
+
+    hook_model_runner()
     _RUNTIMES[id(vllm_config)] = (weakref.ref(vllm_config), rt)
     log.info("%s", rt.describe())
     return rt
@@ -89,5 +92,4 @@ def _build(vllm_config) -> HeteroCacheRuntime:
         tp_rank=get_tensor_model_parallel_rank(),
         tp_size=get_tensor_model_parallel_world_size(),
         block_size=cache.block_size,
-        max_requests=vllm_config.scheduler_config.max_num_seqs,
     )

@@ -1,0 +1,131 @@
+"""The host tier: full prompt K/V of satellite heads, the source of refills (algorithm.md 4).
+
+Only satellites are ever refilled, so only they are mirrored here. Storage, in blocks of its
+own (block manager below, not vLLM's)::
+
+    storage  [num_blocks, rows, block_size, 2, D]      (KV cache dtype)
+
+``rows`` is every (layer, satellite) of this rank (``HeteroCacheRuntime.host_rows``); token ``p``
+of a request lives in block ``blocks[p // block_size]`` at offset ``p % block_size``. A request
+gets all the blocks its prompt needs when its prefill starts (all or nothing), and gives them
+back when it finishes, is aborted or preempted. On a CPU machine host and device are both DRAM;
+``path`` backs the storage with a memory-mapped file instead, so the full copies can leave RAM.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class HostTierStats:
+    bytes_in: int = 0  # written into the tier (prefill mirroring)
+    bytes_out: int = 0  # read out of it (refills)
+    rejected: int = 0  # requests that did not fit (served without refills)
+
+
+class HostTier:
+    def __init__(
+        self,
+        *,
+        rows: int,
+        head_size: int,
+        dtype: torch.dtype,
+        block_size: int,
+        num_blocks: int,
+        path: str | None = None,
+    ):
+        if rows < 1 or num_blocks < 1 or block_size < 1:
+            raise ValueError(f"host tier needs rows, blocks and block size >= 1, got {rows}, {num_blocks}, {block_size}")
+        self.block_size = block_size
+        shape = (num_blocks, rows, block_size, 2, head_size)
+        if path is None:
+            self.storage = torch.empty(shape, dtype=dtype)
+        else:
+            self.storage = _file_backed(path, shape, dtype)
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self._blocks: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()  # refills read block lists from a worker thread
+        self.stats = HostTierStats()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.storage.shape[0]
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def holds(self, key: str) -> bool:
+        return key in self._blocks
+
+    def allocate(self, key: str, num_tokens: int) -> bool:
+        """Blocks for ``num_tokens`` tokens of request ``key``; False (nothing taken) if full."""
+        need = -(-num_tokens // self.block_size)
+        with self._lock:
+            if key in self._blocks:
+                raise RuntimeError(f"host tier: request {key!r} already holds blocks")
+            if need > len(self._free):
+                self.stats.rejected += 1
+                return False
+            taken = [self._free.pop() for _ in range(need)]
+            self._blocks[key] = torch.tensor(taken, dtype=torch.int64)
+        return True
+
+    def free(self, key: str) -> None:
+        with self._lock:
+            blocks = self._blocks.pop(key, None)
+            if blocks is not None:
+                self._free.extend(reversed(blocks.tolist()))
+
+    def write(self, key: str, rows: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` ``[T, R, D]`` (rows ``rows``, int64 ``[R]``) at positions ``start ..``."""
+        pos = torch.arange(start, start + k.shape[0])
+        blocks, offsets = self._locate(key, pos)
+        dst = self.storage
+        dst[blocks[:, None], rows[None, :], offsets[:, None], 0] = k.to(dst.dtype)
+        dst[blocks[:, None], rows[None, :], offsets[:, None], 1] = v.to(dst.dtype)
+        self.stats.bytes_in += 2 * k.numel() * dst.element_size()
+
+    def read(self, key: str, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[n, D]`` of one row at ``positions`` (int64, each below the allocated length)."""
+        blocks, offsets = self._locate(key, positions)
+        kv = self.storage[blocks, row, offsets]  # [n, 2, D]
+        self.stats.bytes_out += kv.numel() * kv.element_size()
+        return kv[:, 0], kv[:, 1]
+
+    def _locate(self, key: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            blocks = self._blocks.get(key)
+        if blocks is None:
+            raise KeyError(f"host tier: request {key!r} holds no blocks")
+        index = positions // self.block_size
+        if positions.numel() and int(index.max()) >= blocks.numel():
+            raise IndexError(f"host tier: position {int(positions.max())} beyond request {key!r}'s blocks")
+        return blocks[index], positions % self.block_size
+
+
+def _file_backed(directory: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A tensor on a memory-mapped file in ``directory`` (unlinked at once: it goes with the process)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"heterocache.host_tier_path {directory!r} is not a directory")
+    numel = 1
+    for n in shape:
+        numel *= n
+    fd, name = tempfile.mkstemp(prefix="heterocache-host-", dir=directory)
+    try:
+        os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
+        storage = torch.from_file(name, shared=True, size=numel, dtype=dtype)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return storage.view(shape)

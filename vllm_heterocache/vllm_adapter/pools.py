@@ -1,0 +1,140 @@
+"""Separate KV pools for full and compressed heads, carved from vLLM's own KV cache budget.
+
+Each attention layer's KV cache spec is split (``split_kv_cache_specs``, applied to the model
+runner's specs by ``patches``):
+
+- the layer keeps a ``FullAttentionSpec`` over its full heads only (volatile, pivot): every
+  token, the stock block manager;
+- its compressed heads (anchor, satellite) get a companion cache layer ``<layer>.heterocache``
+  with a ``CompressedPoolSpec``, whose block manager (``CompressedPoolManager``) holds every
+  prompt block while the prompt is prefilled (so prefill peak memory is NOT reduced, as in the
+  reference code) and, once the prompt is done, frees the blocks between the request's largest
+  budget and the end of the prompt (the worker has compacted each head's selection into the
+  first positions by then, ``runtime.layer``). Generated tokens get blocks at their own
+  positions, as usual.
+
+A layer without full heads keeps only the compressed spec itself; a layer without compressed
+heads keeps only the full one. vLLM groups layers by spec (several KV cache groups, its hybrid
+allocator) and sizes one block pool for all of them from ``VLLM_CPU_KVCACHE_SPACE`` (or
+``gpu_memory_utilization``), so its scheduler admits requests against the real footprint and its
+block accounting stays honest. Nothing is allocated behind vLLM's back except the host tier.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+from vllm_heterocache.budget import PoolCapacity
+from vllm_heterocache.runtime.model import HeteroCacheRuntime
+
+COMPANION_SUFFIX = ".heterocache"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompressedPoolSpec(AttentionSpec):
+    """KV of a layer's compressed heads: every prompt token during prefill, then the request's
+    largest budget plus the generated tokens (``capacity`` says how many for a prompt)."""
+
+    capacity: PoolCapacity
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        # A request's peak is its prefill, which holds every token.
+        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
+
+    def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
+        return all(
+            isinstance(s, CompressedPoolSpec) and s.capacity == self.capacity for s in kv_cache_specs.values()
+        )
+
+
+class CompressedPoolManager(FullAttentionManager):
+    """Frees a request's prompt blocks beyond its largest budget once its prompt is processed.
+
+    Kept: blocks ``[0, ceil(B_max / bs))`` (the compacted selections) and, from block
+    ``L // bs`` on, the block holding the first generated position and all later ones. The freed
+    middle becomes vLLM's null block, as for sliding-window layers, so later positions keep
+    their block-table slots.
+    """
+
+    def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
+        if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
+            return
+        spec: CompressedPoolSpec = self.kv_cache_spec
+        kept = cdiv(spec.capacity.max_budget(num_prompt_tokens), self.block_size)
+        self._remove_blocks_in_range(request_id, kept, num_prompt_tokens // self.block_size)
+
+
+KVCacheSpecRegistry._ensure_registered()  # built-in specs first, or they are skipped (vLLM 0.32)
+KVCacheSpecRegistry.register(CompressedPoolSpec, CompressedPoolManager, CompressedPoolSpec)
+
+
+class CompressedPoolLayer(nn.Module, AttentionLayerBase):
+    """The companion cache layer holding one attention layer's compressed heads. It computes
+    nothing: the attention layer reads and writes its ``kv_cache``."""
+
+    def __init__(self, name: str, spec: CompressedPoolSpec, num_heads: int):
+        super().__init__()
+        self.layer_name = name
+        self.spec = spec
+        self.num_heads = num_heads  # query heads of its KV heads (vLLM groups builders by it)
+        self.kv_cache = torch.tensor([])
+
+    def get_kv_cache_spec(self, vllm_config) -> CompressedPoolSpec:
+        return self.spec
+
+    def get_attn_backend(self):
+        from vllm_heterocache.vllm_adapter.backend import HeteroCacheBackend
+
+        return HeteroCacheBackend
+
+
+def companion_name(layer_name: str) -> str:
+    return layer_name + COMPANION_SUFFIX
+
+
+def split_kv_cache_specs(
+    rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], forward_context: dict, layer_index
+) -> dict[str, KVCacheSpec]:
+    """The runner's per-layer specs with each HeteroCache layer split into its two pools.
+
+    Registers the companion layers in ``forward_context`` (vLLM binds their caches and builds
+    their metadata like any attention layer's). ``layer_index(name)`` -> model layer index.
+    """
+    from vllm_heterocache.vllm_adapter.backend import HeteroCacheImpl
+
+    capacity = rt.planner.capacity()
+    out: dict[str, KVCacheSpec] = {}
+    for name, spec in specs.items():
+        module = forward_context.get(name)
+        if not isinstance(getattr(module, "impl", None), HeteroCacheImpl) or not isinstance(spec, AttentionSpec):
+            out[name] = spec
+            continue
+        heads = rt.layers[layer_index(name)]
+        g = module.num_heads // spec.num_kv_heads
+        compressed = CompressedPoolSpec(
+            block_size=spec.block_size,
+            num_kv_heads=len(heads.compressed),
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=spec.dtype,
+            capacity=capacity,
+        )
+        if not heads.compressed:
+            out[name] = spec
+        elif not heads.full:
+            out[name] = compressed
+        else:
+            out[name] = replace(spec, num_kv_heads=len(heads.full))
+            extra = companion_name(name)
+            if extra not in forward_context:
+                forward_context[extra] = CompressedPoolLayer(extra, compressed, len(heads.compressed) * g)
+            out[extra] = compressed
+    return out

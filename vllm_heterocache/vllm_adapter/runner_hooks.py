@@ -1,0 +1,172 @@
+"""What the model-runner patches (``patches.hook_model_runner``) do, on the runner's own data.
+
+Each hook is a no-op for a runner whose model has no HeteroCache layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import psutil
+import torch
+
+from vllm_heterocache.errors import ConfigError
+from vllm_heterocache.runtime.host import HostTier
+from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, split_kv_cache_specs
+
+log = logging.getLogger("vllm.heterocache")
+
+STATS_INTERVAL_S = 10.0
+GIB = 1 << 30
+
+
+def runtime_of(runner) -> HeteroCacheRuntime | None:
+    """The runtime of the runner's HeteroCache layers (cached on the runner), or None."""
+    if not hasattr(runner, "_heterocache"):
+        from vllm_heterocache.vllm_adapter.backend import HeteroCacheImpl
+
+        found = {
+            id(m.impl.runtime): m.impl.runtime
+            for m in runner.compilation_config.static_forward_context.values()
+            if isinstance(getattr(m, "impl", None), HeteroCacheImpl)
+        }
+        if len(found) > 1:
+            raise RuntimeError("heterocache: the model's layers do not share one runtime")
+        runner._heterocache = next(iter(found.values()), None)
+        runner._heterocache_dummy = False
+        runner._heterocache_stats_at = time.monotonic()
+    return runner._heterocache
+
+
+def split_specs(runner, specs: dict, layer_index) -> dict:
+    rt = runtime_of(runner)
+    if rt is None or not rt.compresses:
+        return specs
+    return split_kv_cache_specs(rt, specs, runner.compilation_config.static_forward_context, layer_index)
+
+
+def attach_host_tier(runner, kv_cache_config) -> None:
+    """Size, check and allocate the host tier once vLLM has allocated the KV cache."""
+    rt = runtime_of(runner)
+    if rt is None or not rt.compresses or not rt.num_host_rows or rt.host is not None:
+        return
+    model = runner.vllm_config.model_config
+    block_size = runner.vllm_config.cache_config.block_size
+    dtype = runner.kv_cache_dtype if isinstance(getattr(runner, "kv_cache_dtype", None), torch.dtype) else model.dtype
+    token_bytes = rt.num_host_rows * 2 * model.get_head_size() * torch.empty((), dtype=dtype).element_size()
+    block_bytes = token_bytes * block_size
+    available = psutil.virtual_memory().available
+    cfg = rt.config
+    if cfg.host_tier_gib is not None:
+        want = int(cfg.host_tier_gib * GIB)
+        if cfg.host_tier_path is None and want > 0.9 * available:
+            raise ConfigError(
+                f"heterocache.host_tier_gib={cfg.host_tier_gib} does not fit: {available / GIB:.1f} GiB of "
+                "memory is available. Lower heterocache.host_tier_gib, or set heterocache.host_tier_path to "
+                "back the host tier with a file."
+            )
+        num_blocks = want // block_bytes
+    else:
+        # Room for as many prompt tokens as the KV cache holds for a full head, capped at half
+        # the available memory.
+        num_blocks = kv_cache_config.num_blocks * _largest_block(kv_cache_config) // block_size
+        if cfg.host_tier_path is None:
+            num_blocks = min(num_blocks, int(0.5 * available) // block_bytes)
+    if num_blocks < 1:
+        raise ConfigError(
+            f"heterocache: the host tier cannot hold one block ({block_bytes} bytes): raise heterocache.host_tier_gib"
+        )
+    rt.attach_host_tier(
+        HostTier(rows=rt.num_host_rows, head_size=model.get_head_size(), dtype=dtype, block_size=block_size,
+                 num_blocks=num_blocks, path=cfg.host_tier_path)
+    )
+    log.info(
+        "heterocache host tier: %.2f GiB for %d prompt tokens of %d satellite heads (%s)",
+        rt.host.nbytes / GIB, num_blocks * block_size, rt.num_host_rows,
+        f"file-backed in {cfg.host_tier_path}" if cfg.host_tier_path else "in RAM",
+    )
+
+
+def _largest_block(kv_cache_config) -> int:
+    return max(group.kv_cache_spec.block_size for group in kv_cache_config.kv_cache_groups)
+
+
+def requests_ended(runner, scheduler_output) -> None:
+    rt = runtime_of(runner)
+    if rt is None or not rt.compresses:
+        return
+    ended = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+    if ended:
+        rt.finish(ended)
+    now = time.monotonic()
+    if now - runner._heterocache_stats_at >= STATS_INTERVAL_S:
+        runner._heterocache_stats_at = now
+        log.info("%s", stats_line(rt, device_pool_usage(runner)))
+
+
+def step_begins(runner, num_reqs: int) -> None:
+    rt = runtime_of(runner)
+    if rt is None or not rt.compresses:
+        return
+    if runner._heterocache_dummy:
+        rt.begin_step([], [])
+        return
+    batch = runner.input_batch
+    rt.begin_step(batch.req_ids[:num_reqs], batch.num_prompt_tokens[:num_reqs].tolist())
+
+
+@contextlib.contextmanager
+def dummy_step(runner):
+    """vLLM's dummy runs (warm-up, profiling) have rows but no requests."""
+    runtime_of(runner)
+    runner._heterocache_dummy = True
+    try:
+        yield
+    finally:
+        runner._heterocache_dummy = False
+
+
+def device_pool_usage(runner) -> dict[str, tuple[int, int]]:
+    """``{"full" | "compressed": (blocks, bytes)}`` held by the running requests, per pool kind."""
+    usage = {"full": [0, 0], "compressed": [0, 0]}
+    n = runner.input_batch.num_reqs
+    for gid, group in enumerate(runner.kv_cache_config.kv_cache_groups):
+        table = runner.input_batch.block_table[gid]
+        ids = table.block_table.np[:n]
+        held = sum(int((ids[i, : table.num_blocks_per_row[i]] != 0).sum()) for i in range(n))
+        kind = "compressed" if _is_compressed(group.kv_cache_spec) else "full"
+        usage[kind][0] += held
+        usage[kind][1] += held * group.kv_cache_spec.page_size_bytes
+    return {k: (v[0], v[1]) for k, v in usage.items()}
+
+
+def _is_compressed(spec) -> bool:
+    inner = getattr(spec, "kv_cache_specs", None)
+    first = next(iter(inner.values())) if inner else spec
+    return isinstance(first, CompressedPoolSpec)
+
+
+def stats_line(rt: HeteroCacheRuntime, pools: dict[str, tuple[int, int]]) -> str:
+    """The documented metrics line (README, "Metrics")."""
+    c, host = rt.counters, rt.host
+    parts = [
+        f"heterocache stats: requests {len(rt.requests)}",
+        f"prefill selections {c.prefill_selections}",
+        f"drift checks {c.drift_checks}",
+        f"drifts {c.drifts}",
+        f"refilled heads {c.refilled_heads}",
+        f"refills pending {len(rt.refills)}",
+    ]
+    if host is not None:
+        s = host.stats
+        parts += [
+            f"host tier {host.used_blocks}/{host.num_blocks} blocks",
+            f"host bytes in {s.bytes_in} out {s.bytes_out}",
+            f"host rejections {s.rejected}",
+        ]
+    for kind, (blocks, nbytes) in pools.items():
+        parts.append(f"device {kind} pool {blocks} blocks {nbytes / (1 << 20):.1f} MiB")
+    return "; ".join(parts)
