@@ -43,6 +43,11 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
         core.scheduler._preempt_request = counting
     outs = llm.generate(prompts(llm.get_tokenizer(), lengths), SamplingParams(temperature=0, max_tokens=max_tokens))
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions)}
+    if core is not None:  # vLLM's own block accounting once every request is done
+        while core.scheduler.has_requests():  # the step that tells the worker who finished
+            llm.llm_engine.step()
+        pool = core.scheduler.kv_cache_manager.block_pool
+        result["free_blocks"], result["num_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks
     worker = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
     if worker is not None:
         impl = worker.worker.model_runner.model.model.layers[0].self_attn.attn.impl
@@ -51,6 +56,7 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
             result["counters"] = vars(rt.counters)
             result["states"] = len(rt.requests)
             result["compresses"] = rt.compresses
+            result["host_used_blocks"] = rt.host.used_blocks if rt.host is not None else None
     del llm
     return result
 
@@ -68,12 +74,12 @@ def main():
         results["ratio1"] = generate(model, lengths, 24, **heterocache(profile, compression_ratio=1.0))
         results["keep_all_budget"] = generate(model, lengths, 24, **heterocache(profile, token_budget=100_000))
     elif scenario == "serving":
-        many = [40 + 97 * (i % 9) for i in range(24)]
+        many = [40 + 90 * (i % 9) for i in range(24)]
         results["compressed"] = generate(
-            model, many, 40, max_model_len=1280,
+            model, many, 100, max_model_len=896,
             max_num_batched_tokens=256,  # chunked prefill: prompts longer than this come in chunks
             max_num_seqs=8,
-            num_gpu_blocks_override=12,  # 12 blocks of 128 tokens: requests wait and get preempted
+            num_gpu_blocks_override=16,  # 16 blocks of 128 tokens for both pools: requests wait, get preempted
             **heterocache(profile, compression_ratio=0.6, window=8, drift_interval=3),
         )
     elif scenario == "multiprocess":

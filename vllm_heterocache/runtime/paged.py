@@ -81,7 +81,7 @@ class LayerCache:
         Reads only those tokens (one flat gather), unlike :meth:`gather`, which reads a prefix.
         """
         k_at, v_at = self._flat_index(block_row, head, positions)
-        flat = self.kv.view(-1)
+        flat = self._flat()
         return flat[k_at], flat[v_at]
 
     def scatter_positions(
@@ -89,17 +89,26 @@ class LayerCache:
     ) -> None:
         """Write ``[n, D]`` K and V of one KV head to the given positions (in place)."""
         k_at, v_at = self._flat_index(block_row, head, positions)
-        flat = self.kv.view(-1)
+        flat = self._flat()
         flat[k_at] = k.to(flat.dtype)
         flat[v_at] = v.to(flat.dtype)
 
+    def _flat(self) -> torch.Tensor:
+        """The pool as one flat view. Blocks may be further apart than their size (vLLM pads the
+        pages of layers whose pages do not divide the largest one), so stride 0 is honoured."""
+        nb, hkv, bs, d2 = self.kv.shape
+        s0, s1, s2, s3 = self.kv.stride()
+        if (s1, s2, s3) != (bs * d2, d2, 1):
+            raise ValueError(f"KV pool with unexpected strides {self.kv.stride()} for shape {tuple(self.kv.shape)}")
+        return self.kv.as_strided(((nb - 1) * s0 + hkv * bs * d2,), (1,))
+
     def _flat_index(self, block_row: torch.Tensor, head: int, positions: torch.Tensor):
-        """Flat element offsets ``[n, D]`` of K and of V of ``head`` at ``positions``."""
+        """Offsets ``[n, D]`` in :meth:`_flat` of K and of V of ``head`` at ``positions``."""
         nb, hkv, bs, d2 = self.kv.shape
         d = d2 // 2
         blocks = block_row[positions // bs].long()
         offsets = (positions % bs) * d
-        region = (blocks * hkv + head) * 2 * (bs * d)  # start of the (block, head) K region
+        region = blocks * self.kv.stride(0) + head * 2 * (bs * d)  # start of the (block, head) K region
         dims = torch.arange(d)
         k_at = region[:, None] + self.layout.k_index[offsets[:, None] + dims]
         v_at = (region + bs * d)[:, None] + self.layout.v_index[offsets[:, None] + dims]
