@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from vllm_heterocache.budget import check_tp_compatible, local_kv_heads, min_feasible_ratio, plan_budgets
+from vllm_heterocache.budget import BudgetPlanner, check_tp_compatible, local_kv_heads, min_feasible_ratio, plan_budgets
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ProfileError
 from vllm_heterocache.profile import HeadProfile
@@ -111,3 +111,22 @@ def test_short_prompts_keep_every_token(llama_profile):
     cfg = HeteroCacheConfig(compression_ratio=0.25, window=32, min_prompt_len=300)
     assert torch.all(plan_budgets(llama_profile, cfg, 299).budgets == 299)
     assert plan_budgets(llama_profile, cfg, 300).kept_fraction() < 0.3
+
+
+@pytest.mark.parametrize("options", [{"compression_ratio": 0.6}, {"token_budget": 100}, {"compression_ratio": 0.6, "round_to_block": True}])
+def test_pool_capacity_bounds_every_compressed_budget(options):
+    from backend_support import synthetic_profile
+
+    config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 100, "architectures": ["LlamaForCausalLM"]}
+    data = synthetic_profile(config, ["PSSA", "PSAV", "PSAA"]).to_json()
+    ratios = iter([0.7, 1.3, 0.9, 1.9, 0.4, 1.1, 0.55, 1.15])  # uneven budget ratios of the compressed heads
+    data["budget_ratios"] = [[None if r is None else next(ratios) for r in row] for row in data["budget_ratios"]]
+    profile = HeadProfile.from_json(data)
+    cfg = HeteroCacheConfig(window=8, min_prompt_len=64, **options)
+    planner = BudgetPlanner(profile, cfg, block_size=16)
+    cap = planner.capacity()
+    for L in [0, 1, 7, 63, 64, 65, 100, 333, 1000, 4097]:
+        plan = planner.plan(L)
+        compressed = plan.budgets[~plan.full]
+        assert cap.max_budget(L) == int(compressed.max())  # exactly the largest, never below

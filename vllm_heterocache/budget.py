@@ -78,6 +78,24 @@ def check_tp_compatible(profile: HeadProfile, tp_size: int) -> None:
         )
 
 
+def check_pools_uniform(profile: HeadProfile, tp_size: int) -> None:
+    """Refuse a split in which ranks hold different numbers of full heads in some layer: every
+    rank's KV pools must have the same shape (vLLM sizes one KV cache layout for all ranks)."""
+    if tp_size == 1:
+        return
+    uneven = []
+    for layer, types in enumerate(profile.head_types):
+        counts = {sum(types[h].is_full for h in local_kv_heads(profile.num_kv_heads, r, tp_size)) for r in range(tp_size)}
+        if len(counts) > 1:
+            uneven.append(layer)
+    if uneven:
+        raise ProfileError(
+            f"profile {profile.source}: with tensor_parallel_size={tp_size} the ranks hold different numbers "
+            f"of full heads in layers {uneven[:8]}{' ...' if len(uneven) > 8 else ''}, so their KV pools "
+            "differ. Serve with a tensor_parallel_size that splits every layer's full heads evenly."
+        )
+
+
 @dataclass(frozen=True)
 class BudgetPlan:
     """Budgets of one request's prompt on one tensor-parallel rank.

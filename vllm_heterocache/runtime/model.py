@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import BudgetPlanner, check_pools_uniform
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
@@ -98,6 +98,8 @@ class HeteroCacheRuntime:
         self.profile = profile
         self.config = config
         self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
+        if not self.planner.keep_all:
+            check_pools_uniform(profile, tp_size)
         self.threshold = (
             config.stability_threshold
             if config.stability_threshold is not None

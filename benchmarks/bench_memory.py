@@ -1,0 +1,158 @@
+"""Device KV memory and capacity: HeteroCache against vLLM's own CPU backend, same KV space.
+
+    python benchmarks/bench_memory.py [--footprint tiny:8192,smollm2:4096] [--concurrency tiny:8192]
+                                      [--settings r0.5,b0.25,b0.1] [--kv-mib 512]
+
+All numbers come from vLLM's own block accounting (the scheduler's block pool, in-process
+engine), each backend in its own engine process with the same ``kv_cache_memory_bytes``.
+
+- footprint: one request of L prompt tokens; after 4 decode steps, the blocks it holds x the
+  bytes of a block, per token of the sequence. Settings: ``rX`` is compression_ratio X; ``bX``
+  is ``token_budget = X * L`` (for ratios a profile makes infeasible: SmolLM2's full heads alone
+  keep 0.389 of its cache; see the fidelity benchmark).
+- concurrency: 16 requests of L tokens, 32 new tokens each, submitted at once: the most
+  requests decoding at the same time and the preemptions.
+- longest context: the maximum model length vLLM estimates the KV space admits (its startup
+  check; HeteroCache holds every prompt token while the prompt is prefilled, so it admits no
+  longer prompt than the stock backend).
+
+The tiny model runs with a profile of 1 full head in 8 (so ratios down to 0.125 are feasible).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKER = r'''
+import json, os, sys
+os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from vllm import LLM, SamplingParams
+from vllm_heterocache.data.texts import documents
+if __name__ == "__main__":
+    mode, model, length, kv_bytes, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+    max_len = 10**6 if mode == "longest" else length + 64
+    try:
+        llm = LLM(model=model, dtype="float32", max_model_len=max_len, enable_prefix_caching=False,
+                  enforce_eager=True, seed=0, kv_cache_memory_bytes=kv_bytes, **extra)
+    except Exception as e:
+        found = [l for l in str(e).splitlines() if "estimated maximum model length" in l]
+        print("RESULT " + json.dumps({"error": found[0] if found else str(e)[-300:]}))
+        sys.exit(0)
+    core = llm.llm_engine.engine_core.engine_core
+    sched = core.scheduler
+    pool = sched.kv_cache_manager.block_pool
+    groups = sched.kv_cache_config.kv_cache_groups
+    pages = {g.kv_cache_spec.page_size_bytes for g in groups}
+    assert len(pages) == 1, pages
+    page = pages.pop()
+    preempted = []
+    original = sched._preempt_request
+    def counting(request, *a, **k):
+        preempted.append(request.request_id)
+        return original(request, *a, **k)
+    sched._preempt_request = counting
+    ids = llm.get_tokenizer()("\n".join(documents(4, 8 * length)), add_special_tokens=False).input_ids[:length]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    n = 1 if mode == "footprint" else 16
+    for i in range(n):
+        llm.llm_engine.add_request(str(i), {"prompt_token_ids": ids}, params)
+    most, held = 0, None
+    while sched.has_requests():
+        llm.llm_engine.step()
+        running = [r for r in sched.running if r.num_output_tokens > 0]
+        most = max(most, len(running))
+        if mode == "footprint" and held is None and running and running[0].num_output_tokens >= 4:
+            held = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(), running[0].num_tokens)
+    out = {"blocks": pool.num_gpu_blocks, "block_bytes": page, "groups": len(groups),
+           "block_sizes": sorted({g.kv_cache_spec.block_size for g in groups}),
+           "most_decoding": most, "preemptions": len(preempted)}
+    if held:
+        out["held_blocks"], out["seq_len"] = held
+        out["bytes_per_token"] = held[0] * page / held[1]
+    print("RESULT " + json.dumps(out))
+'''
+
+
+def run(mode: str, model: str, length: int, kv_bytes: int, extra: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", WORKER, mode, model, str(length), str(kv_bytes), json.dumps(extra)],
+                         capture_output=True, text=True)
+    lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(out.stderr[-4000:])
+    return json.loads(lines[-1][7:])
+
+
+def setting_options(setting: str, length: int) -> dict:
+    kind, x = setting[0], float(setting[1:])
+    return {"compression_ratio": x} if kind == "r" else {"token_budget": max(1, int(x * length))}
+
+
+def models() -> dict[str, tuple[str, str | None]]:
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from backend_support import save_synthetic_profile
+
+    from vllm_heterocache.models.smollm2 import prepare_default_model
+    from vllm_heterocache.models.tiny import build_tiny_model
+
+    tiny = build_tiny_model()
+    profile = save_synthetic_profile(tiny, ["PS", "AA", "AA", "AA"], Path("/tmp/heterocache-bench-memory-tiny.json"))
+    return {"tiny": (str(tiny), str(profile)), "smollm2": (str(prepare_default_model()), None)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--footprint", default="tiny:8192,smollm2:4096")
+    p.add_argument("--concurrency", default="tiny:8192")
+    p.add_argument("--longest", default="tiny")
+    p.add_argument("--settings", default="r0.5,b0.25,b0.1")
+    p.add_argument("--kv-mib", type=int, default=512, help="KV cache space of every engine (MiB)")
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    kv_bytes = a.kv_mib << 20
+    paths = models()
+    report = {"kv_mib": a.kv_mib, "footprint": [], "concurrency": [], "longest": []}
+
+    def engines(name: str, length: int):
+        model, profile = paths[name]
+        yield "stock", model, {}
+        for s in a.settings.split(","):
+            opts = {**({"profile": profile} if profile else {}), **setting_options(s, length)}
+            yield s, model, {"attention_backend": "heterocache", "additional_config": {"heterocache": opts}}
+
+    for case in filter(None, a.footprint.split(",")):
+        name, length = case.split(":")
+        base = None
+        for label, model, extra in engines(name, int(length)):
+            r = run("footprint", model, int(length), kv_bytes, extra)
+            base = base or r["bytes_per_token"]
+            report["footprint"].append({"case": case, "setting": label, **r})
+            print(f"footprint {case:<14} {label:<6} {r['bytes_per_token']:9.0f} B/token "
+                  f"({r['bytes_per_token'] / base:.3f} of stock; {r['held_blocks']} blocks of {r['block_bytes']} B, "
+                  f"block sizes {r['block_sizes']})", flush=True)
+    for case in filter(None, a.concurrency.split(",")):
+        name, length = case.split(":")
+        for label, model, extra in engines(name, int(length)):
+            r = run("concurrency", model, int(length), kv_bytes, extra)
+            report["concurrency"].append({"case": case, "setting": label, **r})
+            print(f"concurrency {case:<12} {label:<6} {r['most_decoding']:3d} requests decoding at once, "
+                  f"{r['preemptions']} preemptions ({r['blocks']} blocks)", flush=True)
+    for name in filter(None, a.longest.split(",")):
+        for label, model, extra in engines(name, 8192):
+            r = run("longest", model, 8192, kv_bytes, extra)
+            found = re.search(r"estimated maximum model length is (\d+)", r.get("error", ""))
+            longest = int(found.group(1)) if found else None
+            report["longest"].append({"model": name, "setting": label, "longest": longest, "raw": r})
+            print(f"longest context {name:<8} {label:<6} {longest} tokens", flush=True)
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The host tier's block manager and storage (no vLLM)."""
+
+import pytest
+import torch
+
+from vllm_heterocache.runtime.host import HostTier
+from vllm_heterocache.runtime.refill import RefillQueue
+
+
+def tier(**kw):
+    args = dict(rows=3, head_size=8, dtype=torch.float32, block_size=4, num_blocks=5)
+    return HostTier(**{**args, **kw})
+
+
+def test_allocate_write_read_free():
+    t = tier()
+    assert t.allocate("a", 9)  # 3 blocks
+    assert t.used_blocks == 3 and t.holds("a")
+    k, v = torch.randn(9, 2, 8), torch.randn(9, 2, 8)
+    rows = torch.tensor([2, 0])
+    t.write("a", rows, 0, k, v)
+    pos = torch.tensor([0, 4, 8, 5])
+    rk, rv = t.read("a", 2, pos)
+    assert torch.equal(rk, k[pos, 0]) and torch.equal(rv, v[pos, 0])
+    rk, _ = t.read("a", 0, pos)
+    assert torch.equal(rk, k[pos, 1])
+    assert t.stats.bytes_in == 2 * k.numel() * 4 and t.stats.bytes_out == 2 * 2 * 4 * 8 * 4
+    t.free("a")
+    assert t.used_blocks == 0 and not t.holds("a")
+    t.free("a")  # idempotent
+
+
+def test_chunked_writes_land_at_their_positions():
+    t = tier()
+    assert t.allocate("a", 10)
+    k = torch.arange(10 * 3 * 8, dtype=torch.float32).view(10, 3, 8)
+    for start, end in ((0, 3), (3, 7), (7, 10)):  # prefill chunks
+        t.write("a", torch.arange(3), start, k[start:end], -k[start:end])
+    got, neg = t.read("a", 1, torch.arange(10))
+    assert torch.equal(got, k[:, 1]) and torch.equal(neg, -k[:, 1])
+
+
+def test_exhaustion_takes_nothing_and_is_counted():
+    t = tier()
+    assert t.allocate("a", 12)  # 3 of 5 blocks
+    assert not t.allocate("b", 9)  # needs 3, 2 left: refused whole
+    assert t.used_blocks == 3 and not t.holds("b") and t.stats.rejected == 1
+    with pytest.raises(KeyError, match="holds no blocks"):
+        t.read("b", 0, torch.tensor([0]))
+    assert t.allocate("c", 8)  # 2 blocks still fit
+    t.free("a")
+    t.free("c")
+    assert t.used_blocks == 0
+
+
+def test_reads_beyond_the_allocation_fail_loudly():
+    t = tier()
+    t.allocate("a", 4)
+    with pytest.raises(IndexError):
+        t.read("a", 0, torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="already holds"):
+        t.allocate("a", 4)
+
+
+def test_blocks_are_reused_without_growth():
+    t = tier()
+    for i in range(100):
+        assert t.allocate(str(i), 1 + i % 20)
+        t.free(str(i))
+    assert t.used_blocks == 0 and len(t._free) == 5
+
+
+def test_file_backed_storage(tmp_path):
+    t = tier(path=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # the file is unlinked at once; the mapping keeps it
+    t.allocate("a", 4)
+    k = torch.randn(4, 1, 8)
+    t.write("a", torch.tensor([1]), 0, k, k)
+    assert torch.equal(t.read("a", 1, torch.arange(4))[0], k[:, 0])
+    with pytest.raises(FileNotFoundError, match="host_tier_path"):
+        tier(path=str(tmp_path / "missing"))
+
+
+def test_refill_queue_waits_per_request_and_layer_and_raises_failures():
+    q = RefillQueue()
+    done = []
+    q.submit("a", 0, lambda: done.append("a0"))
+    q.submit("a", 1, lambda: done.append("a1"))
+    q.submit("b", 0, lambda: done.append("b0"))
+    q.wait("a", 0)
+    assert "a0" in done and len(q) == 2
+    q.wait_request("a")
+    assert "a1" in done and len(q) == 1
+    q.submit("c", 0, lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        q.wait("c", 0)
+    q.wait_all()
+    assert len(q) == 0
