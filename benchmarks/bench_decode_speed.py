@@ -6,7 +6,8 @@ For each case one prompt of the given length (public-domain text) is generated g
 new tokens, once per backend, each in its own engine process (eager mode for both). Decode
 tokens/s comes from the engine's own timestamps (first and last token). HeteroCache runs
 SmolLM2 with its shipped profile at compression_ratio 0.5 (the smallest ratio that profile
-allows is 0.389), and the tiny model with a profile of 25% full heads at compression_ratio 0.3.
+allows is 0.389), and the tiny model with a profile of 25% full heads at compression_ratio 0.3,
+each with refills from the host tier and with refills disabled (the overhead of retrieval).
 """
 
 from __future__ import annotations
@@ -73,13 +74,16 @@ def main() -> None:
             profile = save_synthetic_profile(Path(model), ["PS", "AA"], Path("/tmp/heterocache-bench-tiny-profile.json"))
             options = {"profile": str(profile), "compression_ratio": 0.3}
         stock = run(model, length, a.new_tokens, {})
-        hc = run(model, length, a.new_tokens, {"attention_backend": "heterocache",
-                                               "additional_config": {"heterocache": options}})
-        rows.append({"case": case, "options": options, "stock": stock, "heterocache": hc})
-        print(f"{case:<16} stock {stock['decode_tok_s']:7.1f} tok/s ttft {stock['ttft_s']:6.1f}s | heterocache "
-              f"{hc['decode_tok_s']:7.1f} tok/s ttft {hc['ttft_s']:6.1f}s | decode ratio "
-              f"{hc['decode_tok_s'] / stock['decode_tok_s']:.2f}x, ttft ratio {hc['ttft_s'] / stock['ttft_s']:.2f}x",
-              flush=True)
+        row = {"case": case, "options": options, "stock": stock}
+        for label, extra in (("heterocache", {}), ("heterocache-norefill", {"refill": False})):
+            hc = run(model, length, a.new_tokens, {"attention_backend": "heterocache",
+                                                   "additional_config": {"heterocache": {**options, **extra}}})
+            row[label] = hc
+            print(f"{case:<16} stock {stock['decode_tok_s']:7.1f} tok/s ttft {stock['ttft_s']:6.1f}s | {label} "
+                  f"{hc['decode_tok_s']:7.1f} tok/s ttft {hc['ttft_s']:6.1f}s | decode ratio "
+                  f"{hc['decode_tok_s'] / stock['decode_tok_s']:.2f}x, ttft ratio {hc['ttft_s'] / stock['ttft_s']:.2f}x",
+                  flush=True)
+        rows.append(row)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))
 

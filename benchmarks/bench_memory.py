@@ -49,9 +49,14 @@ if __name__ == "__main__":
     sched = core.scheduler
     pool = sched.kv_cache_manager.block_pool
     groups = sched.kv_cache_config.kv_cache_groups
-    pages = {g.kv_cache_spec.page_size_bytes for g in groups}
-    assert len(pages) == 1, pages
-    page = pages.pop()
+    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    def block_bytes(g):  # one block of the group: a page in each of its layers
+        spec = g.kv_cache_spec
+        return spec.page_size_bytes * (1 if hasattr(spec, "kv_cache_specs") else len(g.layer_names))
+    sizes = [block_bytes(g) for g in groups]
+    def held_bytes():
+        return sum(size * sum(not b.is_null for blocks in m.req_to_blocks.values() for b in blocks)
+                   for size, m in zip(sizes, managers))
     preempted = []
     original = sched._preempt_request
     def counting(request, *a, **k):
@@ -69,13 +74,13 @@ if __name__ == "__main__":
         running = [r for r in sched.running if r.num_output_tokens > 0]
         most = max(most, len(running))
         if mode == "footprint" and held is None and running and running[0].num_output_tokens >= 4:
-            held = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(), running[0].num_tokens)
-    out = {"blocks": pool.num_gpu_blocks, "block_bytes": page, "groups": len(groups),
+            held = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(), held_bytes(), running[0].num_tokens)
+    out = {"blocks": pool.num_gpu_blocks, "block_bytes": sizes, "groups": len(groups),
            "block_sizes": sorted({g.kv_cache_spec.block_size for g in groups}),
            "most_decoding": most, "preemptions": len(preempted)}
     if held:
-        out["held_blocks"], out["seq_len"] = held
-        out["bytes_per_token"] = held[0] * page / held[1]
+        out["held_blocks"], out["held_bytes"], out["seq_len"] = held
+        out["bytes_per_token"] = held[1] / held[2]
     print("RESULT " + json.dumps(out))
 '''
 
@@ -134,7 +139,7 @@ def main() -> None:
             base = base or r["bytes_per_token"]
             report["footprint"].append({"case": case, "setting": label, **r})
             print(f"footprint {case:<14} {label:<6} {r['bytes_per_token']:9.0f} B/token "
-                  f"({r['bytes_per_token'] / base:.3f} of stock; {r['held_blocks']} blocks of {r['block_bytes']} B, "
+                  f"({r['bytes_per_token'] / base:.3f} of stock; {r['held_blocks']} blocks in {r['groups']} groups, "
                   f"block sizes {r['block_sizes']})", flush=True)
     for case in filter(None, a.concurrency.split(",")):
         name, length = case.split(":")

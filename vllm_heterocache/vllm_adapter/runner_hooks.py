@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 
 import psutil
@@ -19,7 +20,7 @@ from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, split_kv_cac
 
 log = logging.getLogger("vllm.heterocache")
 
-STATS_INTERVAL_S = 10.0
+STATS_INTERVAL_S = float(os.environ.get("HETEROCACHE_STATS_INTERVAL_S", "10"))  # the metrics line
 GIB = 1 << 30
 
 
