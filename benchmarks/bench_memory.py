@@ -118,11 +118,14 @@ def main() -> None:
     p.add_argument("--longest", default="tiny")
     p.add_argument("--settings", default="r0.5,b0.25,b0.1")
     p.add_argument("--kv-mib", type=int, default=512, help="KV cache space of every engine (MiB)")
+    p.add_argument("--concurrency-kv-mib", type=int, default=128,
+                   help="KV cache space for the concurrency runs (MiB): the stock backend fits 4 tiny 8K requests")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     kv_bytes = a.kv_mib << 20
     paths = models()
-    report = {"kv_mib": a.kv_mib, "footprint": [], "concurrency": [], "longest": []}
+    report = {"kv_mib": a.kv_mib, "concurrency_kv_mib": a.concurrency_kv_mib, "footprint": [], "concurrency": [],
+              "longest": []}
 
     def engines(name: str, length: int):
         model, profile = paths[name]
@@ -144,13 +147,13 @@ def main() -> None:
     for case in filter(None, a.concurrency.split(",")):
         name, length = case.split(":")
         for label, model, extra in engines(name, int(length)):
-            r = run("concurrency", model, int(length), kv_bytes, extra)
+            r = run("concurrency", model, int(length), a.concurrency_kv_mib << 20, extra)
             report["concurrency"].append({"case": case, "setting": label, **r})
             print(f"concurrency {case:<12} {label:<6} {r['most_decoding']:3d} requests decoding at once, "
                   f"{r['preemptions']} preemptions ({r['blocks']} blocks)", flush=True)
     for name in filter(None, a.longest.split(",")):
         for label, model, extra in engines(name, 8192):
-            r = run("longest", model, 8192, kv_bytes, extra)
+            r = run("longest", model, 8192, a.concurrency_kv_mib << 20, extra)
             found = re.search(r"estimated maximum model length is (\d+)", r.get("error", ""))
             longest = int(found.group(1)) if found else None
             report["longest"].append({"model": name, "setting": label, "longest": longest, "raw": r})

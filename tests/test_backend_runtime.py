@@ -45,11 +45,13 @@ class Setup:
         self.heads = heads = rt.layers[0]
         layout = probe_layout(isa, torch.float32, BS, D)
         self.isa = isa
-        full = LayerCache(torch.zeros(NB, len(heads.full), BS, 2 * D), layout) if heads.full else None
-        comp = LayerCache(torch.zeros(NB, len(heads.compressed), BS, 2 * D), layout)
-        perm = torch.randperm(NB, generator=g)  # scrambled block order, disjoint tables per pool
+        perm = torch.randperm(NB, generator=g)  # scrambled block order, one table per pool kind
         n = (length + 40) // BS + 1
-        self.pools = LayerPools(full, perm[:n].int()[None] if full else None, comp, perm[n : 2 * n].int()[None])
+        tables = {-1: perm[:n].int()[None], 0: perm[n : 2 * n].int()[None]}
+        self.pools = LayerPools(
+            tuple(LayerCache(torch.zeros(NB, 1, BS, 2 * D), layout) for _ in range(HKV)),
+            tuple(tables[min(p, 0)] for p in heads.pool),
+        )
         if rt.num_host_rows:
             rt.attach_host_tier(HostTier(rows=rt.num_host_rows, head_size=D, dtype=torch.float32, block_size=8,
                                          num_blocks=32))
@@ -63,11 +65,8 @@ class Setup:
         mirror_to_host(rt, heads, self.prefill_row, self.k, self.v)
 
     def write(self, start, k, v):
-        h = self.heads
-        if h.full:
-            write_tokens(self.pools.full.kv, self.isa, self.pools.full_table[0], start, k[:, list(h.full)], v[:, list(h.full)])
-        write_tokens(self.pools.compressed.kv, self.isa, self.pools.compressed_table[0], start,
-                     k[:, list(h.compressed)], v[:, list(h.compressed)])
+        for j in range(HKV):
+            write_tokens(self.pools.caches[j].kv, self.isa, self.pools.tables[j][0], start, k[:, j : j + 1], v[:, j : j + 1])
 
     def prefill(self):
         select_and_compact(self.rt, 0, self.heads, self.prefill_row, self.q, HKV, self.pools)
@@ -84,8 +83,7 @@ def test_prefill_selection_is_compacted_in_position_order(isa):
     want = ref.select_tokens(scores[[1]], plan.budgets[0, [1]], plan.window)[0]
     want = want[want >= 0]
     assert 4 <= want.numel() < L  # really compressed, window included
-    table = s.pools.compressed_table[0]
-    k, v = s.pools.compressed.gather_positions(table, 0, torch.arange(want.numel()))
+    k, v = s.pools.read(1, 0, torch.arange(want.numel()))
     assert torch.equal(k, s.k[want, 1]) and torch.equal(v, s.v[want, 1])
     ref_topk = ref.topk_positions(scores[[0]], torch.tensor([plan.reference_topk]), torch.tensor([L - plan.window]))
     assert torch.equal(s.state.references[0], ref_topk)
@@ -145,12 +143,11 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     count = int(plan.budgets[0, 1]) - plan.window
     want = ref.refill_indices(result.latest_scores, torch.tensor([count]), torch.tensor([cut]))[0]
     want = want[want >= 0]
-    table = s.pools.compressed_table[0]
-    k, v = s.pools.compressed.gather_positions(table, 0, torch.arange(want.numel()))
+    k, v = s.pools.read(1, 0, torch.arange(want.numel()))
     assert torch.equal(k, s.k[want, 1]) and torch.equal(v, s.v[want, 1])  # the satellite's true K/V
     assert torch.equal(s.state.kept[0][0, : want.numel()], want)
     window = torch.arange(cut, 61)  # the window slots are untouched
-    k, _ = s.pools.compressed.gather_positions(table, 0, torch.arange(count, count + plan.window))
+    k, _ = s.pools.read(1, 0, torch.arange(count, count + plan.window))
     assert torch.equal(k, s.k[window, 1])
     assert torch.equal(s.state.references[0][0], result.latest_topk[0])
     assert rt.host.stats.bytes_out == 2 * want.numel() * D * 4

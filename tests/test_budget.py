@@ -125,8 +125,12 @@ def test_pool_capacity_bounds_every_compressed_budget(options):
     profile = HeadProfile.from_json(data)
     cfg = HeteroCacheConfig(window=8, min_prompt_len=64, **options)
     planner = BudgetPlanner(profile, cfg, block_size=16)
-    cap = planner.capacity()
+    capacities, class_of = planner.capacity_classes(3)
+    assert sorted(set(class_of.values())) == [0, 1, 2] and len(class_of) == 8
     for L in [0, 1, 7, 63, 64, 65, 100, 333, 1000, 4097]:
         plan = planner.plan(L)
-        compressed = plan.budgets[~plan.full]
-        assert cap.max_budget(L) == int(compressed.max())  # exactly the largest, never below
+        for c, cap in enumerate(capacities):  # exactly the class's largest budget, never below
+            members = [int(plan.budgets[l, h]) for (l, h), k in class_of.items() if k == c]
+            assert cap.max_budget(L) == max(members)
+    ratios = [profile.budget_ratios[l][h] for (l, h) in sorted(class_of, key=class_of.get)]
+    assert ratios == sorted(ratios)  # classes are contiguous ranges of budget ratio

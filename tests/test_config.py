@@ -45,6 +45,9 @@ def test_int_ratio_accepted_as_float():
         ({"stability_threshold": 2}, "heterocache.stability_threshold"),
         ({"refill": "yes"}, "heterocache.refill must be bool"),
         ({"profile": 3}, "heterocache.profile must be str"),
+        ({"host_tier_gib": 0}, "heterocache.host_tier_gib must be a positive number"),
+        ({"host_tier_gib": "1"}, "heterocache.host_tier_gib must be float or int"),
+        ({"host_tier_path": 1}, "heterocache.host_tier_path must be str"),
     ],
 )
 def test_bad_options_name_the_option(options, needle):

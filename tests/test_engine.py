@@ -15,8 +15,8 @@ RUNNER = ROOT / "tests" / "engine_runner.py"
 pytestmark = pytest.mark.slow
 
 
-def run_engines(scenario, model, profile, multiprocess=False, timeout=900):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
+def run_engines(scenario, model, profile, multiprocess=False, timeout=900, **env_vars):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", **env_vars)
     out = subprocess.run([sys.executable, str(RUNNER), scenario, str(model), str(profile)],
                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
@@ -53,7 +53,7 @@ def test_identity_with_the_stock_backend_on_the_tiny_model(tiny, tiny_profile):
 
 
 def test_serving_conditions_with_compression(tiny, tiny_profile):
-    results, _ = run_engines("serving", tiny, tiny_profile)
+    results, log = run_engines("serving", tiny, tiny_profile, HETEROCACHE_STATS_INTERVAL_S="1")
     r = results["compressed"]
     assert [len(t) for t in r["tokens"]] == [100] * 24
     c = r["counters"]
@@ -65,6 +65,10 @@ def test_serving_conditions_with_compression(tiny, tiny_profile):
     # everything goes back: request states, host-tier blocks, vLLM's blocks (all free but the null block)
     assert r["states"] == 0 and r["host_used_blocks"] == 0
     assert r["free_blocks"] == r["num_blocks"] - 1
+    # the metrics line, and the host tier's size at startup
+    assert "heterocache host tier:" in log
+    stats = [l for l in log.splitlines() if "heterocache stats:" in l]
+    assert stats and "device compressed pool" in stats[-1] and "host bytes in" in stats[-1]
 
 
 def test_multiprocess_engine_selects_heterocache(tiny, tiny_profile):

@@ -78,21 +78,23 @@ def check_tp_compatible(profile: HeadProfile, tp_size: int) -> None:
         )
 
 
-def check_pools_uniform(profile: HeadProfile, tp_size: int) -> None:
-    """Refuse a split in which ranks hold different numbers of full heads in some layer: every
-    rank's KV pools must have the same shape (vLLM sizes one KV cache layout for all ranks)."""
+def check_pools_uniform(pool_of, num_layers: int, num_kv_heads: int, tp_size: int) -> None:
+    """Refuse a split in which ranks would give the same local head different KV pools:
+    ``pool_of(layer, global_head)`` names a head's pool; vLLM lays out one KV cache for all ranks."""
     if tp_size == 1:
         return
     uneven = []
-    for layer, types in enumerate(profile.head_types):
-        counts = {sum(types[h].is_full for h in local_kv_heads(profile.num_kv_heads, r, tp_size)) for r in range(tp_size)}
-        if len(counts) > 1:
+    for layer in range(num_layers):
+        per_rank = {
+            tuple(pool_of(layer, h) for h in local_kv_heads(num_kv_heads, r, tp_size)) for r in range(tp_size)
+        }
+        if len(per_rank) > 1:
             uneven.append(layer)
     if uneven:
         raise ProfileError(
-            f"profile {profile.source}: with tensor_parallel_size={tp_size} the ranks hold different numbers "
-            f"of full heads in layers {uneven[:8]}{' ...' if len(uneven) > 8 else ''}, so their KV pools "
-            "differ. Serve with a tensor_parallel_size that splits every layer's full heads evenly."
+            f"with tensor_parallel_size={tp_size} the ranks would keep different KV pools in layers "
+            f"{uneven[:8]}{' ...' if len(uneven) > 8 else ''} (head types or budget classes differ by rank). "
+            "Serve with tensor_parallel_size 1, or set heterocache.budget_classes to 1."
         )
 
 
@@ -177,21 +179,33 @@ class BudgetPlanner:
         r = self.config.compression_ratio
         return (r * self.total - self.n_full) * prompt_len / (self.total - self.n_full)
 
-    def capacity(self) -> PoolCapacity:
-        """The bound on any compressed head's budget, for the scheduler's block manager."""
+    def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
+        """Compressed heads (all ranks) in ``count`` classes of equal size by budget ratio.
+
+        Returns each class's capacity (the bound of its largest budget) and ``(layer, global KV
+        head) -> class``. A class's pool keeps, per request, its largest budget for each of its
+        heads, so fewer, wider classes waste more memory on the heads with smaller ratios.
+        """
         profile = self.profile
-        rho = [
-            profile.budget_ratios[l][h] or 0.0
+        heads = sorted(
+            (profile.budget_ratios[l][h] or 0.0, l, h)
             for l in range(profile.num_layers)
             for h in range(profile.num_kv_heads)
             if not profile.head_types[l][h].is_full
-        ]
+        )
+        n = len(heads)
+        count = max(1, min(count, n))
+        classes = [heads[i * n // count : (i + 1) * n // count] for i in range(count)]
+        capacities = tuple(self._capacity(max(r for r, _, _ in cls)) for cls in classes)
+        return capacities, {(l, h): c for c, cls in enumerate(classes) for _, l, h in cls}
+
+    def _capacity(self, max_ratio: float) -> PoolCapacity:
         return PoolCapacity(
             compression_ratio=self.config.compression_ratio,
             token_budget=self.config.token_budget,
             total_heads=self.total,
             full_heads=self.n_full,
-            max_ratio=max(rho, default=0.0),
+            max_ratio=max_ratio,
             window=self.config.window,
             min_prompt_len=self.config.min_prompt_len,
             round_to=self.block_size if self.config.round_to_block else 0,
@@ -228,12 +242,12 @@ def _round_up(x, multiple: int):
 
 @dataclass(frozen=True)
 class PoolCapacity:
-    """The largest budget any compressed head of the model gets for a prompt (all TP ranks).
+    """The largest budget a class of compressed heads gets for a prompt (all TP ranks).
 
     Plain numbers, so it travels inside a KV cache spec to the scheduler process, whose block
     manager keeps that many prompt slots per request in the compressed pool. Computed with the
-    same arithmetic as :meth:`BudgetPlanner.plan`, so ``max_budget(L) >= plan(L).budgets`` of
-    every compressed head, exactly.
+    same arithmetic as :meth:`BudgetPlanner.plan`, so ``max_budget(L)`` is exactly the largest
+    ``plan(L).budgets`` of the class's heads.
     """
 
     compression_ratio: float

@@ -48,6 +48,9 @@ class HeteroCacheConfig:
         min_prompt_len: prompts shorter than this keep every token. Compressing a short prompt
             saves little, and its budgets would hold little more than the window, dropping the
             first tokens that models attend to most (the attention sink).
+        budget_classes: compressed heads are kept in this many KV pools, by budget ratio; a pool
+            keeps, per request, the largest budget of its heads for each of them, so more classes
+            waste less memory (and add KV cache groups, i.e. block tables, to every step).
         host_tier_gib: size of the host tier, which keeps the full prompt KV of satellite heads
             for refills (GiB). None: room for as many prompt tokens as the KV cache holds for a
             full head. Checked against available memory at startup.
@@ -65,6 +68,7 @@ class HeteroCacheConfig:
     refill: bool = True
     round_to_block: bool = False
     min_prompt_len: int = 256
+    budget_classes: int = 4
     host_tier_gib: float | None = None
     host_tier_path: str | None = None
 
@@ -86,6 +90,7 @@ class HeteroCacheConfig:
         _positive("drift_interval", self.drift_interval)
         _positive("pool_kernel", self.pool_kernel)
         _positive("min_prompt_len", self.min_prompt_len, minimum=0)
+        _positive("budget_classes", self.budget_classes)
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"heterocache.pool_kernel must be odd, got {self.pool_kernel}")
         g = self.host_tier_gib
@@ -135,6 +140,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "refill": (bool,),
     "round_to_block": (bool,),
     "min_prompt_len": (int,),
+    "budget_classes": (int,),
     "host_tier_gib": (float, int),
     "host_tier_path": (str,),
 }

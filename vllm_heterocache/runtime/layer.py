@@ -1,10 +1,11 @@
 """The per-layer steps of HeteroCache on one batch row (algorithm.md sections 3 and 4).
 
-A layer's KV heads live in two paged pools (``LayerPools``): full heads (volatile, pivot) in the
-full pool, every token at its position; compressed heads (anchor, satellite) in the compressed
-pool, whose block manager frees a request's prompt blocks beyond its budgets once the prompt is
-done (``vllm_adapter.pools``). Per request and compressed head ``c`` with budget ``B_c``, the
-compressed pool holds::
+Every KV head of a layer has a single-head paged pool of its own (``LayerPools``), in one of
+several kinds: the full pool (volatile and pivot heads: every token at its position) or a
+compressed pool of a budget class (anchor and satellite heads), whose block manager frees a
+request's prompt blocks beyond the class's largest budget once the prompt is done
+(``vllm_adapter.pools``). Per request and compressed head ``c`` with budget ``B_c``, its pool
+holds::
 
     positions 0 .. B_c - 1      its kept prompt tokens, compacted in position order (the
                                 selection, ending with the window); refills rewrite the first
@@ -28,12 +29,21 @@ from vllm_heterocache.runtime.paged import LayerCache
 
 @dataclass(frozen=True)
 class LayerPools:
-    """One layer's two pools with this step's block tables (int ``[rows, max_blocks]``)."""
+    """One layer's pools, one per local KV head (``[num_blocks, 1, block_size, 2 * D]`` each),
+    with this step's block tables (int ``[rows, max_blocks]``, shared by the heads of a kind)."""
 
-    full: LayerCache | None
-    full_table: torch.Tensor | None
-    compressed: LayerCache | None
-    compressed_table: torch.Tensor | None
+    caches: tuple[LayerCache, ...]
+    tables: tuple[torch.Tensor, ...]
+
+    def keys(self, heads, row: int, length: int) -> torch.Tensor:
+        """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
+        return torch.cat([self.caches[h].gather(self.tables[h][row], length)[0] for h in heads], dim=1)
+
+    def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.caches[head].gather_positions(self.tables[head][row], 0, positions)
+
+    def write(self, head: int, row: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.caches[head].scatter_positions(self.tables[head][row], 0, positions, k, v)
 
 
 def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
@@ -60,18 +70,16 @@ def select_and_compact(
     q = query[row.start + lo - row.first : row.start + L - row.first]
     if heads.compressed:
         c = heads.compressed
-        table = pools.compressed_table[row.index]
-        k, _ = pools.compressed.gather(table, L)
+        k = pools.keys(c, row.index, L)
         scores = ref.prefill_scores(_heads_of(q, num_kv_heads, c), k, rt.config.pool_kernel)
         chosen = ref.select_tokens(scores, plan.budgets[layer, list(c)], W)
-        for i in range(len(c)):
+        for i, h in enumerate(c):
             keep = chosen[i][chosen[i] >= 0]
-            k_i, v_i = pools.compressed.gather_positions(table, i, keep)
-            pools.compressed.scatter_positions(table, i, torch.arange(keep.numel()), k_i, v_i)
+            pools.write(h, row.index, torch.arange(keep.numel()), *pools.read(h, row.index, keep))
         state.kept[layer] = chosen
     if heads.pivots:
         p = heads.pivots
-        k, _ = pools.full.gather(pools.full_table[row.index], L, heads=heads.in_full_pool(p))
+        k = pools.keys(p, row.index, L)
         scores = ref.prefill_scores(_heads_of(q, num_kv_heads, p), k, rt.config.pool_kernel)
         n = len(p)
         state.references[layer] = ref.topk_positions(
@@ -96,16 +104,14 @@ def compressed_attention(
     """
     plan = row.state.plan
     L, s, qn = plan.prompt_len, row.seq_len, row.q_len
-    table = pools.compressed_table[row.index]
     g = query.shape[1] // num_kv_heads
     q_all = query[row.start : row.start + qn].view(qn, num_kv_heads, g, -1)
     dst = output[row.start : row.start + qn].view(qn, num_kv_heads, g, -1)
     qpos = torch.arange(s - qn, s)
     generated = torch.arange(L, s)
-    for i, h in enumerate(heads.compressed):
+    for h in heads.compressed:
         budget = int(plan.budgets[layer, h])
-        slots = torch.cat([torch.arange(budget), generated])
-        k, v = pools.compressed.gather_positions(table, i, slots)
+        k, v = pools.read(h, row.index, torch.cat([torch.arange(budget), generated]))
         logits = torch.einsum("qgd,nd->qgn", q_all[:, h].float(), k.float()) * scale
         if qn > 1:  # causal among the row's own tokens
             future = torch.cat([torch.zeros(qn, budget, dtype=torch.bool), generated[None, :] > qpos[:, None]], -1)
@@ -136,7 +142,7 @@ def track_drift(
             continue
         state.buffered[layer] = 0
         visible = row.seq_len - (row.q_len - 1 - j)
-        k, _ = pools.full.gather(pools.full_table[row.index], visible, heads=heads.in_full_pool(p))
+        k = pools.keys(p, row.index, visible)
         npiv = len(p)
         result = ref.drift_check(
             ring.roll(-(slot + 1), dims=1),  # oldest .. newest
@@ -165,17 +171,20 @@ def _refill(rt, layer: int, heads: LayerHeads, row: Row, sats, pivot_scores: tor
     cut = plan.prompt_len - plan.window
     counts = torch.tensor([int(plan.budgets[layer, s]) - plan.window for s in sats])
     chosen = ref.refill_indices(pivot_scores[None].expand(len(sats), -1), counts, torch.full((len(sats),), cut))
-    table = pools.compressed_table[row.index].clone()
-    cache, host, key = pools.compressed, rt.host, state.key
-    targets = [(heads.compressed.index(s), heads.host_rows[s], chosen[n][chosen[n] >= 0]) for n, s in enumerate(sats)]
+    host, key = rt.host, state.key
+    targets = [
+        (pools.caches[s], pools.tables[s][row.index].clone(), heads.host_rows[s], chosen[n][chosen[n] >= 0])
+        for n, s in enumerate(sats)
+    ]
     kept = state.kept[layer]
-    for slot_head, _, positions in targets:
-        kept[slot_head, : positions.numel()] = positions
+    for n, s in enumerate(sats):
+        positions = targets[n][3]
+        kept[heads.compressed.index(s), : positions.numel()] = positions
 
     def copy() -> None:
-        for slot_head, host_row, positions in targets:
+        for cache, table, host_row, positions in targets:
             k, v = host.read(key, host_row, positions)
-            cache.scatter_positions(table, slot_head, torch.arange(positions.numel()), k, v)
+            cache.scatter_positions(table, 0, torch.arange(positions.numel()), k, v)
 
     rt.refills.submit(key, layer, copy)
     rt.counters.refilled_heads += len(sats)

@@ -23,12 +23,15 @@ from vllm_heterocache.runtime.requests import RequestState, RequestTable
 log = logging.getLogger("vllm.heterocache")
 
 
+FULL_POOL = -1
+
+
 @dataclass(frozen=True)
 class LayerHeads:
     """The local KV heads of one layer by role (indices are local to this TP rank).
 
-    ``full`` and ``compressed`` are also the head order inside the layer's full and compressed
-    KV pools: local head ``full[i]`` is head ``i`` of the full pool.
+    ``pool[j]``: the KV pool of local head ``j``: ``FULL_POOL``, or the budget class of a
+    compressed head (``HeteroCacheRuntime.capacities``).
     """
 
     full: tuple[int, ...]
@@ -36,12 +39,7 @@ class LayerHeads:
     pivots: tuple[int, ...]
     satellites: dict[int, tuple[int, ...]]  # local pivot -> its local satellites
     host_rows: dict[int, int]  # local satellite -> its row in the host tier
-
-    def in_full_pool(self, heads) -> list[int]:
-        return [self.full.index(h) for h in heads]
-
-    def in_compressed_pool(self, heads) -> list[int]:
-        return [self.compressed.index(h) for h in heads]
+    pool: tuple[int, ...]
 
 
 @dataclass
@@ -98,8 +96,12 @@ class HeteroCacheRuntime:
         self.profile = profile
         self.config = config
         self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
-        if not self.planner.keep_all:
-            check_pools_uniform(profile, tp_size)
+        self.capacities, class_of = self.planner.capacity_classes(config.budget_classes)
+
+        def pool_of(layer: int, head: int) -> int:
+            return FULL_POOL if self.planner.keep_all else class_of.get((layer, head), FULL_POOL)
+
+        check_pools_uniform(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         self.threshold = (
             config.stability_threshold
             if config.stability_threshold is not None
@@ -116,6 +118,7 @@ class HeteroCacheRuntime:
         rows = 0
         for layer, types in enumerate(profile.head_types):
             heads = [types[g] for g in self.planner.heads]
+            pool = tuple(pool_of(layer, g) for g in self.planner.heads)
             sats = {
                 local[c.pivot]: tuple(local[s] for s in c.satellites)
                 for c in profile.clusters_of_layer(layer)
@@ -126,11 +129,12 @@ class HeteroCacheRuntime:
                 host_rows[s], rows = rows, rows + 1
             self.layers.append(
                 LayerHeads(
-                    full=tuple(j for j, t in enumerate(heads) if t.is_full or self.planner.keep_all),
-                    compressed=tuple(j for j, t in enumerate(heads) if not (t.is_full or self.planner.keep_all)),
+                    full=tuple(j for j, p in enumerate(pool) if p == FULL_POOL),
+                    compressed=tuple(j for j, p in enumerate(pool) if p != FULL_POOL),
                     pivots=tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT),
                     satellites=sats,
                     host_rows=host_rows,
+                    pool=pool,
                 )
             )
         self.num_host_rows = rows if config.refill else 0

@@ -3,21 +3,21 @@
 Plan/run split: the metadata builders plan each engine step once (which request each row is,
 where its prompt ends; ``HeteroCacheRuntime.plan_rows``); the impl runs each layer.
 
-A layer's heads live in two KV pools (``vllm_adapter.pools``): full heads in the layer's own
-cache, compressed heads in its companion cache (or, for a layer with no full heads, in its own).
-Per step and layer:
+Each KV head of a layer has a cache of its own (``vllm_adapter.pools``): head 0 the layer's, the
+others companion cache layers; full heads' caches are in the full pool's KV cache group,
+compressed heads' in their budget class's. Per step and layer:
 
-1. cache write: each pool gets its heads' new K/V at vLLM's slot mapping of that pool's group;
+1. cache write: each head's cache gets its new K/V at vLLM's slot mapping of its group;
    satellites' prompt K/V is mirrored to the host tier;
-2. full heads attend over the full pool with vLLM's CPU kernel; compressed heads too, over the
-   compressed pool, when the step has prefill rows (exact: the prompt is still whole there);
+2. full heads attend over their caches with vLLM's CPU kernel; compressed heads too when the
+   step has prefill rows (exact: the prompt is still whole in their caches then);
 3. a row holding the last prompt token: compressed heads select their budget and compact it,
    pivots record their reference top-K (``runtime.layer.select_and_compact``);
 4. decode rows: compressed heads attend over their kept tokens only, after waiting for their
    pending refill; pivots buffer queries and check drift, starting refills from the host tier.
 
-When nothing is compressed (ratio 1 or an all-full profile) there is one pool per layer and the
-backend is vLLM's CPU backend, unchanged.
+When nothing is compressed (ratio 1 or an all-full profile) the layer's cache is not split and
+the backend is vLLM's CPU backend, unchanged.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from vllm_heterocache.runtime.layer import (
 from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads, Row
 from vllm_heterocache.runtime.paged import LayerCache
 from vllm_heterocache.vllm_adapter.layout import probe_layout
-from vllm_heterocache.vllm_adapter.pools import companion_name
+from vllm_heterocache.vllm_adapter.pools import head_cache_name
 from vllm_heterocache.vllm_adapter.registration import BACKEND_NAME
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
@@ -127,20 +127,16 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
             self._heads = self.runtime.layers[self._layer_index]
         return self._layer_index, self._heads
 
-    def _pools(self, layer, kv_cache, own_slots) -> tuple[_Pool | None, _Pool | None]:
-        """(full pool, compressed pool) of this layer in the current step."""
-        _, heads = self._layer(layer)
+    def _pools(self, layer, kv_cache, own_slots) -> list[_Pool]:
+        """The cache of each local KV head of this layer in the current step."""
         ctx = get_forward_context()
-        own = _Pool(kv_cache, ctx.attn_metadata.get(layer.layer_name) if ctx.attn_metadata else None, own_slots)
-        if not heads.full:
-            return None, own
-        name = companion_name(layer.layer_name)
-        other = _Pool(
-            ctx.no_compile_layers[name].kv_cache,
-            ctx.attn_metadata.get(name) if ctx.attn_metadata else None,
-            ctx.slot_mapping.get(name) if isinstance(ctx.slot_mapping, dict) else None,
-        )
-        return own, other
+        meta = ctx.attn_metadata if isinstance(ctx.attn_metadata, dict) else {}
+        slots = ctx.slot_mapping if isinstance(ctx.slot_mapping, dict) else {}
+        pools = [_Pool(kv_cache, meta.get(layer.layer_name), own_slots)]
+        for j in range(1, self.num_kv_heads):
+            name = head_cache_name(layer.layer_name, j)
+            pools.append(_Pool(ctx.no_compile_layers[name].kv_cache, meta.get(name), slots.get(name)))
+        return pools
 
     # -- 1. cache write ------------------------------------------------------------------------
 
@@ -148,13 +144,10 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         if not self.runtime.compresses:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         _, heads = self._layer(layer)
-        if not heads.compressed:
-            return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        full, compressed = self._pools(layer, kv_cache, slot_mapping)
-        for pool, pool_heads in ((full, heads.full), (compressed, heads.compressed)):
-            if pool is not None:
-                self._write(layer, key[:, list(pool_heads)], value[:, list(pool_heads)], pool)
-        meta = compressed.metadata
+        pools = self._pools(layer, kv_cache, slot_mapping)
+        for j, pool in enumerate(pools):
+            self._write(layer, key[:, j : j + 1], value[:, j : j + 1], pool)
+        meta = pools[0].metadata
         if meta is not None:
             for row in meta.rows:
                 mirror_to_host(self.runtime, heads, row, key, value)
@@ -177,19 +170,13 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         li, heads = self._layer(layer)
-        if not heads.compressed:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
-                                   output_block_scale)
-        full, compressed = self._pools(layer, kv_cache, None)
+        per_head = self._pools(layer, kv_cache, None)
         rows = attn_metadata.rows
-        if full is not None:
-            self._attend(layer, query, heads.full, full, output)
-        if not rows or any(not row.decoding for row in rows):
-            self._attend(layer, query, heads.compressed, compressed, output)
-        pools = LayerPools(
-            self._cache(full), full.metadata.block_table if full else None,
-            self._cache(compressed), compressed.metadata.block_table,
-        )
+        prefill = not rows or any(not row.decoding for row in rows)
+        for j, pool in enumerate(per_head):
+            if j in heads.full or prefill:
+                self._attend(layer, query, j, pool, output)
+        pools = LayerPools(tuple(self._cache(p) for p in per_head), tuple(p.metadata.block_table for p in per_head))
         for row in rows:
             if row.ends_prompt:
                 select_and_compact(rt, li, heads, row, query, self.num_kv_heads, pools)
@@ -200,29 +187,26 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
                     track_drift(rt, li, heads, row, query, self.num_kv_heads, pools)
         return output
 
-    def _attend(self, layer, query, pool_heads, pool: _Pool, output) -> None:
-        """vLLM's CPU kernel for the query heads of ``pool_heads`` over ``pool``."""
+    def _attend(self, layer, query, head: int, pool: _Pool, output) -> None:
+        """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache."""
         meta = pool.metadata
         n = meta.num_actual_tokens
         hkv, d = self.num_kv_heads, self.head_size
         g = self.num_heads // hkv
-        heads = list(pool_heads)
-        q = query[:n].view(n, hkv, g, d)[:, heads].reshape(n, len(heads) * g, d)
-        out = torch.empty(n, len(heads) * g, d, dtype=output.dtype)
+        q = query[:n].view(n, hkv, g, d)[:, head]  # [n, G, D], strided
+        out = torch.empty(n, g, d, dtype=output.dtype)
         nb, h, bs, _ = pool.cache.shape
         key_cache, value_cache = pool.cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
         ops.cpu_attention_with_kv_cache(
-            query=q, key_cache=key_cache, value_cache=value_cache, output=out,
+            query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
             query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens, scale=self.scale, causal=meta.causal,
             alibi_slopes=None, sliding_window=self.sliding_window, block_table=meta.block_table,
             softcap=self.logits_soft_cap, scheduler_metadata=meta.scheduler_metadata, s_aux=None,
             dynamic_causal=meta.dynamic_causal, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
             kv_cache_dtype=self.kv_cache_dtype,
         )
-        output[:n].view(n, hkv, g, -1)[:, heads] = out.view(n, len(heads), g, -1)
+        output[:n].view(n, hkv, g, -1)[:, head] = out
 
-    def _cache(self, pool: _Pool | None) -> LayerCache | None:
-        if pool is None:
-            return None
+    def _cache(self, pool: _Pool) -> LayerCache:
         kv = pool.cache
         return LayerCache(kv, probe_layout(pool.metadata.isa, kv.dtype, kv.shape[2], kv.shape[3] // 2))

@@ -1,21 +1,20 @@
 """Separate KV pools for full and compressed heads, carved from vLLM's own KV cache budget.
 
-Each attention layer's KV cache spec is split (``split_kv_cache_specs``, applied to the model
-runner's specs by ``patches``):
+Each attention layer's KV cache spec is split per KV head (``split_kv_cache_specs``, applied to
+the model runner's specs by ``patches``): head 0 stays in the layer's own cache, head ``j > 0``
+gets a companion cache layer ``<layer>.heterocache.<j in letters>``, each holding one head:
 
-- the layer keeps a ``FullAttentionSpec`` over its full heads only (volatile, pivot): every
-  token, the stock block manager;
-- its compressed heads (anchor, satellite) get a companion cache layer ``<layer>.heterocache``
-  with a ``CompressedPoolSpec``, whose block manager (``CompressedPoolManager``) holds every
-  prompt block while the prompt is prefilled (so prefill peak memory is NOT reduced, as in the
-  reference code) and, once the prompt is done, frees the blocks between the request's largest
-  budget and the end of the prompt (the worker has compacted each head's selection into the
-  first positions by then, ``runtime.layer``). Generated tokens get blocks at their own
-  positions, as usual.
+- full heads (volatile, pivot): a ``FullAttentionSpec``: every token, the stock block manager;
+- compressed heads (anchor, satellite): a ``CompressedPoolSpec`` of the head's budget class,
+  whose block manager (``CompressedPoolManager``) holds every prompt block while the prompt is
+  prefilled (so prefill peak memory is NOT reduced, as in the reference code) and, once the
+  prompt is done, frees the blocks between the class's largest budget and the end of the prompt
+  (the worker has compacted each head's selection into the first positions by then,
+  ``runtime.layer``). Generated tokens get blocks at their own positions, as usual.
 
-A layer without full heads keeps only the compressed spec itself; a layer without compressed
-heads keeps only the full one. vLLM groups layers by spec (several KV cache groups, its hybrid
-allocator) and sizes one block pool for all of them from ``VLLM_CPU_KVCACHE_SPACE`` (or
+One head per cache makes every page the same size (no padding when vLLM unifies pages), and
+vLLM groups the caches by spec: one KV cache group (block table) for all full heads, one per
+budget class. It sizes one block pool for all groups from ``VLLM_CPU_KVCACHE_SPACE`` (or
 ``gpu_memory_utilization``), so its scheduler admits requests against the real footprint and its
 block accounting stays honest. Nothing is allocated behind vLLM's back except the host tier.
 """
@@ -35,7 +34,7 @@ from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm_heterocache.budget import PoolCapacity
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 
-COMPANION_SUFFIX = ".heterocache"
+COMPANION_INFIX = ".heterocache."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,18 +75,18 @@ KVCacheSpecRegistry._ensure_registered()  # built-in specs first, or they are sk
 KVCacheSpecRegistry.register(CompressedPoolSpec, CompressedPoolManager, CompressedPoolSpec)
 
 
-class CompressedPoolLayer(nn.Module, AttentionLayerBase):
-    """The companion cache layer holding one attention layer's compressed heads. It computes
-    nothing: the attention layer reads and writes its ``kv_cache``."""
+class HeadCacheLayer(nn.Module, AttentionLayerBase):
+    """A companion cache layer holding one KV head of an attention layer. It computes nothing:
+    the attention layer reads and writes its ``kv_cache``."""
 
-    def __init__(self, name: str, spec: CompressedPoolSpec, num_heads: int):
+    def __init__(self, name: str, spec: AttentionSpec, num_heads: int):
         super().__init__()
         self.layer_name = name
         self.spec = spec
         self.num_heads = num_heads  # query heads of its KV heads (vLLM groups builders by it)
         self.kv_cache = torch.tensor([])
 
-    def get_kv_cache_spec(self, vllm_config) -> CompressedPoolSpec:
+    def get_kv_cache_spec(self, vllm_config) -> AttentionSpec:
         return self.spec
 
     def get_attn_backend(self):
@@ -96,21 +95,31 @@ class CompressedPoolLayer(nn.Module, AttentionLayerBase):
         return HeteroCacheBackend
 
 
-def companion_name(layer_name: str) -> str:
-    return layer_name + COMPANION_SUFFIX
+def head_cache_name(layer_name: str, head: int) -> str:
+    """The cache layer holding local KV head ``head`` of attention layer ``layer_name``.
+
+    The head is spelled in letters (1 -> "b", 26 -> "ba"): vLLM reads the layer index as the
+    only integer in a layer name."""
+    if head == 0:
+        return layer_name
+    letters = ""
+    while True:
+        head, digit = divmod(head, 26)
+        letters = chr(ord("a") + digit) + letters
+        if head == 0:
+            return f"{layer_name}{COMPANION_INFIX}{letters}"
 
 
 def split_kv_cache_specs(
     rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], forward_context: dict, layer_index
 ) -> dict[str, KVCacheSpec]:
-    """The runner's per-layer specs with each HeteroCache layer split into its two pools.
+    """The runner's per-layer specs with each HeteroCache layer split into one cache per head.
 
     Registers the companion layers in ``forward_context`` (vLLM binds their caches and builds
     their metadata like any attention layer's). ``layer_index(name)`` -> model layer index.
     """
     from vllm_heterocache.vllm_adapter.backend import HeteroCacheImpl
 
-    capacity = rt.planner.capacity()
     out: dict[str, KVCacheSpec] = {}
     for name, spec in specs.items():
         module = forward_context.get(name)
@@ -118,23 +127,18 @@ def split_kv_cache_specs(
             out[name] = spec
             continue
         heads = rt.layers[layer_index(name)]
-        g = module.num_heads // spec.num_kv_heads
-        compressed = CompressedPoolSpec(
-            block_size=spec.block_size,
-            num_kv_heads=len(heads.compressed),
-            head_size=spec.head_size,
-            head_size_v=spec.head_size_v,
-            dtype=spec.dtype,
-            capacity=capacity,
-        )
-        if not heads.compressed:
-            out[name] = spec
-        elif not heads.full:
-            out[name] = compressed
-        else:
-            out[name] = replace(spec, num_kv_heads=len(heads.full))
-            extra = companion_name(name)
-            if extra not in forward_context:
-                forward_context[extra] = CompressedPoolLayer(extra, compressed, len(heads.compressed) * g)
-            out[extra] = compressed
+        group = module.num_heads // spec.num_kv_heads
+        for j, pool in enumerate(heads.pool):
+            head_spec = replace(spec, num_kv_heads=1) if pool < 0 else CompressedPoolSpec(
+                block_size=spec.block_size,
+                num_kv_heads=1,
+                head_size=spec.head_size,
+                head_size_v=spec.head_size_v,
+                dtype=spec.dtype,
+                capacity=rt.capacities[pool],
+            )
+            store = head_cache_name(name, j)
+            if j and store not in forward_context:
+                forward_context[store] = HeadCacheLayer(store, head_spec, group)
+            out[store] = head_spec
     return out
