@@ -37,7 +37,11 @@ from vllm import LLM, SamplingParams
 from vllm_heterocache.data.texts import documents
 if __name__ == "__main__":
     mode, model, length, kv_bytes, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
-    max_len = 10**6 if mode == "longest" else length + 64
+    if mode == "longest":  # vLLM's startup check says how far the KV space reaches
+        from transformers import AutoConfig
+        max_len = AutoConfig.from_pretrained(model).max_position_embeddings
+    else:
+        max_len = length + 64
     try:
         llm = LLM(model=model, dtype="float32", max_model_len=max_len, enable_prefix_caching=False,
                   enforce_eager=True, seed=0, kv_cache_memory_bytes=kv_bytes, **extra)

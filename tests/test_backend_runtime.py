@@ -182,3 +182,19 @@ def test_pool_views_honour_padded_block_strides(isa):
         LayerCache(padded, layout).scatter_positions(table, head, torch.arange(5), got[0], got[1])
         LayerCache(dense, layout).scatter_positions(table, head, torch.arange(5), got[0], got[1])
     assert torch.equal(LayerCache(padded, layout).gather(table, 50)[0], LayerCache(dense, layout).gather(table, 50)[0])
+
+
+@pytest.mark.parametrize("pattern", ["PS", "AA"])
+def test_decode_attention_kernel_path_equals_reference_path(isa, pattern):
+    from vllm_heterocache.runtime.layer import decode_attention
+
+    s = Setup(isa, pattern=pattern, length=45)
+    s.prefill()
+    g = torch.Generator().manual_seed(6)
+    kn, vn, qn = torch.randn(1, HKV, D, generator=g), torch.randn(1, HKV, D, generator=g), torch.randn(1, HQ, D, generator=g)
+    s.write(45, kn, vn)
+    row = s.decode_row(1, 46)
+    want, got = torch.zeros(1, HQ, D), torch.zeros(1, HQ, D)
+    compressed_attention(s.heads, row, qn, HKV, s.pools, 0, 0.125, want)
+    decode_attention(s.heads, [row], qn, HKV, s.pools, 0, 0.125, got)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

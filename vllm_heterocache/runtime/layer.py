@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads, Row
 from vllm_heterocache.runtime.paged import LayerCache
@@ -90,6 +91,33 @@ def select_and_compact(
         state.buffered[layer] = 0
     state.selected.add(layer)
     rt.counters.prefill_selections += 1
+
+
+def decode_attention(
+    heads: LayerHeads, rows: list[Row], query: torch.Tensor, num_kv_heads: int, pools: LayerPools, layer: int,
+    scale: float, output: torch.Tensor,
+) -> None:
+    """:func:`compressed_attention` of every decode row, in one compiled-kernel call for the
+    rows of one token when the kernels are built and the cache layout is one they read."""
+    order = pools.caches[0].layout.kernel_order
+    single = [r for r in rows if r.q_len == 1]
+    if kernels.HAVE_KERNELS and order is not None and single:
+        work = torch.tensor(
+            [
+                [r.start, h, r.index, int(r.state.plan.budgets[layer, h]), r.state.prompt_len, r.seq_len]
+                for r in single
+                for h in heads.compressed
+            ],
+            dtype=torch.int64,
+        )
+        d = query.shape[-1]
+        kernels.gather_attention(
+            query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
+            [c.kv for c in pools.caches], list(pools.tables), work, order, scale,
+        )
+        rows = [r for r in rows if r.q_len != 1]
+    for row in rows:
+        compressed_attention(heads, row, query, num_kv_heads, pools, layer, scale, output)
 
 
 def compressed_attention(

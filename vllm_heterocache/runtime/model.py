@@ -15,6 +15,7 @@ import torch
 
 from vllm_heterocache.budget import BudgetPlanner, check_pools_uniform
 from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.ops import kernels
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
@@ -222,5 +223,5 @@ class HeteroCacheRuntime:
             f"{counts['satellite']} satellite; {budget}, window={cfg.window}, min_prompt_len={cfg.min_prompt_len}; "
             f"a {example_prompt}-token prompt keeps {span} tokens per compressed head (fraction kept "
             f"{plan.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
-            f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}"
+            f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}; decode attention: {kernels.describe()}"
         )

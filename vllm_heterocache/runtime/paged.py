@@ -34,6 +34,19 @@ class BlockLayout:
     k_index: torch.Tensor
     v_index: torch.Tensor
 
+    @property
+    def kernel_order(self) -> bool | None:
+        """For the compiled kernels (csrc/gather_attention.h): True if K is ``[D, block_size]``
+        and V ``[block_size, D]``, False if both are ``[block_size, D]``, None otherwise."""
+        bs, d = self.block_size, self.head_size
+        token_major = torch.arange(bs * d)
+        if not torch.equal(self.v_index, token_major):
+            return None
+        if torch.equal(self.k_index, token_major):
+            return False
+        transposed = (torch.arange(d)[None, :] * bs + torch.arange(bs)[:, None]).reshape(-1)
+        return True if torch.equal(self.k_index, transposed) else None
+
 
 def token_slots(block_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
     """Flat slot index ``block * block_size + offset`` of positions ``0 .. length-1`` (int64)."""

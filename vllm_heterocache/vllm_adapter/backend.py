@@ -39,7 +39,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_heterocache.runtime.layer import (
     LayerPools,
-    compressed_attention,
+    decode_attention,
     mirror_to_host,
     select_and_compact,
     track_drift,
@@ -180,11 +180,14 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         for row in rows:
             if row.ends_prompt:
                 select_and_compact(rt, li, heads, row, query, self.num_kv_heads, pools)
-            elif row.decoding:
-                rt.refills.wait(row.state.key, li)
-                compressed_attention(heads, row, query, self.num_kv_heads, pools, li, self.scale, output)
-                if rt.config.refill and heads.pivots:
-                    track_drift(rt, li, heads, row, query, self.num_kv_heads, pools)
+        decoding = [row for row in rows if row.decoding]
+        for row in decoding:
+            rt.refills.wait(row.state.key, li)
+        if decoding and heads.compressed:
+            decode_attention(heads, decoding, query, self.num_kv_heads, pools, li, self.scale, output)
+        if rt.config.refill and heads.pivots:
+            for row in decoding:
+                track_drift(rt, li, heads, row, query, self.num_kv_heads, pools)
         return output
 
     def _attend(self, layer, query, head: int, pool: _Pool, output) -> None:

@@ -1,0 +1,161 @@
+// CPU gather-attention (contract in csrc/gather_attention.h). One OpenMP task per work item;
+// inner loops over block tokens (scores, transposed K) and head dims (values) are AVX2/FMA.
+#include "../gather_attention.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace heterocache {
+namespace {
+
+constexpr int kMaxGroup = 16;
+constexpr int kMaxHeadSize = 256;
+
+inline float to_float(float x) { return x; }
+inline float to_float(uint16_t x, DType t) {
+  if (t == DType::kBFloat16) {
+    uint32_t bits = static_cast<uint32_t>(x) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+  }
+  return _cvtsh_ss(x);
+}
+inline uint16_t from_float(float f, DType t) {
+  if (t == DType::kBFloat16) {
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    bits += 0x7FFF + ((bits >> 16) & 1);  // round to nearest even
+    return static_cast<uint16_t>(bits >> 16);
+  }
+  return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+}
+
+// n elements of a K or V row (or a K column of a transposed region) as float.
+template <typename T>
+inline void load_row(const T* src, int64_t n, int64_t stride, DType dtype, float* dst) {
+  if constexpr (sizeof(T) == 4) {
+    if (stride == 1) {
+      std::memcpy(dst, src, n * sizeof(float));
+      return;
+    }
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i * stride], dtype);
+  }
+}
+
+// dst[i] += a * x[i], i < n (AVX2 FMA, 8 lanes).
+inline void axpy(float a, const float* x, float* dst, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(dst + i)));
+  }
+  for (; i < n; ++i) dst[i] += a * x[i];
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float s = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <typename T>
+void run_item(const GatherAttentionArgs& a, const int64_t* w) {
+  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4], seq_len = w[5];
+  const int64_t G = a.group, D = a.head_size, bs = a.block_size;
+  const T* cache = static_cast<const T*>(a.caches[h]);
+  const int32_t* table = a.tables[h] + row * a.table_strides[h];
+  const T* qbase = static_cast<const T*>(a.query) + t * a.query_token_stride + h * G * D;
+  T* obase = static_cast<T*>(a.output) + t * a.output_token_stride + h * G * D;
+
+  float q[kMaxGroup][kMaxHeadSize];
+  float acc[kMaxGroup][kMaxHeadSize];
+  float m[kMaxGroup], l[kMaxGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    load_row(qbase + g * D, D, 1, a.dtype, q[g]);
+    for (int64_t d = 0; d < D; ++d) q[g][d] *= a.scale;
+    std::fill(acc[g], acc[g] + D, 0.f);
+    m[g] = -std::numeric_limits<float>::infinity();
+    l[g] = 0.f;
+  }
+  std::vector<float> scores(G * bs), kbuf(bs * D), vbuf(D);
+
+  const int64_t ranges[2][2] = {{0, n_front}, {gen_start, seq_len}};
+  for (const auto& range : ranges) {
+    for (int64_t p = range[0]; p < range[1];) {
+      const int64_t off = p % bs, n = std::min(bs - off, range[1] - p);
+      const T* kregion = cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h];
+      const T* vregion = kregion + bs * D;
+      // scores[g, i] = q_g . k_(off+i)
+      if (a.k_transposed) {  // K is [D, bs]: accumulate over d, vectorised over tokens
+        std::fill(scores.begin(), scores.end(), 0.f);
+        for (int64_t d = 0; d < D; ++d) {
+          load_row(kregion + d * bs + off, n, 1, a.dtype, kbuf.data());
+          for (int64_t g = 0; g < G; ++g) axpy(q[g][d], kbuf.data(), &scores[g * bs], n);
+        }
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          load_row(kregion + (off + i) * D, D, 1, a.dtype, kbuf.data());
+          for (int64_t g = 0; g < G; ++g) scores[g * bs + i] = dot(q[g], kbuf.data(), D);
+        }
+      }
+      // online softmax: rescale what was accumulated, add this block's values
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = &scores[g * bs];
+        const float block_max = *std::max_element(s, s + n);
+        const float m_new = std::max(m[g], block_max);
+        const float correction = std::exp(m[g] - m_new);
+        l[g] *= correction;
+        for (int64_t d = 0; d < D; ++d) acc[g][d] *= correction;
+        for (int64_t i = 0; i < n; ++i) {
+          s[i] = std::exp(s[i] - m_new);
+          l[g] += s[i];
+        }
+        m[g] = m_new;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        load_row(vregion + (off + i) * D, D, 1, a.dtype, vbuf.data());
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * bs + i], vbuf.data(), acc[g], D);
+      }
+      p += n;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = acc[g][d] * inv;
+      if constexpr (sizeof(T) == 4) {
+        obase[g * D + d] = v;
+      } else {
+        obase[g * D + d] = from_float(v, a.dtype);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void gather_attention_cpu(const GatherAttentionArgs& a) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < a.num_items; ++i) {
+    if (a.dtype == DType::kFloat32) {
+      run_item<float>(a, a.work + 6 * i);
+    } else {
+      run_item<uint16_t>(a, a.work + 6 * i);
+    }
+  }
+}
+
+}  // namespace heterocache

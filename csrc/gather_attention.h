@@ -1,0 +1,50 @@
+// Gather-attention: decode attention of (token, KV head) work items, each over its own token
+// ranges of a paged single-head KV cache. Kernel bodies see plain pointers only (no torch).
+//
+// Reference: vllm_heterocache/ops/reference.py::subset_attention (and runtime/layer.py, which
+// builds the work items). Layouts:
+//
+//   query, output   [T, Hq, D]          row-major, Hq = Hkv * G; item (t, h) reads/writes query
+//                                       heads h*G .. h*G+G-1 of token t
+//   cache of head h [num_blocks, bs, 2, D] in vLLM's CPU_ATTN order: per block a K region of
+//                                       bs*D elements, then a V region of bs*D elements; V is
+//                                       token-major [bs, D]; K is [D, bs] when k_transposed
+//                                       (the AVX2 "vec" kernels), else [bs, D]. Blocks are
+//                                       block_stride elements apart (vLLM may pad pages).
+//   table of head h [rows, table_stride] int32 block ids of each batch row
+//   work item       {t, h, row, n_front, gen_start, seq_len} (int64): attend over positions
+//                   0 .. n_front-1 and gen_start .. seq_len-1 of (head h, row)
+//
+// Softmax in float32 (online, one pass over K and V), inputs and outputs in T
+// (float, bf16 or fp16). An item with no positions writes zeros.
+#pragma once
+
+#include <cstdint>
+
+namespace heterocache {
+
+enum class DType { kFloat32, kBFloat16, kFloat16 };
+
+struct GatherAttentionArgs {
+  DType dtype;
+  const void* query;
+  void* output;
+  int64_t query_token_stride;   // elements between tokens of query
+  int64_t output_token_stride;  // elements between tokens of output
+  const void* const* caches;    // [Hkv] base pointers
+  const int64_t* block_strides; // [Hkv] elements between blocks
+  const int32_t* const* tables; // [Hkv] block tables
+  const int64_t* table_strides; // [Hkv] entries between rows
+  const int64_t* work;          // [num_items, 6]
+  int64_t num_items;
+  int64_t group;                // G, query heads per KV head
+  int64_t head_size;            // D
+  int64_t block_size;           // bs
+  bool k_transposed;
+  float scale;
+};
+
+// CPU (AVX2 + OpenMP; csrc/cpu/gather_attention.cpp).
+void gather_attention_cpu(const GatherAttentionArgs& args);
+
+}  // namespace heterocache

@@ -1,0 +1,103 @@
+"""Compiled kernels against their references (csrc/, vllm_heterocache/ops/kernels.py).
+
+Tolerance rule (shared/STYLE.md): against a float32 reference, the kernel's error must be at
+most a small multiple of the error of the same computation done by PyTorch in the kernel's dtype.
+"""
+
+import pytest
+import torch
+
+from vllm_heterocache.ops import kernels
+
+needs_kernels = pytest.mark.skipif(not kernels.HAVE_KERNELS, reason=f"extension not built: {kernels.describe()}")
+
+
+def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0):
+    """Random single-head caches holding dense K/V ``[rows, L, hkv, D]`` in scrambled blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = 1 + max(i[2] for i in items)
+    length = max(max(i[5], i[3]) for i in items) + 1
+    nblk = -(-length // bs)
+    nb = rows * nblk + 3
+    k = torch.randn(rows, nblk * bs, hkv, d, generator=gen)
+    v = torch.randn(rows, nblk * bs, hkv, d, generator=gen)
+    caches, tables = [], []
+    for h in range(hkv):
+        page = bs * 2 * d
+        flat = torch.zeros(nb, page + pad, dtype=dtype)
+        cache = flat.as_strided((nb, 1, bs, 2 * d), (page + pad, page, 2 * d, 1))
+        table = torch.randperm(nb, generator=gen)[: rows * nblk].view(rows, nblk).int()
+        for r in range(rows):
+            for b in range(nblk):
+                kb = k[r, b * bs : (b + 1) * bs, h]  # [bs, D]
+                vb = v[r, b * bs : (b + 1) * bs, h]
+                region = flat[int(table[r, b]), :page]
+                region[: bs * d] = (kb.t() if k_transposed else kb).reshape(-1).to(dtype)
+                region[bs * d :] = vb.reshape(-1).to(dtype)
+        caches.append(cache)
+        tables.append(table)
+    t = 1 + max(i[0] for i in items)
+    q = torch.randn(t, hkv * g, d, generator=gen)
+    return q, k, v, caches, tables, torch.tensor(items, dtype=torch.int64)
+
+
+def dense_reference(q, k, v, items, g, scale, dtype=torch.float32):
+    """Each item's attention computed densely in ``dtype`` (float32 for the oracle)."""
+    out = torch.zeros(q.shape, dtype=dtype)
+    for t, h, row, n_front, gen_start, seq_len in items.tolist():
+        pos = torch.cat([torch.arange(n_front), torch.arange(gen_start, seq_len)])
+        if pos.numel() == 0:
+            continue
+        qq = q[t, h * g : (h + 1) * g].to(dtype)
+        kk, vv = k[row, pos, h].to(dtype), v[row, pos, h].to(dtype)
+        p = ((qq @ kk.t()).float() * scale).softmax(-1).to(dtype)
+        out[t, h * g : (h + 1) * g] = p @ vv
+    return out
+
+
+CASES = {
+    # name: (G, Hkv, D, block_size, items)
+    "gqa1-d64-odd-lengths": (1, 2, 64, 16, [[0, 0, 0, 37, 50, 53], [0, 1, 1, 5, 40, 41]]),
+    "gqa3-d128": (3, 2, 128, 32, [[0, 0, 0, 70, 100, 133], [1, 1, 0, 33, 33, 97]]),
+    "gqa4-d64-scrambled": (4, 3, 64, 16, [[0, 2, 1, 16, 64, 65], [1, 0, 0, 48, 48, 48], [2, 1, 2, 1, 90, 90]]),
+    "gqa8-d128-long": (8, 1, 128, 64, [[0, 0, 0, 300, 512, 777]]),
+    "empty-and-single-token": (4, 2, 64, 16, [[0, 0, 0, 0, 20, 20], [0, 1, 0, 1, 20, 20], [1, 1, 0, 0, 19, 20]]),
+}
+
+
+@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference_fallback_matches_dense(name, k_transposed):
+    g, hkv, d, bs, items = CASES[name]
+    q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, torch.float32, k_transposed, pad=8)
+    out = torch.full(q.shape, 9.0)
+    kernels.gather_attention_reference(q, out, caches, tables, work, k_transposed, 0.1)
+    want = dense_reference(q, k, v, work, g, 0.1)
+    for t, h, *_ in items:
+        torch.testing.assert_close(out[t, h * g : (h + 1) * g], want[t, h * g : (h + 1) * g], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_gather_attention_kernel(name, k_transposed, dtype):
+    g, hkv, d, bs, items = CASES[name]
+    q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=16)
+    q_in = q.to(dtype)
+    out = torch.full(q.shape, 9.0, dtype=dtype)
+    kernels.gather_attention(q_in, out, caches, tables, work, k_transposed, 0.1)
+    # oracle: float32 on the same (rounded) inputs; baseline: PyTorch in the kernel's dtype
+    kq, vq = k.to(dtype).float(), v.to(dtype).float()
+    want = dense_reference(q_in.float(), kq, vq, work, g, 0.1)
+    torch_err = (dense_reference(q_in.float(), kq, vq, work, g, 0.1, dtype).float() - want).abs().max()
+    touched = torch.zeros(q.shape[:2], dtype=torch.bool)
+    for t, h, *_ in items:
+        touched[t, h * g : (h + 1) * g] = True
+    err = (out.float() - want)[touched].abs().max()
+    assert err <= 2 * torch_err + 1e-5, (float(err), float(torch_err))
+    assert torch.all(out[~touched] == 9.0)  # nothing else written
+
+
+def test_describe_names_the_path():
+    assert ("compiled" in kernels.describe()) == kernels.HAVE_KERNELS

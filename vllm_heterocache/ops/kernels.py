@@ -1,0 +1,83 @@
+"""The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallback.
+
+``torch.ops.heterocache.gather_attention`` when the extension is built (``setup.py``), else
+:func:`gather_attention_reference`, the same contract in PyTorch. :func:`describe` is the
+startup line that says which runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_heterocache.ops import reference as ref
+
+try:
+    from vllm_heterocache import _C  # noqa: F401  (registers torch.ops.heterocache.*)
+
+    HAVE_KERNELS = True
+    _WHY = ""
+except ImportError as e:  # not built (no torch at build time, HETEROCACHE_NO_KERNELS=1, not x86-64)
+    HAVE_KERNELS = False
+    _WHY = str(e)
+
+if HAVE_KERNELS:
+
+    @torch.library.register_fake("heterocache::gather_attention")
+    def _(query, output, caches, tables, work, k_transposed, scale):
+        return None
+
+
+def describe() -> str:
+    if HAVE_KERNELS:
+        return "compiled CPU kernels (vllm_heterocache._C: AVX2, OpenMP)"
+    return f"PyTorch reference ops (the extension vllm_heterocache._C is not available: {_WHY})"
+
+
+def gather_attention(
+    query: torch.Tensor,
+    output: torch.Tensor,
+    caches: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    work: torch.Tensor,
+    k_transposed: bool,
+    scale: float,
+) -> None:
+    """Decode attention of work items over paged single-head caches (contract: csrc/gather_attention.h).
+
+    Args:
+        query, output: ``[T, Hq, D]``; ``output`` is written at the items' (token, query heads).
+        caches: per KV head ``[num_blocks, 1, block_size, 2 * D]`` (vLLM CPU_ATTN block layout).
+        tables: per KV head int32 ``[rows, max_blocks]`` block tables.
+        work: int64 ``[n, 6]``: token, KV head, row, n_front, gen_start, seq_len; the item
+            attends over positions ``0 .. n_front-1`` and ``gen_start .. seq_len-1``.
+        k_transposed: K regions are ``[D, block_size]`` (else ``[block_size, D]``).
+    """
+    if HAVE_KERNELS:
+        torch.ops.heterocache.gather_attention(query, output, caches, tables, work, k_transposed, scale)
+    else:
+        gather_attention_reference(query, output, caches, tables, work, k_transposed, scale)
+
+
+def gather_attention_reference(query, output, caches, tables, work, k_transposed: bool, scale: float) -> None:
+    """PyTorch version of :func:`gather_attention` (the oracle of the kernel tests)."""
+    hkv = len(caches)
+    g = query.shape[1] // hkv
+    for t, h, row, n_front, gen_start, seq_len in work.tolist():
+        positions = torch.cat([torch.arange(n_front), torch.arange(gen_start, seq_len)])
+        k, v = read_positions(caches[h], tables[h][row], positions, k_transposed)
+        idx = torch.arange(positions.numel())[None, None]
+        out = ref.subset_attention(query[t, h * g : (h + 1) * g][None], k[None, :, None], v[None, :, None], idx, scale)
+        output[t, h * g : (h + 1) * g] = out[0]
+
+
+def read_positions(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, k_transposed: bool):
+    """K and V ``[n, D]`` of a single-head cache at ``positions``."""
+    nb, _, bs, d2 = cache.shape
+    d = d2 // 2
+    regions = cache[block_row[positions // bs].long(), 0].reshape(-1, 2, bs * d)  # [n, 2, bs*D]
+    off = positions % bs
+    dims = torch.arange(d)
+    k_at = dims[None] * bs + off[:, None] if k_transposed else off[:, None] * d + dims[None]
+    v_at = off[:, None] * d + dims[None]
+    rows = torch.arange(positions.numel())[:, None]
+    return regions[rows, 0, k_at], regions[rows, 1, v_at]
