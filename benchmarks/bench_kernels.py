@@ -1,0 +1,70 @@
+"""Gather-attention kernel throughput against the machine's memory bandwidth, same run.
+
+    python benchmarks/bench_kernels.py [--tokens 32768] [--heads 8] [--group 4] [--head-size 64]
+
+Bandwidth: the best of several large copies (read + write bytes / s). Kernel: one decode step
+of ``--heads`` single-head caches of ``--tokens`` tokens each (fp32 and bf16, blocks in scrambled
+order, vLLM's AVX2 layout), timed over repeats; achieved GB/s = K and V bytes the items must read
+/ time. Also the PyTorch reference path on the same work, for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vllm_heterocache.ops import kernels
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / best_time(lambda: dst.copy_(src), 5)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=32768)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--head-size", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args()
+    print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}")
+    bw = copy_bandwidth()
+    print(f"memory bandwidth (1 GiB copy, read + write): {bw / 1e9:.1f} GB/s")
+    n, d, bs = a.tokens, a.head_size, a.block_size
+    nb = -(-n // bs)
+    for dtype in (torch.float32, torch.bfloat16):
+        caches = [torch.randn(nb, 1, bs, 2 * d).to(dtype) for _ in range(a.heads)]
+        tables = [torch.randperm(nb).int()[None] for _ in range(a.heads)]
+        q = torch.randn(1, a.heads * a.group, d).to(dtype)
+        out = torch.empty_like(q)
+        work = torch.tensor([[0, h, 0, n, n, n] for h in range(a.heads)], dtype=torch.int64)
+        nbytes = a.heads * n * 2 * d * caches[0].element_size()
+        t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, True, d**-0.5), a.repeats)
+        line = (f"{str(dtype):<15} {a.heads} heads x {n} tokens: kernel {t * 1e3:7.2f} ms, {nbytes / t / 1e9:6.1f} GB/s "
+                f"({nbytes / t / bw:.2f} of copy bandwidth)")
+        if dtype == torch.float32:
+            ref = torch.empty_like(q)
+            tr = best_time(lambda: kernels.gather_attention_reference(q, ref, caches, tables, work, True, d**-0.5), 2)
+            line += f"; PyTorch reference {tr * 1e3:.1f} ms"
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
