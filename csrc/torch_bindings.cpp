@@ -4,8 +4,10 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <vector>
 
+#include "drift_check.h"
 #include "gather_attention.h"
 
 namespace {
@@ -56,15 +58,66 @@ void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorLis
   heterocache::gather_attention_cpu(args);
 }
 
+void drift_check(const at::Tensor& queries, at::TensorList caches, at::TensorList tables, int64_t row, int64_t key_len,
+                 int64_t candidates, const at::Tensor& reference, int64_t topk, double threshold, int64_t pool_kernel,
+                 bool k_transposed, at::Tensor& drift, at::Tensor& median, at::Tensor& latest_topk,
+                 at::Tensor& latest_scores) {
+  TORCH_CHECK(queries.scalar_type() == at::kFloat && queries.dim() == 4 && queries.is_contiguous(),
+              "queries must be contiguous float32 [P, N, G, D]");
+  const int64_t P = queries.size(0), D = queries.size(3);
+  TORCH_CHECK(static_cast<int64_t>(caches.size()) == P && static_cast<int64_t>(tables.size()) == P,
+              "one cache and one table per pivot");
+  TORCH_CHECK(pool_kernel >= 1 && pool_kernel % 2 == 1, "pool_kernel must be odd");
+  TORCH_CHECK(reference.scalar_type() == at::kLong && reference.dim() == 2 && reference.size(0) == P &&
+              reference.is_contiguous(), "reference must be contiguous int64 [P, K]");
+  TORCH_CHECK(drift.scalar_type() == at::kBool && drift.numel() == P && drift.is_contiguous(), "drift: bool [P]");
+  TORCH_CHECK(median.scalar_type() == at::kFloat && median.numel() == P && median.is_contiguous(), "median: float [P]");
+  TORCH_CHECK(latest_topk.scalar_type() == at::kLong && latest_topk.dim() == 2 && latest_topk.size(0) == P &&
+              latest_topk.is_contiguous(), "latest_topk: int64 [P, K]");
+  TORCH_CHECK(latest_scores.scalar_type() == at::kFloat && latest_scores.dim() == 2 && latest_scores.size(0) == P &&
+              latest_scores.is_contiguous(), "latest_scores: float32 [P, T]");
+  std::vector<const void*> cache_ptrs(P);
+  std::vector<int64_t> block_strides(P);
+  std::vector<const int32_t*> table_ptrs(P);
+  const int64_t block_size = P ? caches[0].size(2) : 1;
+  for (int64_t p = 0; p < P; ++p) {
+    const at::Tensor& c = caches[p];
+    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * D &&
+                c.stride(3) == 1 && c.stride(2) == 2 * D, "cache ", p, " must be [num_blocks, 1, block_size, 2 * D]");
+    TORCH_CHECK(c.scalar_type() == caches[0].scalar_type(), "caches must share one dtype");
+    const at::Tensor& t = tables[p];
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.stride(1) == 1 && row < t.size(0) &&
+                (key_len + block_size - 1) / block_size <= t.size(1), "table ", p, " must be int32 [rows, n] covering key_len");
+    cache_ptrs[p] = c.data_ptr();
+    block_strides[p] = c.stride(0);
+    table_ptrs[p] = t.data_ptr<int32_t>() + row * t.stride(0);
+  }
+  heterocache::DriftCheckArgs args{
+      P ? dtype_of(caches[0]) : heterocache::DType::kFloat32, queries.data_ptr<float>(), cache_ptrs.data(),
+      block_strides.data(), table_ptrs.data(), P, queries.size(1), queries.size(2), D, block_size, k_transposed,
+      key_len, candidates, topk, pool_kernel, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))),
+      static_cast<float>(threshold), reference.data_ptr<int64_t>(), reference.size(1), drift.data_ptr<bool>(),
+      median.data_ptr<float>(), latest_topk.data_ptr<int64_t>(), latest_topk.size(1), latest_scores.data_ptr<float>(),
+      latest_scores.size(1)};
+  heterocache::drift_check_cpu(args);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heterocache, m) {
   m.def(
       "gather_attention(Tensor query, Tensor(a!) output, Tensor[] caches, Tensor[] tables, Tensor work, "
       "bool k_transposed, float scale) -> ()");
+  m.def(
+      "drift_check(Tensor queries, Tensor[] caches, Tensor[] tables, int row, int key_len, int candidates, "
+      "Tensor reference, int topk, float threshold, int pool_kernel, bool k_transposed, Tensor(a!) drift, "
+      "Tensor(b!) median, Tensor(c!) latest_topk, Tensor(d!) latest_scores) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(heterocache, CPU, m) { m.impl("gather_attention", &gather_attention); }
+TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
+  m.impl("gather_attention", &gather_attention);
+  m.impl("drift_check", &drift_check);
+}
 
 // `import vllm_heterocache._C` loads this library (and so the registrations above).
 extern "C" PyObject* PyInit__C(void) {

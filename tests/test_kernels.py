@@ -101,3 +101,36 @@ def test_gather_attention_kernel(name, k_transposed, dtype):
 
 def test_describe_names_the_path():
     assert ("compiled" in kernels.describe()) == kernels.HAVE_KERNELS
+
+
+DRIFT_CASES = {
+    # name: (P, N, G, D, block_size, key_len, candidates, topk)
+    "odd-length-gqa3": (3, 5, 3, 64, 16, 101, 90, 12),
+    "gqa1-d128": (2, 5, 1, 128, 32, 64, 60, 60),
+    "gqa4-even-steps": (2, 4, 4, 64, 16, 77, 70, 9),
+    "gqa8-single-block": (1, 3, 8, 64, 128, 40, 33, 5),
+}
+
+
+@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@pytest.mark.parametrize("name", list(DRIFT_CASES))
+def test_drift_check_kernel_matches_reference(name, k_transposed):
+    p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
+    items = [[0, h, 0, key_len, key_len, key_len] for h in range(p)]
+    _, k, v, caches, tables, _ = make_case(1, p, d, bs, items, torch.float32, k_transposed, pad=8, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    queries = torch.randn(p, n, g, d, generator=gen) * 2
+    queries[::2] = queries[::2, :1].clone()  # even pivots: the same query every step
+    # a reference set per pivot; even pivots: their own latest top-K (no drift)
+    reference = torch.randint(0, cand, (p, topk), generator=gen).sort().values
+    want0 = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
+                                          k_transposed)
+    reference[::2] = want0.latest_topk[::2]
+    want = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
+                                         k_transposed)
+    got = kernels.drift_check(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5, k_transposed)
+    torch.testing.assert_close(got.latest_scores, want.latest_scores, rtol=1e-4, atol=1e-6)
+    assert torch.equal(got.latest_topk, want.latest_topk)
+    torch.testing.assert_close(got.median_overlap, want.median_overlap)
+    assert torch.equal(got.drift, want.drift)
+    assert not bool(want.drift[0]) and float(want.median_overlap[0]) == 1.0

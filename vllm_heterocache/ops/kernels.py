@@ -1,8 +1,8 @@
-"""The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallback.
+"""The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallbacks.
 
-``torch.ops.heterocache.gather_attention`` when the extension is built (``setup.py``), else
-:func:`gather_attention_reference`, the same contract in PyTorch. :func:`describe` is the
-startup line that says which runs.
+``torch.ops.heterocache.{gather_attention, drift_check}`` when the extension is built
+(``setup.py``), else :func:`gather_attention_reference` / :func:`drift_check_reference`, the
+same contracts in PyTorch. :func:`describe` is the startup line that says which runs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,11 @@ if HAVE_KERNELS:
 
     @torch.library.register_fake("heterocache::gather_attention")
     def _(query, output, caches, tables, work, k_transposed, scale):
+        return None
+
+    @torch.library.register_fake("heterocache::drift_check")
+    def _(queries, caches, tables, row, key_len, candidates, reference, topk, threshold, pool_kernel, k_transposed,
+          drift, median, latest_topk, latest_scores):
         return None
 
 
@@ -81,3 +86,48 @@ def read_positions(cache: torch.Tensor, block_row: torch.Tensor, positions: torc
     v_at = off[:, None] * d + dims[None]
     rows = torch.arange(positions.numel())[:, None]
     return regions[rows, 0, k_at], regions[rows, 1, v_at]
+
+
+def drift_check(
+    queries: torch.Tensor,
+    caches: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    row: int,
+    key_len: int,
+    candidates: int,
+    reference: torch.Tensor,
+    topk: int,
+    threshold: float,
+    pool_kernel: int,
+    k_transposed: bool,
+) -> ref.DriftResult:
+    """:func:`reference.drift_check` of P pivots whose keys are the first ``key_len`` positions of
+    row ``row`` of their paged single-head caches (contract: csrc/drift_check.h).
+
+    Args:
+        queries: float32 ``[P, N, G, D]``, oldest to newest step.
+        caches, tables: per pivot, as for :func:`gather_attention`.
+        reference: int64 ``[P, K]`` ascending, -1 padded.
+    """
+    if not HAVE_KERNELS:
+        return drift_check_reference(queries, caches, tables, row, key_len, candidates, reference, topk, threshold,
+                                     pool_kernel, k_transposed)
+    p = queries.shape[0]
+    drift = torch.empty(p, dtype=torch.bool)
+    median = torch.empty(p)
+    latest = torch.empty(p, max(0, min(topk, candidates, key_len)), dtype=torch.int64)
+    scores = torch.empty(p, key_len)
+    torch.ops.heterocache.drift_check(queries.float().contiguous(), caches, tables, row, key_len, candidates,
+                                      reference.contiguous(), topk, threshold, pool_kernel, k_transposed, drift,
+                                      median, latest, scores)
+    return ref.DriftResult(drift, median, latest, scores)
+
+
+def drift_check_reference(queries, caches, tables, row, key_len, candidates, reference, topk, threshold, pool_kernel,
+                          k_transposed) -> ref.DriftResult:
+    """PyTorch version of :func:`drift_check`."""
+    p = queries.shape[0]
+    positions = torch.arange(key_len)
+    keys = torch.stack([read_positions(c, t[row], positions, k_transposed)[0] for c, t in zip(caches, tables)])
+    return ref.drift_check(queries, keys, torch.full((p,), key_len), torch.full((p,), candidates), reference,
+                           torch.full((p,), topk), threshold, pool_kernel)

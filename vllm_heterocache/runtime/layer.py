@@ -170,18 +170,8 @@ def track_drift(
             continue
         state.buffered[layer] = 0
         visible = row.seq_len - (row.q_len - 1 - j)
-        k = pools.keys(p, row.index, visible)
-        npiv = len(p)
-        result = ref.drift_check(
-            ring.roll(-(slot + 1), dims=1),  # oldest .. newest
-            k.permute(1, 0, 2),  # [P, T, D]
-            torch.full((npiv,), visible),
-            torch.full((npiv,), cut),
-            state.references[layer],
-            torch.full((npiv,), plan.reference_topk),
-            rt.threshold,
-            rt.config.pool_kernel,
-        )
+        result = _drift_check(rt, heads, row, ring.roll(-(slot + 1), dims=1), visible, cut, state.references[layer],
+                              plan.reference_topk, pools)
         rt.counters.drift_checks += 1
         for i, pivot in enumerate(p):
             if not bool(result.drift[i]):
@@ -191,6 +181,21 @@ def track_drift(
             sats = heads.satellites.get(pivot, ())
             if sats and state.host:
                 _refill(rt, layer, heads, row, sats, result.latest_scores[i], pools)
+
+
+def _drift_check(rt, heads: LayerHeads, row: Row, queries: torch.Tensor, visible: int, cut: int,
+                 reference: torch.Tensor, topk: int, pools: LayerPools) -> ref.DriftResult:
+    """Drift decision of the layer's pivots (queries ``[P, N, G, D]`` oldest to newest) over
+    their first ``visible`` keys: the compiled kernel reads them in place where it can."""
+    p = heads.pivots
+    order = pools.caches[p[0]].layout.kernel_order
+    if order is not None:
+        return kernels.drift_check(queries, [pools.caches[h].kv for h in p], [pools.tables[h] for h in p], row.index,
+                                   visible, cut, reference, topk, rt.threshold, rt.config.pool_kernel, order)
+    n = len(p)
+    return ref.drift_check(queries, pools.keys(p, row.index, visible).permute(1, 0, 2), torch.full((n,), visible),
+                           torch.full((n,), cut), reference, torch.full((n,), topk), rt.threshold,
+                           rt.config.pool_kernel)
 
 
 def _refill(rt, layer: int, heads: LayerHeads, row: Row, sats, pivot_scores: torch.Tensor, pools: LayerPools) -> None:
