@@ -1,13 +1,14 @@
 """Decode speed and time to first token: HeteroCache against vLLM's own CPU backend, same run.
 
-    python benchmarks/bench_decode_speed.py [--cases smollm2:4096,smollm2:8192,tiny:32768]
+    python benchmarks/bench_decode_speed.py [--cases smollm2:4096:r0.5,smollm2:8192:b0.25,tiny:32768:r0.25]
 
 For each case one prompt of the given length (public-domain text) is generated greedily with 64
 new tokens, once per backend, each in its own engine process (eager mode for both). Decode
-tokens/s comes from the engine's own timestamps (first and last token). HeteroCache runs
-SmolLM2 with its shipped profile at compression_ratio 0.5 (the smallest ratio that profile
-allows is 0.389), and the tiny model with a profile of 25% full heads at compression_ratio 0.3,
-each with refills from the host tier and with refills disabled (the overhead of retrieval).
+tokens/s comes from the engine's own timestamps (first and last token). A case's setting is
+``rX`` (compression_ratio X) or ``bX`` (token_budget = X * length, for ratios the profile makes
+infeasible: SmolLM2's shipped profile allows ratios above 0.389 only). SmolLM2 runs with its
+shipped profile, the tiny model with a profile of 1 full head in 8 (12.5%). Each HeteroCache
+case runs with refills from the host tier and with refills disabled (the overhead of retrieval).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def run(model: str, length: int, new: int, extra: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", default="smollm2:4096,smollm2:8192,tiny:32768")
+    p.add_argument("--cases", default="smollm2:4096:r0.5,smollm2:8192:b0.25,tiny:32768:r0.25")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -65,14 +66,16 @@ def main() -> None:
 
     rows = []
     for case in a.cases.split(","):
-        name, length = case.split(":")
-        length = int(length)
+        name, length, setting = case.split(":")
+        length, x = int(length), float(setting[1:])
+        options = {"compression_ratio": x} if setting[0] == "r" else {"token_budget": int(x * length)}
         if name == "smollm2":
-            model, options = str(prepare_default_model()), {"compression_ratio": 0.5}
+            model = str(prepare_default_model())
         else:
             model = str(build_tiny_model())
-            profile = save_synthetic_profile(Path(model), ["PS", "AA"], Path("/tmp/heterocache-bench-tiny-profile.json"))
-            options = {"profile": str(profile), "compression_ratio": 0.3}
+            profile = save_synthetic_profile(Path(model), ["PS", "AA", "AA", "AA"],
+                                             Path("/tmp/heterocache-bench-tiny-profile.json"))
+            options["profile"] = str(profile)
         stock = run(model, length, a.new_tokens, {})
         row = {"case": case, "options": options, "stock": stock}
         for label, extra in (("heterocache", {}), ("heterocache-norefill", {"refill": False})):

@@ -47,4 +47,10 @@ struct GatherAttentionArgs {
 // CPU (AVX2 + OpenMP; csrc/cpu/gather_attention.cpp).
 void gather_attention_cpu(const GatherAttentionArgs& args);
 
+#ifdef __CUDACC__
+// CUDA (sm_80, sm_90; csrc/cuda/gather_attention.cu). The pointer arrays of args must be
+// device-readable. No torch binding yet: compiled as a build check only.
+void gather_attention_cuda(const GatherAttentionArgs& args, cudaStream_t stream);
+#endif
+
 }  // namespace heterocache
