@@ -27,13 +27,13 @@ void logits_of(const DriftCheckArgs& a, int64_t p, std::vector<float>& logits) {
     if (a.k_transposed) {
       for (int64_t i = 0; i < Q; ++i) std::fill(&logits[i * L + start], &logits[i * L + start] + n, 0.f);
       for (int64_t d = 0; d < D; ++d) {
-        load_row(kregion + d * bs, n, 1, a.dtype, kbuf.data());
-        for (int64_t i = 0; i < Q; ++i) axpy(qs[i * D + d], kbuf.data(), &logits[i * L + start], n);
+        const float* k = as_float(kregion + d * bs, n, a.dtype, kbuf.data());
+        for (int64_t i = 0; i < Q; ++i) axpy(qs[i * D + d], k, &logits[i * L + start], n);
       }
     } else {
       for (int64_t t = 0; t < n; ++t) {
-        load_row(kregion + t * D, D, 1, a.dtype, kbuf.data());
-        for (int64_t i = 0; i < Q; ++i) logits[i * L + start + t] = dot(&qs[i * D], kbuf.data(), D);
+        const float* k = as_float(kregion + t * D, D, a.dtype, kbuf.data());
+        for (int64_t i = 0; i < Q; ++i) logits[i * L + start + t] = dot(&qs[i * D], k, D);
       }
     }
   }
@@ -41,9 +41,7 @@ void logits_of(const DriftCheckArgs& a, int64_t p, std::vector<float>& logits) {
 
 // softmax over t, average pooling (odd kernel, count_include_pad=False) into out.
 void softmax_pool(float* x, int64_t L, int64_t kernel, std::vector<float>& prefix, float* out) {
-  const float mx = *std::max_element(x, x + L);
-  float sum = 0.f;
-  for (int64_t t = 0; t < L; ++t) sum += (x[t] = std::exp(x[t] - mx));
+  const float sum = exp_shifted(x, L, max_of(x, L));
   prefix[0] = 0.f;
   for (int64_t t = 0; t < L; ++t) prefix[t + 1] = prefix[t] + x[t] / sum;
   const int64_t r = kernel / 2;

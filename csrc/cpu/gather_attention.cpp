@@ -28,8 +28,8 @@ void run_item(const GatherAttentionArgs& a, const int64_t* w) {
   float acc[kMaxGroup][kMaxHeadSize];
   float m[kMaxGroup], l[kMaxGroup];
   for (int64_t g = 0; g < G; ++g) {
-    load_row(qbase + g * D, D, 1, a.dtype, q[g]);
-    for (int64_t d = 0; d < D; ++d) q[g][d] *= a.scale;
+    const float* qg = as_float(qbase + g * D, D, a.dtype, q[g]);
+    for (int64_t d = 0; d < D; ++d) q[g][d] = qg[d] * a.scale;
     std::fill(acc[g], acc[g] + D, 0.f);
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.f;
@@ -44,34 +44,32 @@ void run_item(const GatherAttentionArgs& a, const int64_t* w) {
       const T* vregion = kregion + bs * D;
       // scores[g, i] = q_g . k_(off+i)
       if (a.k_transposed) {  // K is [D, bs]: accumulate over d, vectorised over tokens
-        std::fill(scores.begin(), scores.end(), 0.f);
+        for (int64_t g = 0; g < G; ++g) std::fill(&scores[g * bs], &scores[g * bs] + n, 0.f);
         for (int64_t d = 0; d < D; ++d) {
-          load_row(kregion + d * bs + off, n, 1, a.dtype, kbuf.data());
-          for (int64_t g = 0; g < G; ++g) axpy(q[g][d], kbuf.data(), &scores[g * bs], n);
+          const float* k = as_float(kregion + d * bs + off, n, a.dtype, kbuf.data());
+          for (int64_t g = 0; g < G; ++g) axpy(q[g][d], k, &scores[g * bs], n);
         }
       } else {
         for (int64_t i = 0; i < n; ++i) {
-          load_row(kregion + (off + i) * D, D, 1, a.dtype, kbuf.data());
-          for (int64_t g = 0; g < G; ++g) scores[g * bs + i] = dot(q[g], kbuf.data(), D);
+          const float* k = as_float(kregion + (off + i) * D, D, a.dtype, kbuf.data());
+          for (int64_t g = 0; g < G; ++g) scores[g * bs + i] = dot(q[g], k, D);
         }
       }
       // online softmax: rescale what was accumulated, add this block's values
       for (int64_t g = 0; g < G; ++g) {
         float* s = &scores[g * bs];
-        const float block_max = *std::max_element(s, s + n);
-        const float m_new = std::max(m[g], block_max);
+        const float m_new = std::max(m[g], max_of(s, n));
         const float correction = std::exp(m[g] - m_new);
-        l[g] *= correction;
-        for (int64_t d = 0; d < D; ++d) acc[g][d] *= correction;
-        for (int64_t i = 0; i < n; ++i) {
-          s[i] = std::exp(s[i] - m_new);
-          l[g] += s[i];
+        if (correction != 1.f) {
+          l[g] *= correction;
+          for (int64_t d = 0; d < D; ++d) acc[g][d] *= correction;
         }
+        l[g] += exp_shifted(s, n, m_new);
         m[g] = m_new;
       }
       for (int64_t i = 0; i < n; ++i) {
-        load_row(vregion + (off + i) * D, D, 1, a.dtype, vbuf.data());
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * bs + i], vbuf.data(), acc[g], D);
+        const float* v = as_float(vregion + (off + i) * D, D, a.dtype, vbuf.data());
+        for (int64_t g = 0; g < G; ++g) axpy(scores[g * bs + i], v, acc[g], D);
       }
       p += n;
     }

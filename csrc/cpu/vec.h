@@ -4,6 +4,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -31,18 +33,74 @@ inline uint16_t from_float(float f, DType t) {
   return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
 }
 
-// n elements of a K or V row (or a K column of a transposed region) as float.
+// n contiguous elements as float32: src itself for float, else converted into scratch (8 lanes).
 template <typename T>
-inline void load_row(const T* src, int64_t n, int64_t stride, DType dtype, float* dst) {
+inline const float* as_float(const T* src, int64_t n, DType dtype, float* scratch) {
   if constexpr (sizeof(T) == 4) {
-    if (stride == 1) {
-      std::memcpy(dst, src, n * sizeof(float));
-      return;
-    }
-    for (int64_t i = 0; i < n; ++i) dst[i] = src[i * stride];
+    return src;
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i * stride], dtype);
+    int64_t i = 0;
+    if (dtype == DType::kBFloat16) {
+      for (; i + 8 <= n; i += 8) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16);
+        _mm256_storeu_ps(scratch + i, _mm256_castsi256_ps(wide));
+      }
+    } else {
+      for (; i + 8 <= n; i += 8) {
+        _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+      }
+    }
+    for (; i < n; ++i) scratch[i] = to_float(src[i], dtype);
+    return scratch;
   }
+}
+
+// exp of 8 floats (Cephes polynomial, relative error ~1e-7; inputs clamped to +-88.4).
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-88.3762626647949f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, z, x), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(0x7f)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// x[i] = exp(x[i] - shift) for i < n; returns the sum.
+inline float exp_shifted(float* x, int64_t n, float shift) {
+  const __m256 vs = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  return sum;
+}
+
+inline float max_of(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = lanes[0];
+  for (int k = 1; k < 8; ++k) r = std::max(r, lanes[k]);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
 }
 
 // dst[i] += a * x[i], i < n (AVX2 FMA, 8 lanes).
