@@ -17,7 +17,7 @@ the first positions of a request hold its compacted selection (``runtime.layer``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,19 +33,18 @@ class BlockLayout:
     head_size: int
     k_index: torch.Tensor
     v_index: torch.Tensor
+    kernel_order: bool | None = field(init=False)
+    """For the compiled kernels (csrc/gather_attention.h): True if K is ``[D, block_size]`` and V
+    ``[block_size, D]``, False if both are ``[block_size, D]``, None if neither (no kernel)."""
 
-    @property
-    def kernel_order(self) -> bool | None:
-        """For the compiled kernels (csrc/gather_attention.h): True if K is ``[D, block_size]``
-        and V ``[block_size, D]``, False if both are ``[block_size, D]``, None otherwise."""
+    def __post_init__(self) -> None:
         bs, d = self.block_size, self.head_size
         token_major = torch.arange(bs * d)
-        if not torch.equal(self.v_index, token_major):
-            return None
-        if torch.equal(self.k_index, token_major):
-            return False
         transposed = (torch.arange(d)[None, :] * bs + torch.arange(bs)[:, None]).reshape(-1)
-        return True if torch.equal(self.k_index, transposed) else None
+        order = None
+        if torch.equal(self.v_index, token_major):
+            order = False if torch.equal(self.k_index, token_major) else True if torch.equal(self.k_index, transposed) else None
+        object.__setattr__(self, "kernel_order", order)
 
 
 def token_slots(block_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
