@@ -89,7 +89,6 @@ def select_and_compact(
         g = query.shape[1] // num_kv_heads
         state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])
         state.buffered[layer] = 0
-    state.selected.add(layer)
     rt.counters.prefill_selections += 1
 
 

@@ -78,11 +78,6 @@ class Row:
     def decoding(self) -> bool:
         return self.first >= self.state.prompt_len
 
-    @property
-    def steps_before(self) -> int:
-        """Tokens after the prompt processed before this row (decode rows)."""
-        return self.first - self.state.prompt_len
-
 
 class HeteroCacheRuntime:
     def __init__(

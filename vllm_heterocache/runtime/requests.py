@@ -20,7 +20,6 @@ class RequestState:
     key: str  # vLLM request id
     plan: BudgetPlan  # budgets of the prompt (prompt_len = the request's prompt length)
     host: bool = False  # the host tier holds this request's satellites (else: no refills)
-    selected: set[int] = field(default_factory=set)  # layers whose compressed heads were compacted
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (ascending, -1 padded)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, K] int64, -1 pad
