@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 
 from vllm_heterocache.budget import BudgetPlanner, check_pools_uniform
 from vllm_heterocache.config import HeteroCacheConfig
