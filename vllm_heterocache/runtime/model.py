@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-
 from vllm_heterocache.budget import BudgetPlanner, check_pools_uniform
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
