@@ -58,7 +58,7 @@ def test_startup_errors(tiny, tmp_path):
          "add --no-enable-prefix-caching"),
         (dict(enable_prefix_caching=False, **hc(profile=str(profile), compression_ratio=0.9, host_tier_gib=100000)),
          "heterocache.host_tier_gib=100000.0 does not fit"),
-        (dict(enable_prefix_caching=False, **hc(profile=str(profile), host_tier_path="/nonexistent")),
+        (dict(enable_prefix_caching=False, **hc(profile=str(profile), compression_ratio=0.9, host_tier_path="/nonexistent")),
          "heterocache.host_tier_path '/nonexistent' is not a directory"),
     ]
     for kwargs, needle in cases:
