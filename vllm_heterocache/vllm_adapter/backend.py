@@ -102,7 +102,7 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
 
 @dataclass(frozen=True)
 class _Pool:
-    cache: torch.Tensor  # [num_blocks, H_pool, block_size, 2 * D]
+    cache: torch.Tensor  # one KV head: [num_blocks, 1, block_size, 2 * D]
     metadata: HeteroCacheMetadata | None
     slot_mapping: torch.Tensor | None
 
