@@ -87,14 +87,24 @@ class HostTier:
             if blocks is not None:
                 self._free.extend(reversed(blocks.tolist()))
 
-    def write(self, key: str, rows: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store ``k``, ``v`` ``[T, R, D]`` (rows ``rows``, int64 ``[R]``) at positions ``start ..``."""
-        pos = torch.arange(start, start + k.shape[0])
-        blocks, offsets = self._locate(key, pos)
-        dst = self.storage
-        dst[blocks[:, None], rows[None, :], offsets[:, None], 0] = k.to(dst.dtype)
-        dst[blocks[:, None], rows[None, :], offsets[:, None], 1] = v.to(dst.dtype)
-        self.stats.bytes_in += 2 * k.numel() * dst.element_size()
+    def write(self, key: str, first_row: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store ``k``, ``v`` ``[T, R, D]`` into rows ``first_row .. first_row + R - 1`` at positions
+        ``start .. start + T - 1`` (one strided copy per block touched)."""
+        t, r = k.shape[0], k.shape[1]
+        if t == 0:
+            return
+        blocks, _ = self._locate(key, torch.tensor([start, start + t - 1]))
+        bs = self.block_size
+        with self._lock:
+            table = self._blocks[key]
+        pos = start
+        while pos < start + t:
+            off, n = pos % bs, min(bs - pos % bs, start + t - pos)
+            dst = self.storage[int(table[pos // bs]), first_row : first_row + r, off : off + n]  # [R, n, 2, D]
+            dst[:, :, 0] = k[pos - start : pos - start + n].transpose(0, 1)
+            dst[:, :, 1] = v[pos - start : pos - start + n].transpose(0, 1)
+            pos += n
+        self.stats.bytes_in += 2 * k.numel() * self.storage.element_size()
 
     def read(self, key: str, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ``[n, D]`` of one row at ``positions`` (int64, each below the allocated length)."""

@@ -231,7 +231,6 @@ def mirror_to_host(rt: HeteroCacheRuntime, heads: LayerHeads, row: Row, key: tor
     end = min(row.seq_len, state.prompt_len)
     if not state.host or row.first >= end or not heads.host_rows:
         return
-    sats = list(heads.host_rows)
-    rows = torch.tensor([heads.host_rows[s] for s in sats])
+    sats = list(heads.host_rows)  # their host rows are consecutive (HeteroCacheRuntime)
     tokens = slice(row.start, row.start + end - row.first)
-    rt.host.write(state.key, rows, row.first, key[tokens][:, sats], value[tokens][:, sats])
+    rt.host.write(state.key, heads.host_rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
