@@ -33,7 +33,8 @@ void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorLis
   TORCH_CHECK(hkv > 0 && static_cast<int64_t>(tables.size()) == hkv, "one cache and one table per KV head");
   TORCH_CHECK(query.size(1) % hkv == 0, "query heads must be a multiple of the KV heads");
   const int64_t group = query.size(1) / hkv, head_size = query.size(2);
-  TORCH_CHECK(group <= 16 && head_size <= 256, "group <= 16 and head_size <= 256 supported");
+  TORCH_CHECK(group <= 16 && head_size <= 256 && head_size % 8 == 0,
+              "group <= 16 and head_size <= 256, a multiple of 8, supported");
   const int64_t block_size = caches[0].size(2);
   std::vector<const void*> cache_ptrs(hkv);
   std::vector<int64_t> block_strides(hkv), table_strides(hkv);

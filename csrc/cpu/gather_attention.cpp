@@ -1,5 +1,6 @@
-// CPU gather-attention (contract in csrc/gather_attention.h). One OpenMP task per work item;
-// inner loops over block tokens (scores, transposed K) and head dims (values) are AVX2/FMA.
+// CPU gather-attention (contract in csrc/gather_attention.h). One OpenMP task per work item.
+// Per block: scores of 8 tokens x G queries are held in registers over the head dim (transposed
+// K); values are added token by token (AVX2 FMA over the head dim).
 #include "../gather_attention.h"
 
 #include <algorithm>
@@ -34,7 +35,7 @@ void run_item(const GatherAttentionArgs& a, const int64_t* w) {
     m[g] = -std::numeric_limits<float>::infinity();
     l[g] = 0.f;
   }
-  std::vector<float> scores(G * bs), kbuf(bs * D), vbuf(D);
+  std::vector<float> scores(G * bs), kbuf(D), kscratch(sizeof(T) == 4 ? 0 : D * bs);
 
   const int64_t ranges[2][2] = {{0, n_front}, {gen_start, seq_len}};
   for (const auto& range : ranges) {
@@ -43,11 +44,30 @@ void run_item(const GatherAttentionArgs& a, const int64_t* w) {
       const T* kregion = cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h];
       const T* vregion = kregion + bs * D;
       // scores[g, i] = q_g . k_(off+i)
-      if (a.k_transposed) {  // K is [D, bs]: accumulate over d, vectorised over tokens
-        for (int64_t g = 0; g < G; ++g) std::fill(&scores[g * bs], &scores[g * bs] + n, 0.f);
-        for (int64_t d = 0; d < D; ++d) {
-          const float* k = as_float(kregion + d * bs + off, n, a.dtype, kbuf.data());
-          for (int64_t g = 0; g < G; ++g) axpy(q[g][d], k, &scores[g * bs], n);
+      if (a.k_transposed) {  // K is [D, bs]: 8 tokens at a time, G accumulators in registers
+        const float* kf;  // row d of the block's K (tokens off ..) at kf + d * bs
+        if constexpr (sizeof(T) == 4) {
+          kf = kregion + off;
+        } else {
+          for (int64_t d = 0; d < D; ++d) as_float(kregion + d * bs + off, n, a.dtype, &kscratch[d * bs]);
+          kf = kscratch.data();
+        }
+        int64_t i0 = 0;
+        for (; i0 + 8 <= n; i0 += 8) {
+          __m256 sv[kMaxGroup];
+          for (int64_t g = 0; g < G; ++g) sv[g] = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; ++d) {
+            const __m256 k = _mm256_loadu_ps(kf + d * bs + i0);
+            for (int64_t g = 0; g < G; ++g) sv[g] = _mm256_fmadd_ps(_mm256_set1_ps(q[g][d]), k, sv[g]);
+          }
+          for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(&scores[g * bs + i0], sv[g]);
+        }
+        for (; i0 < n; ++i0) {
+          for (int64_t g = 0; g < G; ++g) {
+            float s = 0.f;
+            for (int64_t d = 0; d < D; ++d) s += q[g][d] * kf[d * bs + i0];
+            scores[g * bs + i0] = s;
+          }
         }
       } else {
         for (int64_t i = 0; i < n; ++i) {
@@ -67,8 +87,8 @@ void run_item(const GatherAttentionArgs& a, const int64_t* w) {
         l[g] += exp_shifted(s, n, m_new);
         m[g] = m_new;
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const float* v = as_float(vregion + (off + i) * D, D, a.dtype, vbuf.data());
+      for (int64_t i = 0; i < n; ++i) {  // V is [bs, D]
+        const float* v = as_float(vregion + (off + i) * D, D, a.dtype, kbuf.data());
         for (int64_t g = 0; g < G; ++g) axpy(scores[g * bs + i], v, acc[g], D);
       }
       p += n;
