@@ -39,8 +39,8 @@ COMPANION_INFIX = ".heterocache."
 
 @dataclass(frozen=True, kw_only=True)
 class CompressedPoolSpec(AttentionSpec):
-    """KV of a layer's compressed heads: every prompt token during prefill, then the request's
-    largest budget plus the generated tokens (``capacity`` says how many for a prompt)."""
+    """KV of one compressed head of a budget class: every prompt token during prefill, then the
+    class's largest budget plus the generated tokens (``capacity`` says how many for a prompt)."""
 
     capacity: PoolCapacity
 
