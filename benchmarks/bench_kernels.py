@@ -11,21 +11,17 @@ order, vLLM's AVX2 layout), timed over repeats; achieved GB/s = K and V bytes th
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+
+from bench_reference_ops import timed
 
 from vllm_heterocache.ops import kernels
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Best of ``repeats`` runs after a warm-up, in seconds."""
+    return timed(fn, repeats) / 1e3
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:

@@ -68,6 +68,13 @@ class Setup:
         for j in range(HKV):
             write_tokens(self.pools.caches[j].kv, self.isa, self.pools.tables[j][0], start, k[:, j : j + 1], v[:, j : j + 1])
 
+    def append(self, n, seed):
+        """K, V and queries of ``n`` generated tokens after the prompt, K/V written to the pools."""
+        g = torch.Generator().manual_seed(seed)
+        kn, vn, qn = torch.randn(n, HKV, D, generator=g), torch.randn(n, HKV, D, generator=g), torch.randn(n, HQ, D, generator=g)
+        self.write(self.length, kn, vn)
+        return kn, vn, qn
+
     def prefill(self):
         select_and_compact(self.rt, 0, self.heads, self.prefill_row, self.q, HKV, self.pools)
 
@@ -94,9 +101,7 @@ def test_prefill_selection_is_compacted_in_position_order(isa):
 def test_decode_attention_equals_masked_dense_attention(isa, pattern):
     s = Setup(isa, pattern=pattern, length=37)
     s.prefill()
-    g = torch.Generator().manual_seed(5)
-    kn, vn, qn = torch.randn(3, HKV, D, generator=g), torch.randn(3, HKV, D, generator=g), torch.randn(3, HQ, D, generator=g)
-    s.write(37, kn, vn)
+    kn, vn, qn = s.append(3, seed=5)
     kk, vv = torch.cat([s.k, kn]), torch.cat([s.v, vn])
     out = torch.full((3, HQ, D), 7.0)
     compressed_attention(s.heads, s.decode_row(3, 40), qn, HKV, s.pools, 0, 0.125, out)
@@ -190,9 +195,7 @@ def test_decode_attention_kernel_path_equals_reference_path(isa, pattern):
 
     s = Setup(isa, pattern=pattern, length=45)
     s.prefill()
-    g = torch.Generator().manual_seed(6)
-    kn, vn, qn = torch.randn(1, HKV, D, generator=g), torch.randn(1, HKV, D, generator=g), torch.randn(1, HQ, D, generator=g)
-    s.write(45, kn, vn)
+    _, _, qn = s.append(1, seed=6)
     row = s.decode_row(1, 46)
     want, got = torch.zeros(1, HQ, D), torch.zeros(1, HQ, D)
     compressed_attention(s.heads, row, qn, HKV, s.pools, 0, 0.125, want)

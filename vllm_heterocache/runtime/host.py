@@ -93,10 +93,8 @@ class HostTier:
         t, r = k.shape[0], k.shape[1]
         if t == 0:
             return
-        blocks, _ = self._locate(key, torch.tensor([start, start + t - 1]))
+        table = self._table(key, start + t - 1)
         bs = self.block_size
-        with self._lock:
-            table = self._blocks[key]
         pos = start
         while pos < start + t:
             off, n = pos % bs, min(bs - pos % bs, start + t - pos)
@@ -114,14 +112,18 @@ class HostTier:
         return kv[:, 0], kv[:, 1]
 
     def _locate(self, key: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self._table(key, int(positions.max()) if positions.numel() else -1)
+        return blocks[positions // self.block_size], positions % self.block_size
+
+    def _table(self, key: str, last: int) -> torch.Tensor:
+        """Request ``key``'s blocks, checked to cover position ``last``."""
         with self._lock:
             blocks = self._blocks.get(key)
         if blocks is None:
             raise KeyError(f"host tier: request {key!r} holds no blocks")
-        index = positions // self.block_size
-        if positions.numel() and int(index.max()) >= blocks.numel():
-            raise IndexError(f"host tier: position {int(positions.max())} beyond request {key!r}'s blocks")
-        return blocks[index], positions % self.block_size
+        if last >= blocks.numel() * self.block_size:
+            raise IndexError(f"host tier: position {last} beyond request {key!r}'s blocks")
+        return blocks
 
 
 def _file_backed(directory: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:

@@ -118,8 +118,8 @@ class HeteroCacheRuntime:
                 for c in profile.clusters_of_layer(layer)
                 if c.pivot in local
             }
-            host_rows = {}
-            for s in sorted(h for group in sats.values() for h in group):
+            host_rows = {}  # only refills read the host tier
+            for s in sorted(h for group in sats.values() for h in group) if config.refill else ():
                 host_rows[s], rows = rows, rows + 1
             self.layers.append(
                 LayerHeads(
@@ -131,7 +131,7 @@ class HeteroCacheRuntime:
                     pool=pool,
                 )
             )
-        self.num_host_rows = rows if config.refill else 0
+        self.num_host_rows = rows
 
     @property
     def compresses(self) -> bool:

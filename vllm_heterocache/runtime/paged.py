@@ -47,24 +47,15 @@ class BlockLayout:
         object.__setattr__(self, "kernel_order", order)
 
 
-def token_slots(block_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
-    """Flat slot index ``block * block_size + offset`` of positions ``0 .. length-1`` (int64)."""
-    pos = torch.arange(length)
-    return block_row[pos // block_size].long() * block_size + pos % block_size
-
-
 def gather_kv(
-    kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int, heads=None
+    kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of positions ``0 .. length-1`` (of the KV heads ``heads``, default all): two
-    ``[length, H, D]`` tensors (copies)."""
+    """K and V of positions ``0 .. length-1``: two ``[length, H, D]`` tensors (copies)."""
     nb, hkv, bs, d2 = kv_cache.shape
     d = d2 // 2
     nblk = (length + bs - 1) // bs
     regions = kv_cache.view(nb, hkv, 2, bs * d)[block_row[:nblk].long()]  # [nblk, H, 2, bs*D]
-    if heads is not None:
-        regions = regions[:, heads]
-    h = regions.shape[1]
+    h = hkv
 
     def tokens(region: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         x = region[..., index].view(nblk, h, bs, d)  # token-major inside each block
@@ -75,17 +66,17 @@ def gather_kv(
 
 @dataclass(frozen=True)
 class LayerCache:
-    """One paged KV pool of a layer (its full or its compressed heads) with its layout."""
+    """One paged KV cache (the backend keeps one per KV head) with its layout."""
 
-    kv: torch.Tensor  # [num_blocks, H_pool, block_size, 2 * D]
+    kv: torch.Tensor  # [num_blocks, H, block_size, 2 * D]
     layout: BlockLayout
 
     @property
     def num_kv_heads(self) -> int:
         return self.kv.shape[1]
 
-    def gather(self, block_row: torch.Tensor, length: int, heads=None) -> tuple[torch.Tensor, torch.Tensor]:
-        return gather_kv(self.kv, self.layout, block_row, length, heads)
+    def gather(self, block_row: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return gather_kv(self.kv, self.layout, block_row, length)
 
     def gather_positions(self, block_row: torch.Tensor, head: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of one KV head at the given positions: two ``[n, D]`` tensors (copies).
