@@ -62,6 +62,13 @@ CASES = {
     "gqa4-d64-scrambled": (4, 3, 64, 16, [[0, 2, 1, 16, 64, 65], [1, 0, 0, 48, 48, 48], [2, 1, 2, 1, 90, 90]]),
     "gqa8-d128-long": (8, 1, 128, 64, [[0, 0, 0, 300, 512, 777]]),
     "empty-and-single-token": (4, 2, 64, 16, [[0, 0, 0, 0, 20, 20], [0, 1, 0, 1, 20, 20], [1, 1, 0, 0, 19, 20]]),
+    # a long item is cut into several tasks; here a cut falls inside the front range and a task
+    # spans both ranges; G = 16 runs the value accumulation in two groups of 8
+    "gqa16-split-across-ranges": (16, 1, 64, 16, [[0, 0, 0, 150, 200, 300]]),
+    # full-head style items (all positions as one range) of several tasks each, next to a short one
+    "gqa4-many-tasks": (4, 2, 64, 16, [[0, 0, 0, 0, 0, 1000], [0, 1, 1, 500, 600, 900], [1, 1, 0, 3, 3, 4]]),
+    # a head size that is not a multiple of the widest value slice (32): its tail runs 8 wide
+    "gqa2-d80": (2, 1, 80, 16, [[0, 0, 0, 20, 30, 41]]),
 }
 
 
@@ -109,15 +116,18 @@ DRIFT_CASES = {
     "gqa1-d128": (2, 5, 1, 128, 32, 64, 60, 60),
     "gqa4-even-steps": (2, 4, 4, 64, 16, 77, 70, 9),
     "gqa8-single-block": (1, 3, 8, 64, 128, 40, 33, 5),
+    "gqa4-many-blocks": (1, 5, 4, 64, 16, 1000, 968, 200),
 }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
 @pytest.mark.parametrize("name", list(DRIFT_CASES))
-def test_drift_check_kernel_matches_reference(name, k_transposed):
+def test_drift_check_kernel_matches_reference(name, k_transposed, dtype):
+    """The reference reads the same (rounded) keys in float32, so results agree up to summation order."""
     p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
     items = [[0, h, 0, key_len, key_len, key_len] for h in range(p)]
-    _, k, v, caches, tables, _ = make_case(1, p, d, bs, items, torch.float32, k_transposed, pad=8, seed=3)
+    _, k, v, caches, tables, _ = make_case(1, p, d, bs, items, dtype, k_transposed, pad=8, seed=3)
     gen = torch.Generator().manual_seed(4)
     queries = torch.randn(p, n, g, d, generator=gen) * 2
     queries[::2] = queries[::2, :1].clone()  # even pivots: the same query every step

@@ -1,112 +1,149 @@
-// CPU drift detection (contract in csrc/drift_check.h). One OpenMP task per pivot: one pass over
-// its keys scores all N*G buffered queries (AVX2 over tokens or dims), then softmax, pooling,
-// GQA max, top-K (nth_element), overlap with the reference and the median, all in place.
+// CPU drift detection (contract in csrc/drift_check.h), in three OpenMP phases so that a single
+// pivot with a long context still uses every core:
+//   1. logits of all N*G buffered queries, one task per (pivot, key block), register-blocked;
+//   2. softmax and pooling in place, one task per (pivot, step, query head);
+//   3. GQA max, top-K and overlap, one task per (pivot, step). The top-K is found by selecting
+//      the K-th largest score (nth_element on a copy) and one ascending pass over positions, so
+//      it comes out sorted; the overlap counts marked reference positions.
+// Buffers are thread-local and reused across calls (no page faults per call).
 #include "../drift_check.h"
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
-#include <numeric>
+#include <functional>
 #include <vector>
 
+#include "scores.h"
 #include "vec.h"
 
 namespace heterocache {
 namespace {
 
-template <typename T>
-void logits_of(const DriftCheckArgs& a, int64_t p, std::vector<float>& logits) {
+template <typename V>
+V& grown(V& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v;
+}
+
+// logits[(p*N*G + i) * L + t] for the token range of block b of pivot p.
+template <DType DT>
+void block_logits(const DriftCheckArgs& a, const float* qs, int64_t p, int64_t b, float* logits) {
+  using T = typename Elem<DT>::T;
+  thread_local std::vector<float> kbuf;
   const int64_t Q = a.steps * a.group, D = a.head_size, bs = a.block_size, L = a.key_len;
-  const float* q = a.queries + p * Q * D;
-  std::vector<float> qs(Q * D), kbuf(bs * D);
-  for (int64_t i = 0; i < Q * D; ++i) qs[i] = q[i] * a.scale;
-  const T* cache = static_cast<const T*>(a.caches[p]);
-  for (int64_t start = 0; start < L; start += bs) {
-    const int64_t n = std::min(bs, L - start);
-    const T* kregion = cache + static_cast<int64_t>(a.tables[p][start / bs]) * a.block_strides[p];
-    if (a.k_transposed) {
-      for (int64_t i = 0; i < Q; ++i) std::fill(&logits[i * L + start], &logits[i * L + start] + n, 0.f);
-      for (int64_t d = 0; d < D; ++d) {
-        const float* k = as_float(kregion + d * bs, n, a.dtype, kbuf.data());
-        for (int64_t i = 0; i < Q; ++i) axpy(qs[i * D + d], k, &logits[i * L + start], n);
-      }
-    } else {
-      for (int64_t t = 0; t < n; ++t) {
-        const float* k = as_float(kregion + t * D, D, a.dtype, kbuf.data());
-        for (int64_t i = 0; i < Q; ++i) logits[i * L + start + t] = dot(&qs[i * D], k, D);
-      }
-    }
+  const int64_t start = b * bs, n = std::min(bs, L - start);
+  const T* kregion = static_cast<const T*>(a.caches[p]) + static_cast<int64_t>(a.tables[p][b]) * a.block_strides[p];
+  float* out = logits + p * Q * L + start;
+  const float* q = qs + p * Q * D;
+  if (a.k_transposed) {  // [D, bs]
+    scores_transposed<Elem<DT>>(q, D, Q, D, kregion, bs, n, out, L);
+  } else {  // [bs, D]
+    const float* k = as_float(kregion, n * D, a.dtype, grown(kbuf, D * bs).data());
+    scores_token_major(q, D, Q, D, k, n, out, L);
   }
 }
 
-// softmax over t, average pooling (odd kernel, count_include_pad=False) into out.
-void softmax_pool(float* x, int64_t L, int64_t kernel, std::vector<float>& prefix, float* out) {
+// x <- avg_pool(softmax(x)) over L (odd kernel, zero padding not counted).
+void softmax_pool(float* x, int64_t L, int64_t kernel) {
+  thread_local std::vector<float> prefix;
+  float* pre = grown(prefix, L + 1).data();
   const float sum = exp_shifted(x, L, max_of(x, L));
-  prefix[0] = 0.f;
-  for (int64_t t = 0; t < L; ++t) prefix[t + 1] = prefix[t] + x[t] / sum;
+  const float inv = 1.f / sum;
+  pre[0] = 0.f;
+  for (int64_t t = 0; t < L; ++t) pre[t + 1] = pre[t] + x[t] * inv;
   const int64_t r = kernel / 2;
   for (int64_t t = 0; t < L; ++t) {
     const int64_t lo = std::max<int64_t>(0, t - r), hi = std::min<int64_t>(L, t + r + 1);
-    out[t] = (prefix[hi] - prefix[lo]) / static_cast<float>(hi - lo);
+    x[t] = (pre[hi] - pre[lo]) / static_cast<float>(hi - lo);
   }
 }
 
-template <typename T>
-void check_pivot(const DriftCheckArgs& a, int64_t p) {
-  const int64_t N = a.steps, G = a.group, L = a.key_len;
+// top[0..K) = ascending positions of the K highest s[t], t < C (ties: lower t first); K <= C.
+void topk_ascending(const float* s, int64_t C, int64_t K, int64_t* top) {
+  if (K == 0) return;
+  thread_local std::vector<float> tmp;
+  float* v = grown(tmp, C).data();
+  std::copy(s, s + C, v);
+  std::nth_element(v, v + K - 1, v + C, std::greater<float>());
+  const float kth = v[K - 1];
+  int64_t ties = K;
+  for (int64_t t = 0; t < C; ++t) ties -= s[t] > kth;
+  for (int64_t t = 0, k = 0; t < C && k < K; ++t) {
+    if (s[t] > kth || (s[t] == kth && ties-- > 0)) top[k++] = t;
+  }
+}
+
+template <DType DT>
+void run(const DriftCheckArgs& a) {
+  const int64_t P = a.num_pivots, N = a.steps, G = a.group, Q = N * G, D = a.head_size, L = a.key_len;
   const int64_t C = std::min(a.candidates, L), K = std::max<int64_t>(0, std::min(a.topk, C));
-  std::vector<float> logits(N * G * L), scores(N * L), pooled(L), prefix(L + 1);
-  if (L > 0) logits_of<T>(a, p, logits);
-  std::fill(scores.begin(), scores.end(), 0.f);
-  for (int64_t n = 0; n < N && L > 0; ++n) {
-    float* s = &scores[n * L];
-    for (int64_t g = 0; g < G; ++g) {
-      softmax_pool(&logits[(n * G + g) * L], L, a.pool_kernel, prefix, pooled.data());
-      for (int64_t t = 0; t < L; ++t) s[t] = g == 0 ? pooled[t] : std::max(s[t], pooled[t]);
+  const int64_t blocks = (L + a.block_size - 1) / a.block_size;
+  thread_local std::vector<float> qbuf, lbuf, obuf;
+  thread_local std::vector<uint8_t> mbuf;
+  float* qs = grown(qbuf, P * Q * D).data();
+  float* logits = grown(lbuf, P * Q * L).data();
+  float* overlaps = grown(obuf, P * N).data();
+  uint8_t* marks = grown(mbuf, P * C).data();  // reference positions < C
+  for (int64_t i = 0; i < P * Q * D; ++i) qs[i] = a.queries[i] * a.scale;
+  std::fill(marks, marks + P * C, 0);
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t* ref = a.reference + p * a.reference_width;
+    for (int64_t i = 0; i < a.reference_width; ++i) {
+      if (ref[i] >= 0 && ref[i] < C) marks[p * C + ref[i]] = 1;
     }
   }
-  const int64_t* ref = a.reference + p * a.reference_width;
-  const int64_t ref_size = std::count_if(ref, ref + a.reference_width, [](int64_t x) { return x >= 0; });
-  std::vector<int64_t> order(C), top(K);
-  std::vector<float> overlaps(N);
-  for (int64_t n = 0; n < N; ++n) {
-    const float* s = &scores[n * L];
-    std::iota(order.begin(), order.end(), 0);
-    auto better = [s](int64_t x, int64_t y) { return s[x] > s[y] || (s[x] == s[y] && x < y); };
-    if (K < C) std::nth_element(order.begin(), order.begin() + K, order.end(), better);
-    std::copy(order.begin(), order.begin() + K, top.begin());
-    std::sort(top.begin(), top.end());
-    int64_t hits = 0;
-    for (int64_t i = 0, j = 0; i < K && j < ref_size;) {  // both ascending
-      if (top[i] == ref[j]) ++hits, ++i, ++j;
-      else if (top[i] < ref[j]) ++i;
-      else ++j;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < P * blocks; ++i) block_logits<DT>(a, qs, i / blocks, i % blocks, logits);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < P * Q; ++i) {
+      if (L > 0) softmax_pool(logits + i * L, L, a.pool_kernel);
     }
-    const int64_t smaller = std::min(K, ref_size);
-    overlaps[n] = smaller > 0 ? static_cast<float>(hits) / static_cast<float>(smaller) : 1.f;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < P * N; ++i) {
+      const int64_t p = i / N, n = i % N;
+      float* s = logits + (p * Q + n * G) * L;  // the step's scores: max over g, into its g = 0 row
+      for (int64_t g = 1; g < G; ++g) {
+        const float* x = s + g * L;
+        for (int64_t t = 0; t < L; ++t) s[t] = std::max(s[t], x[t]);
+      }
+      thread_local std::vector<int64_t> topbuf;
+      int64_t* top = grown(topbuf, K).data();
+      topk_ascending(s, C, K, top);
+      const int64_t* ref = a.reference + p * a.reference_width;
+      const int64_t ref_size = std::count_if(ref, ref + a.reference_width, [](int64_t x) { return x >= 0; });
+      int64_t hits = 0;
+      for (int64_t k = 0; k < K; ++k) hits += marks[p * C + top[k]];
+      const int64_t smaller = std::min(K, ref_size);
+      overlaps[i] = smaller > 0 ? static_cast<float>(hits) / static_cast<float>(smaller) : 1.f;
+      if (n == N - 1) {
+        int64_t* latest = a.latest_topk + p * a.topk_width;
+        std::fill(latest, latest + a.topk_width, -1);
+        std::copy(top, top + std::min(K, a.topk_width), latest);
+      }
+    }
   }
-  int64_t* latest = a.latest_topk + p * a.topk_width;
-  std::fill(latest, latest + a.topk_width, -1);
-  std::copy(top.begin(), top.begin() + std::min(K, a.topk_width), latest);
-  float* out_scores = a.latest_scores + p * a.scores_width;
-  std::fill(out_scores, out_scores + a.scores_width, 0.f);
-  if (L > 0) std::copy(&scores[(N - 1) * L], &scores[(N - 1) * L] + std::min(L, a.scores_width), out_scores);
-  std::sort(overlaps.begin(), overlaps.end());
-  const float med = (overlaps[(N - 1) / 2] + overlaps[N / 2]) / 2.f;
-  a.median[p] = med;
-  a.drift[p] = med < a.threshold;
+  for (int64_t p = 0; p < P; ++p) {
+    float* out_scores = a.latest_scores + p * a.scores_width;
+    std::fill(out_scores, out_scores + a.scores_width, 0.f);
+    const float* s = logits + (p * Q + (N - 1) * G) * L;
+    if (L > 0) std::copy(s, s + std::min(L, a.scores_width), out_scores);
+    float* o = overlaps + p * N;
+    std::sort(o, o + N);
+    const float med = (o[(N - 1) / 2] + o[N / 2]) / 2.f;
+    a.median[p] = med;
+    a.drift[p] = med < a.threshold;
+  }
 }
 
 }  // namespace
 
 void drift_check_cpu(const DriftCheckArgs& a) {
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t p = 0; p < a.num_pivots; ++p) {
-    if (a.dtype == DType::kFloat32) {
-      check_pivot<float>(a, p);
-    } else {
-      check_pivot<uint16_t>(a, p);
-    }
+  switch (a.dtype) {
+    case DType::kFloat32: return run<DType::kFloat32>(a);
+    case DType::kBFloat16: return run<DType::kBFloat16>(a);
+    case DType::kFloat16: return run<DType::kFloat16>(a);
   }
 }
 

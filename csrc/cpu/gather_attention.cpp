@@ -1,13 +1,22 @@
-// CPU gather-attention (contract in csrc/gather_attention.h). One OpenMP task per work item.
-// Per block: scores of 8 tokens x G queries are held in registers over the head dim (transposed
-// K); values are added token by token (AVX2 FMA over the head dim).
+// CPU gather-attention (contract in csrc/gather_attention.h).
+//
+// Work is split into tasks of at most `chunk` positions (a long item, e.g. a full head at 32K,
+// becomes several, so that one request still uses every core); each task leaves a partial
+// softmax state (running max m, sum l, unnormalized output acc per query head) and a second
+// pass merges each item's partials into its output (as flash-decoding's split-K).
+// Per block: scores of 8 tokens x up to 8 queries are held in registers over the head dim
+// (scores.h); the values are accumulated with G x R registers per 8*R-wide slice of the head dim.
+// bf16 / fp16 K and V are converted to float32 as they are loaded into registers.
 #include "../gather_attention.h"
+
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
+#include "scores.h"
 #include "vec.h"
 
 namespace heterocache {
@@ -16,107 +25,196 @@ namespace {
 constexpr int kMaxGroup = 16;
 constexpr int kMaxHeadSize = 256;
 
-template <typename T>
-void run_item(const GatherAttentionArgs& a, const int64_t* w) {
-  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4], seq_len = w[5];
+// acc[g * kMaxHeadSize + d] += sum_i p[g * bs + i] * v[i * D + d] for d in [d0, d0 + 8R) (V
+// token-major, elements E::T converted as loaded).
+template <class E, int G, int R>
+inline void accumulate_slice(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, int64_t d0,
+                             float* acc) {
+  __m256 a[G][R];
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < R; ++r) a[g][r] = _mm256_loadu_ps(acc + g * kMaxHeadSize + d0 + 8 * r);
+  for (int64_t i = 0; i < n; ++i) {
+    __m256 vv[R];
+    for (int r = 0; r < R; ++r) vv[r] = E::load8(v + i * D + d0 + 8 * r);
+    for (int g = 0; g < G; ++g) {
+      const __m256 s = _mm256_set1_ps(p[g * bs + i]);
+      for (int r = 0; r < R; ++r) a[g][r] = _mm256_fmadd_ps(s, vv[r], a[g][r]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + g * kMaxHeadSize + d0 + 8 * r, a[g][r]);
+}
+
+template <class E, int G>
+inline void accumulate(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, float* acc) {
+  constexpr int R = G <= 2 ? 4 : (G <= 4 ? 2 : 1);  // at most 8 accumulator registers
+  int64_t d0 = 0;
+  for (; d0 + 8 * R <= D; d0 += 8 * R) accumulate_slice<E, G, R>(p, bs, v, n, D, d0, acc);
+  for (; d0 < D; d0 += 8) accumulate_slice<E, G, 1>(p, bs, v, n, D, d0, acc);  // D % 8 == 0
+}
+
+template <class E>
+void accumulate_any(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t G, int64_t D,
+                    float* acc) {
+  switch (G) {
+    case 1: return accumulate<E, 1>(p, bs, v, n, D, acc);
+    case 2: return accumulate<E, 2>(p, bs, v, n, D, acc);
+    case 3: return accumulate<E, 3>(p, bs, v, n, D, acc);
+    case 4: return accumulate<E, 4>(p, bs, v, n, D, acc);
+    case 5: return accumulate<E, 5>(p, bs, v, n, D, acc);
+    case 6: return accumulate<E, 6>(p, bs, v, n, D, acc);
+    case 7: return accumulate<E, 7>(p, bs, v, n, D, acc);
+    case 8: return accumulate<E, 8>(p, bs, v, n, D, acc);
+    default:
+      for (int64_t g0 = 0; g0 < G; g0 += 8) {
+        accumulate_any<E>(p + g0 * bs, bs, v, n, std::min<int64_t>(8, G - g0), D, acc + g0 * kMaxHeadSize);
+      }
+  }
+}
+
+// A task: positions [v0, v1) of item `item`, counted over its two ranges (front, then generated).
+struct Task {
+  int64_t item, v0, v1;
+};
+
+// Partial softmax state of a task, float32: m[G], l[G], acc[G, kMaxHeadSize].
+struct Partial {
+  float m[kMaxGroup], l[kMaxGroup];
+  float acc[kMaxGroup * kMaxHeadSize];
+};
+
+template <DType DT>
+void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
+  using E = Elem<DT>;
+  using T = typename E::T;
+  const int64_t* w = a.work + 6 * task.item;
+  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4];
   const int64_t G = a.group, D = a.head_size, bs = a.block_size;
   const T* cache = static_cast<const T*>(a.caches[h]);
   const int32_t* table = a.tables[h] + row * a.table_strides[h];
   const T* qbase = static_cast<const T*>(a.query) + t * a.query_token_stride + h * G * D;
-  T* obase = static_cast<T*>(a.output) + t * a.output_token_stride + h * G * D;
 
-  float q[kMaxGroup][kMaxHeadSize];
-  float acc[kMaxGroup][kMaxHeadSize];
-  float m[kMaxGroup], l[kMaxGroup];
+  alignas(32) float q[kMaxGroup][kMaxHeadSize];
   for (int64_t g = 0; g < G; ++g) {
     const float* qg = as_float(qbase + g * D, D, a.dtype, q[g]);
     for (int64_t d = 0; d < D; ++d) q[g][d] = qg[d] * a.scale;
-    std::fill(acc[g], acc[g] + D, 0.f);
-    m[g] = -std::numeric_limits<float>::infinity();
-    l[g] = 0.f;
+    std::fill(out.acc + g * kMaxHeadSize, out.acc + g * kMaxHeadSize + D, 0.f);
+    out.m[g] = -std::numeric_limits<float>::infinity();
+    out.l[g] = 0.f;
   }
-  std::vector<float> scores(G * bs), kbuf(D), kscratch(sizeof(T) == 4 ? 0 : D * bs);
+  thread_local std::vector<float> scores_buf, kbuf;
+  if (scores_buf.size() < static_cast<size_t>(G * bs)) scores_buf.resize(G * bs);
+  if (kbuf.size() < static_cast<size_t>(D * bs)) kbuf.resize(D * bs);
+  float* scores = scores_buf.data();
 
-  const int64_t ranges[2][2] = {{0, n_front}, {gen_start, seq_len}};
+  // the task's positions as (up to) two physical ranges
+  const int64_t f1 = std::min(task.v1, n_front);
+  const int64_t ranges[2][2] = {{std::min(task.v0, n_front), f1},
+                                {gen_start + std::max<int64_t>(0, task.v0 - n_front),
+                                 gen_start + std::max<int64_t>(0, task.v1 - n_front)}};
   for (const auto& range : ranges) {
     for (int64_t p = range[0]; p < range[1];) {
       const int64_t off = p % bs, n = std::min(bs - off, range[1] - p);
       const T* kregion = cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h];
       const T* vregion = kregion + bs * D;
-      // scores[g, i] = q_g . k_(off+i)
-      if (a.k_transposed) {  // K is [D, bs]: 8 tokens at a time, G accumulators in registers
-        const float* kf;  // row d of the block's K (tokens off ..) at kf + d * bs
-        if constexpr (sizeof(T) == 4) {
-          kf = kregion + off;
-        } else {
-          for (int64_t d = 0; d < D; ++d) as_float(kregion + d * bs + off, n, a.dtype, &kscratch[d * bs]);
-          kf = kscratch.data();
-        }
-        int64_t i0 = 0;
-        for (; i0 + 8 <= n; i0 += 8) {
-          __m256 sv[kMaxGroup];
-          for (int64_t g = 0; g < G; ++g) sv[g] = _mm256_setzero_ps();
-          for (int64_t d = 0; d < D; ++d) {
-            const __m256 k = _mm256_loadu_ps(kf + d * bs + i0);
-            for (int64_t g = 0; g < G; ++g) sv[g] = _mm256_fmadd_ps(_mm256_set1_ps(q[g][d]), k, sv[g]);
-          }
-          for (int64_t g = 0; g < G; ++g) _mm256_storeu_ps(&scores[g * bs + i0], sv[g]);
-        }
-        for (; i0 < n; ++i0) {
-          for (int64_t g = 0; g < G; ++g) {
-            float s = 0.f;
-            for (int64_t d = 0; d < D; ++d) s += q[g][d] * kf[d * bs + i0];
-            scores[g * bs + i0] = s;
-          }
-        }
+      if (a.k_transposed) {  // K is [D, bs]
+        scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs);
       } else {
-        for (int64_t i = 0; i < n; ++i) {
-          const float* k = as_float(kregion + (off + i) * D, D, a.dtype, kbuf.data());
-          for (int64_t g = 0; g < G; ++g) scores[g * bs + i] = dot(q[g], k, D);
-        }
+        const float* kf = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
+        scores_token_major(&q[0][0], kMaxHeadSize, G, D, kf, n, scores, bs);
       }
-      // online softmax: rescale what was accumulated, add this block's values
+      // online softmax: rescale what was accumulated, then add this block's values
       for (int64_t g = 0; g < G; ++g) {
         float* s = &scores[g * bs];
-        const float m_new = std::max(m[g], max_of(s, n));
-        const float correction = std::exp(m[g] - m_new);
+        const float m_new = std::max(out.m[g], max_of(s, n));
+        const float correction = std::exp(out.m[g] - m_new);
         if (correction != 1.f) {
-          l[g] *= correction;
-          for (int64_t d = 0; d < D; ++d) acc[g][d] *= correction;
+          out.l[g] *= correction;
+          float* acc = out.acc + g * kMaxHeadSize;
+          for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
         }
-        l[g] += exp_shifted(s, n, m_new);
-        m[g] = m_new;
+        out.l[g] += exp_shifted(s, n, m_new);
+        out.m[g] = m_new;
       }
-      for (int64_t i = 0; i < n; ++i) {  // V is [bs, D]
-        const float* v = as_float(vregion + (off + i) * D, D, a.dtype, kbuf.data());
-        for (int64_t g = 0; g < G; ++g) axpy(scores[g * bs + i], v, acc[g], D);
-      }
+      accumulate_any<E>(scores, bs, vregion + off * D, n, G, D, out.acc);  // V is [bs, D]
       p += n;
     }
   }
+}
+
+template <typename T>
+void merge_item(const GatherAttentionArgs& a, int64_t item, const Partial* parts, int64_t count) {
+  const int64_t* w = a.work + 6 * item;
+  const int64_t G = a.group, D = a.head_size;
+  T* obase = static_cast<T*>(a.output) + w[0] * a.output_token_stride + w[1] * G * D;
   for (int64_t g = 0; g < G; ++g) {
-    const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < count; ++c) m = std::max(m, parts[c].m[g]);
+    float l = 0.f;
+    alignas(32) float acc[kMaxHeadSize] = {};
+    for (int64_t c = 0; c < count; ++c) {
+      if (parts[c].l[g] == 0.f) continue;
+      const float f = std::exp(parts[c].m[g] - m);
+      l += parts[c].l[g] * f;
+      axpy(f, parts[c].acc + g * kMaxHeadSize, acc, D);
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
     for (int64_t d = 0; d < D; ++d) {
-      const float v = acc[g][d] * inv;
       if constexpr (sizeof(T) == 4) {
-        obase[g * D + d] = v;
+        obase[g * D + d] = acc[d] * inv;
       } else {
-        obase[g * D + d] = from_float(v, a.dtype);
+        obase[g * D + d] = from_float(acc[d] * inv, a.dtype);
       }
     }
+  }
+}
+
+template <DType DT>
+void run(const GatherAttentionArgs& a) {
+  using T = typename Elem<DT>::T;
+  // Tasks: each item cut into chunks of `chunk` positions (a multiple of the block size), sized
+  // so that there are about 4 tasks per thread when the work allows it.
+  std::vector<int64_t> first(a.num_items + 1, 0);
+  int64_t total = 0;
+  for (int64_t i = 0; i < a.num_items; ++i) {
+    const int64_t* w = a.work + 6 * i;
+    total += w[3] + std::max<int64_t>(0, w[5] - w[4]);
+  }
+  const int64_t threads = omp_get_max_threads(), bs = a.block_size;
+  int64_t chunk = std::max<int64_t>(8 * bs, (total + 4 * threads - 1) / (4 * threads));
+  chunk = (chunk + bs - 1) / bs * bs;
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < a.num_items; ++i) {
+    const int64_t* w = a.work + 6 * i;
+    const int64_t count = w[3] + std::max<int64_t>(0, w[5] - w[4]);
+    first[i] = static_cast<int64_t>(tasks.size());
+    int64_t v = 0;
+    do {
+      tasks.push_back({i, v, std::min(count, v + chunk)});
+      v += chunk;
+    } while (v < count);
+  }
+  first[a.num_items] = static_cast<int64_t>(tasks.size());
+  thread_local std::vector<Partial> partials;
+  if (partials.size() < tasks.size()) partials.resize(tasks.size());
+  Partial* parts = partials.data();
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+#pragma omp parallel
+  {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < num_tasks; ++k) run_task<DT>(a, tasks[k], parts[k]);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < a.num_items; ++i) merge_item<T>(a, i, parts + first[i], first[i + 1] - first[i]);
   }
 }
 
 }  // namespace
 
 void gather_attention_cpu(const GatherAttentionArgs& a) {
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t i = 0; i < a.num_items; ++i) {
-    if (a.dtype == DType::kFloat32) {
-      run_item<float>(a, a.work + 6 * i);
-    } else {
-      run_item<uint16_t>(a, a.work + 6 * i);
-    }
+  switch (a.dtype) {
+    case DType::kFloat32: return run<DType::kFloat32>(a);
+    case DType::kBFloat16: return run<DType::kBFloat16>(a);
+    case DType::kFloat16: return run<DType::kFloat16>(a);
   }
 }
 

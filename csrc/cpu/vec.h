@@ -33,6 +33,31 @@ inline uint16_t from_float(float f, DType t) {
   return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
 }
 
+// Element types of the caches, for kernels templated on them: load 8 (AVX2) or 1 as float32.
+template <DType DT>
+struct Elem;
+template <>
+struct Elem<DType::kFloat32> {
+  using T = float;
+  static __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+  static float load(const float* p) { return *p; }
+};
+template <>
+struct Elem<DType::kBFloat16> {
+  using T = uint16_t;
+  static __m256 load8(const uint16_t* p) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  }
+  static float load(const uint16_t* p) { return to_float(*p, DType::kBFloat16); }
+};
+template <>
+struct Elem<DType::kFloat16> {
+  using T = uint16_t;
+  static __m256 load8(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static float load(const uint16_t* p) { return to_float(*p, DType::kFloat16); }
+};
+
 // n contiguous elements as float32: src itself for float, else converted into scratch (8 lanes).
 template <typename T>
 inline const float* as_float(const T* src, int64_t n, DType dtype, float* scratch) {
