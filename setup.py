@@ -22,7 +22,8 @@ def extensions():
         return [], {}
     ext = CppExtension(
         "vllm_heterocache._C",
-        ["csrc/torch_bindings.cpp", "csrc/cpu/gather_attention.cpp", "csrc/cpu/drift_check.cpp"],
+        ["csrc/torch_bindings.cpp", "csrc/cpu/gather_attention.cpp", "csrc/cpu/drift_check.cpp",
+         "csrc/cpu/refill_copy.cpp"],
         extra_compile_args=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"],
         extra_link_args=["-fopenmp"],
     )

@@ -9,6 +9,7 @@
 
 #include "drift_check.h"
 #include "gather_attention.h"
+#include "refill_copy.h"
 
 namespace {
 
@@ -103,6 +104,48 @@ void drift_check(const at::Tensor& queries, at::TensorList caches, at::TensorLis
   heterocache::drift_check_cpu(args);
 }
 
+void refill_copy(const at::Tensor& storage, const at::Tensor& host_blocks, const at::Tensor& host_rows,
+                 const at::Tensor& positions, at::TensorList caches, at::TensorList tables, bool k_transposed) {
+  TORCH_CHECK(storage.dim() == 5 && storage.size(3) == 2 && storage.is_contiguous(),
+              "storage must be contiguous [num_blocks, rows, block_size, 2, D]");
+  const int64_t D = storage.size(4), hbs = storage.size(2), S = static_cast<int64_t>(caches.size());
+  TORCH_CHECK(storage.element_size() == 2 || storage.element_size() == 4, "storage: 16- or 32-bit elements");
+  TORCH_CHECK(host_blocks.scalar_type() == at::kLong && host_blocks.dim() == 1 && host_blocks.is_contiguous(),
+              "host_blocks must be contiguous int64 [n]");
+  TORCH_CHECK(host_rows.scalar_type() == at::kLong && host_rows.numel() == S && host_rows.is_contiguous(),
+              "host_rows must be contiguous int64 [S], one per cache");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == S &&
+              positions.is_contiguous(), "positions must be contiguous int64 [S, width]");
+  TORCH_CHECK(static_cast<int64_t>(tables.size()) == S, "one table per cache");
+  if (S == 0 || positions.numel() == 0) return;
+  TORCH_CHECK(positions.max().item<int64_t>() < host_blocks.numel() * hbs, "positions beyond the host blocks");
+  TORCH_CHECK(host_blocks.numel() == 0 || (host_blocks.min().item<int64_t>() >= 0 &&
+              host_blocks.max().item<int64_t>() < storage.size(0)), "host_blocks out of range");
+  TORCH_CHECK(host_rows.min().item<int64_t>() >= 0 && host_rows.max().item<int64_t>() < storage.size(1),
+              "host_rows out of range");
+  const int64_t block_size = caches[0].size(2);
+  std::vector<void*> cache_ptrs(S);
+  std::vector<int64_t> block_strides(S);
+  std::vector<const int32_t*> table_ptrs(S);
+  for (int64_t s = 0; s < S; ++s) {
+    const at::Tensor& c = caches[s];
+    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * D &&
+                c.stride(3) == 1 && c.stride(2) == 2 * D, "cache ", s, " must be [num_blocks, 1, block_size, 2 * D]");
+    TORCH_CHECK(c.scalar_type() == storage.scalar_type(), "caches must have the storage's dtype");
+    const at::Tensor& t = tables[s];
+    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous(), "table ", s, " must be int32 [n]");
+    TORCH_CHECK(positions.size(1) <= t.size(0) * block_size, "table ", s, " must cover the slots written");
+    cache_ptrs[s] = c.data_ptr();
+    block_strides[s] = c.stride(0);
+    table_ptrs[s] = t.data_ptr<int32_t>();
+  }
+  heterocache::RefillCopyArgs args{
+      static_cast<int64_t>(storage.element_size()), storage.data_ptr(), storage.size(1), hbs, D,
+      host_blocks.data_ptr<int64_t>(), S, host_rows.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
+      positions.size(1), cache_ptrs.data(), block_strides.data(), table_ptrs.data(), block_size, k_transposed};
+  heterocache::refill_copy_cpu(args);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heterocache, m) {
@@ -113,11 +156,15 @@ TORCH_LIBRARY(heterocache, m) {
       "drift_check(Tensor queries, Tensor[] caches, Tensor[] tables, int row, int key_len, int candidates, "
       "Tensor reference, int topk, float threshold, int pool_kernel, bool k_transposed, Tensor(a!) drift, "
       "Tensor(b!) median, Tensor(c!) latest_topk, Tensor(d!) latest_scores) -> ()");
+  m.def(
+      "refill_copy(Tensor storage, Tensor host_blocks, Tensor host_rows, Tensor positions, Tensor(a!)[] caches, "
+      "Tensor[] tables, bool k_transposed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
   m.impl("gather_attention", &gather_attention);
   m.impl("drift_check", &drift_check);
+  m.impl("refill_copy", &refill_copy);
 }
 
 // `import vllm_heterocache._C` loads this library (and so the registrations above).

@@ -201,3 +201,36 @@ def test_decode_attention_kernel_path_equals_reference_path(isa, pattern):
     compressed_attention(s.heads, row, qn, HKV, s.pools, 0, 0.125, want)
     decode_attention(s.heads, [row], qn, HKV, s.pools, 0, 0.125, got)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_runs_full_heads_in_the_same_kernel_call(isa):
+    """``full=True``: the full heads (here the pivot, head 0) attend over every position, in the
+    same call as the compressed heads; their rows of ``output`` equal dense attention."""
+    from vllm_heterocache.runtime.layer import decode_attention, kernel_decodes
+
+    s = Setup(isa, pattern="PS", length=45)
+    s.prefill()
+    kn, vn, qn = s.append(1, seed=6)
+    row = s.decode_row(1, 46)
+    if not kernel_decodes([row], s.pools):
+        pytest.skip("compiled kernels not built or layout not read by them")
+    want, got = torch.zeros(1, HQ, D), torch.zeros(1, HQ, D)
+    compressed_attention(s.heads, row, qn, HKV, s.pools, 0, 0.125, want)
+    g = HQ // HKV
+    k, v = torch.cat([s.k, kn])[:, 0], torch.cat([s.v, vn])[:, 0]
+    want[0, :g] = ((qn[0, :g] @ k.t()) * 0.125).softmax(-1) @ v
+    decode_attention(s.heads, [row], qn, HKV, s.pools, 0, 0.125, got, full=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("counts", [[5, 9], [9, 14]], ids=["within-top-k", "beyond-top-k"])
+def test_refill_positions_from_the_pivot_top_k_equal_the_full_selection(counts):
+    from vllm_heterocache.runtime.layer import _refill_positions
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (60,), generator=g).float()  # many ties
+    cut, k = 50, 10
+    top = ref.topk_positions(scores[None], torch.tensor([k]), torch.tensor([cut]))[0]
+    counts = torch.tensor(counts)
+    want = ref.refill_indices(scores[None].expand(2, -1), counts, torch.full((2,), cut))
+    assert torch.equal(_refill_positions(scores, top, counts, cut), want)

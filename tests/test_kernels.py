@@ -144,3 +144,51 @@ def test_drift_check_kernel_matches_reference(name, k_transposed, dtype):
     torch.testing.assert_close(got.median_overlap, want.median_overlap)
     assert torch.equal(got.drift, want.drift)
     assert not bool(want.drift[0]) and float(want.median_overlap[0]) == 1.0
+
+
+REFILL_CASES = {
+    # name: (D, cache block size, host block size, counts per satellite)
+    "d64-odd-counts": (64, 16, 8, [37, 5]),
+    "d128-one-satellite-empty": (128, 32, 16, [0, 70, 33]),
+    "d64-single-slot": (64, 16, 32, [1]),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@pytest.mark.parametrize("name", list(REFILL_CASES))
+def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype):
+    """Exact copies: the kernel's caches equal the reference's, bit for bit, and slots beyond
+    each satellite's count (and other blocks, and the padding between blocks) are untouched."""
+    d, bs, hbs, counts = REFILL_CASES[name]
+    gen = torch.Generator().manual_seed(5)
+    prompt, rows, s = 150, 4, len(counts)
+    storage = torch.randn(40, rows, hbs, 2, d, generator=gen).to(dtype)
+    host_blocks = torch.randperm(40, generator=gen)[: -(-prompt // hbs)]
+    host_rows = torch.randperm(rows, generator=gen)[:s]
+    width = max(counts)
+    positions = torch.full((s, width), -1, dtype=torch.int64)
+    for i, c in enumerate(counts):
+        positions[i, :c] = torch.randperm(prompt, generator=gen)[:c].sort().values
+    nb, page, pad = 12, bs * 2 * d, 8
+    made = []
+    for _ in range(2):
+        flats = [torch.randn(nb, page + pad, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(s)]
+        caches = [f.as_strided((nb, 1, bs, 2 * d), (page + pad, page, 2 * d, 1)) for f in flats]
+        made.append((flats, caches))
+    tables = [torch.randperm(nb, generator=gen)[: -(-width // bs) + 1].int() for _ in range(s)]
+    before = [f.clone() for f in made[0][0]]
+    kernels.refill_copy(storage, host_blocks, host_rows, positions, made[0][1], tables, k_transposed)
+    kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, made[1][1], tables, k_transposed)
+    for i in range(s):
+        assert torch.equal(made[0][0][i], made[1][0][i])
+        k, v = kernels.read_positions(made[0][1][i], tables[i], torch.arange(counts[i]), k_transposed)
+        pos = positions[i, : counts[i]]
+        src = storage[host_blocks[pos // hbs], int(host_rows[i]), pos % hbs]
+        assert torch.equal(k, src[:, 0]) and torch.equal(v, src[:, 1])
+        written = torch.zeros(nb, page + pad, dtype=torch.bool)
+        blocks, k_at, v_at = kernels._region_index(made[0][1][i], tables[i], torch.arange(counts[i]), k_transposed)
+        written[blocks[:, None], k_at] = True
+        written[blocks[:, None], bs * d + v_at] = True
+        assert torch.equal(made[0][0][i][~written], before[i][~written])

@@ -1,8 +1,8 @@
 """The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallbacks.
 
-``torch.ops.heterocache.{gather_attention, drift_check}`` when the extension is built
-(``setup.py``), else :func:`gather_attention_reference` / :func:`drift_check_reference`, the
-same contracts in PyTorch. :func:`describe` is the startup line that says which runs.
+``torch.ops.heterocache.{gather_attention, drift_check, refill_copy}`` when the extension is
+built (``setup.py``), else :func:`gather_attention_reference` / :func:`drift_check_reference` /
+:func:`refill_copy_reference`, the same contracts in PyTorch. :func:`describe` is the startup line that says which runs.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ if HAVE_KERNELS:
     @torch.library.register_fake("heterocache::drift_check")
     def _(queries, caches, tables, row, key_len, candidates, reference, topk, threshold, pool_kernel, k_transposed,
           drift, median, latest_topk, latest_scores):
+        return None
+
+    @torch.library.register_fake("heterocache::refill_copy")
+    def _(storage, host_blocks, host_rows, positions, caches, tables, k_transposed):
         return None
 
 
@@ -75,17 +79,65 @@ def gather_attention_reference(query, output, caches, tables, work, k_transposed
         output[t, h * g : (h + 1) * g] = out[0]
 
 
-def read_positions(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, k_transposed: bool):
-    """K and V ``[n, D]`` of a single-head cache at ``positions``."""
-    nb, _, bs, d2 = cache.shape
-    d = d2 // 2
-    regions = cache[block_row[positions // bs].long(), 0].reshape(-1, 2, bs * d)  # [n, 2, bs*D]
+def refill_copy(
+    storage: torch.Tensor,
+    host_blocks: torch.Tensor,
+    host_rows: torch.Tensor,
+    positions: torch.Tensor,
+    caches: list[torch.Tensor],
+    tables: list[torch.Tensor],
+    k_transposed: bool,
+) -> None:
+    """Refill copies from the host tier into satellites' slots (contract: csrc/refill_copy.h).
+
+    Args:
+        storage: the host tier ``[num_blocks, rows, host_block_size, 2, D]``.
+        host_blocks: int64 ``[n]``, the request's host blocks.
+        host_rows: int64 ``[S]``, each satellite's host row.
+        positions: int64 ``[S, width]``, -1 padded: slot ``i`` of satellite ``s`` gets prompt
+            position ``positions[s, i]``.
+        caches, tables: per satellite its single-head cache and the request's int32 block-table row.
+    """
+    if HAVE_KERNELS:
+        torch.ops.heterocache.refill_copy(storage, host_blocks, host_rows, positions, caches, tables, k_transposed)
+    else:
+        refill_copy_reference(storage, host_blocks, host_rows, positions, caches, tables, k_transposed)
+
+
+def refill_copy_reference(storage, host_blocks, host_rows, positions, caches, tables, k_transposed: bool) -> None:
+    """PyTorch version of :func:`refill_copy`."""
+    hbs = storage.shape[2]
+    for s, (cache, table) in enumerate(zip(caches, tables)):
+        pos = positions[s][positions[s] >= 0]
+        kv = storage[host_blocks[pos // hbs], int(host_rows[s]), pos % hbs]  # [n, 2, D]
+        write_positions(cache, table, torch.arange(pos.numel()), kv[:, 0], kv[:, 1], k_transposed)
+
+
+def _region_index(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, k_transposed: bool):
+    """Blocks ``[n]`` and K / V offsets ``[n, D]`` inside a block of ``positions`` of a single-head cache."""
+    bs, d = cache.shape[2], cache.shape[3] // 2
     off = positions % bs
     dims = torch.arange(d)
     k_at = dims[None] * bs + off[:, None] if k_transposed else off[:, None] * d + dims[None]
-    v_at = off[:, None] * d + dims[None]
+    return block_row[positions // bs].long(), k_at, off[:, None] * d + dims[None]
+
+
+def read_positions(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, k_transposed: bool):
+    """K and V ``[n, D]`` of a single-head cache at ``positions``."""
+    nb, _, bs, d2 = cache.shape
+    blocks, k_at, v_at = _region_index(cache, block_row, positions, k_transposed)
+    regions = cache[blocks, 0].reshape(-1, 2, bs * (d2 // 2))  # [n, 2, bs*D]
     rows = torch.arange(positions.numel())[:, None]
     return regions[rows, 0, k_at], regions[rows, 1, v_at]
+
+
+def write_positions(cache, block_row, positions, k, v, k_transposed: bool) -> None:
+    """Write K and V ``[n, D]`` of a single-head cache at ``positions`` (in place)."""
+    nb, _, bs, d2 = cache.shape
+    blocks, k_at, v_at = _region_index(cache, block_row, positions, k_transposed)
+    regions = cache[:, 0].view(nb, 2, bs * (d2 // 2))  # a view: blocks may be padded apart
+    regions[blocks[:, None], 0, k_at] = k.to(cache.dtype)
+    regions[blocks[:, None], 1, v_at] = v.to(cache.dtype)
 
 
 def drift_check(

@@ -92,29 +92,38 @@ def select_and_compact(
     rt.counters.prefill_selections += 1
 
 
+def kernel_decodes(rows: list[Row], pools: LayerPools) -> bool:
+    """Whether one compiled-kernel call can run a decode step's attention of every head: the
+    kernels are built, they read this cache layout, and every row is one decode token."""
+    return (kernels.HAVE_KERNELS and pools.caches[0].layout.kernel_order is not None
+            and all(r.decoding and r.q_len == 1 for r in rows))
+
+
 def decode_attention(
     heads: LayerHeads, rows: list[Row], query: torch.Tensor, num_kv_heads: int, pools: LayerPools, layer: int,
-    scale: float, output: torch.Tensor,
+    scale: float, output: torch.Tensor, full: bool = False,
 ) -> None:
     """:func:`compressed_attention` of every decode row, in one compiled-kernel call for the
-    rows of one token when the kernels are built and the cache layout is one they read."""
+    rows of one token when the kernels are built and the cache layout is one they read. With
+    ``full`` (only when :func:`kernel_decodes`), the same call also runs the full heads over all
+    their positions."""
     order = pools.caches[0].layout.kernel_order
     single = [r for r in rows if r.q_len == 1]
     if kernels.HAVE_KERNELS and order is not None and single:
-        work = torch.tensor(
-            [
-                [r.start, h, r.index, int(r.state.plan.budgets[layer, h]), r.state.prompt_len, r.seq_len]
-                for r in single
-                for h in heads.compressed
-            ],
-            dtype=torch.int64,
-        )
+        items = [
+            [r.start, h, r.index, int(r.state.plan.budgets[layer, h]), r.state.prompt_len, r.seq_len]
+            for r in single
+            for h in heads.compressed
+        ]
+        if full:
+            items += [[r.start, h, r.index, r.seq_len, r.seq_len, r.seq_len] for r in single for h in heads.full]
         d = query.shape[-1]
         kernels.gather_attention(
             query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
-            [c.kv for c in pools.caches], list(pools.tables), work, order, scale,
+            [c.kv for c in pools.caches], list(pools.tables), torch.tensor(items, dtype=torch.int64), order, scale,
         )
         rows = [r for r in rows if r.q_len != 1]
+    assert not (full and rows), "full heads in the kernel call need single-token rows (kernel_decodes)"
     for row in rows:
         compressed_attention(heads, row, query, num_kv_heads, pools, layer, scale, output)
 
@@ -179,7 +188,7 @@ def track_drift(
             state.references[layer][i] = result.latest_topk[i]
             sats = heads.satellites.get(pivot, ())
             if sats and state.host:
-                _refill(rt, layer, heads, row, sats, result.latest_scores[i], pools)
+                _refill(rt, layer, heads, row, sats, result.latest_scores[i], result.latest_topk[i], pools)
 
 
 def _drift_check(rt, heads: LayerHeads, row: Row, queries: torch.Tensor, visible: int, cut: int,
@@ -197,29 +206,44 @@ def _drift_check(rt, heads: LayerHeads, row: Row, queries: torch.Tensor, visible
                            rt.config.pool_kernel)
 
 
-def _refill(rt, layer: int, heads: LayerHeads, row: Row, sats, pivot_scores: torch.Tensor, pools: LayerPools) -> None:
+def _refill(rt, layer: int, heads: LayerHeads, row: Row, sats, pivot_scores: torch.Tensor, pivot_top: torch.Tensor,
+            pools: LayerPools) -> None:
     """Queue the copies of the satellites' new selection from the host tier into their slots."""
     state, plan = row.state, row.state.plan
     cut = plan.prompt_len - plan.window
     counts = torch.tensor([int(plan.budgets[layer, s]) - plan.window for s in sats])
-    chosen = ref.refill_indices(pivot_scores[None].expand(len(sats), -1), counts, torch.full((len(sats),), cut))
+    chosen = _refill_positions(pivot_scores, pivot_top[pivot_top >= 0], counts, cut)
     host, key = rt.host, state.key
-    targets = [
-        (pools.caches[s], pools.tables[s][row.index].clone(), heads.host_rows[s], chosen[n][chosen[n] >= 0])
-        for n, s in enumerate(sats)
-    ]
+    tables = [pools.tables[s][row.index].clone() for s in sats]  # this step's; the copy runs later
     kept = state.kept[layer]
     for n, s in enumerate(sats):
-        positions = targets[n][3]
+        positions = chosen[n][chosen[n] >= 0]
         kept[heads.compressed.index(s), : positions.numel()] = positions
+    order = pools.caches[sats[0]].layout.kernel_order
+    host_rows = [heads.host_rows[s] for s in sats]
 
     def copy() -> None:
-        for cache, table, host_row, positions in targets:
-            k, v = host.read(key, host_row, positions)
-            cache.scatter_positions(table, 0, torch.arange(positions.numel()), k, v)
+        if order is not None:  # compiled (or reference) copy straight into the slots
+            host.copy_out(key, host_rows, chosen, [pools.caches[s].kv for s in sats], tables, order)
+            return
+        for n, s in enumerate(sats):  # a layout the kernels do not read
+            positions = chosen[n][chosen[n] >= 0]
+            k, v = host.read(key, host_rows[n], positions)
+            pools.caches[s].scatter_positions(tables[n], 0, torch.arange(positions.numel()), k, v)
 
     rt.refills.submit(key, layer, copy)
     rt.counters.refilled_heads += len(sats)
+
+
+def _refill_positions(scores: torch.Tensor, top: torch.Tensor, counts: torch.Tensor, cut: int) -> torch.Tensor:
+    """``ref.refill_indices`` of one pivot's scores for its satellites. The top ``c`` positions
+    are a prefix of the pivot's top-K order (score descending, position ascending), so when every
+    count fits in its top-K (ascending positions ``top``) they are chosen among those K only."""
+    n = len(counts)
+    if top.numel() < min(cut, int(counts.max())):
+        return ref.refill_indices(scores[None].expand(n, -1), counts, torch.full((n,), cut))
+    picks = ref.refill_indices(scores[top][None].expand(n, -1), counts, torch.full((n,), top.numel()))
+    return torch.where(picks >= 0, top[picks.clamp_min(0)], picks)
 
 
 def mirror_to_host(rt: HeteroCacheRuntime, heads: LayerHeads, row: Row, key: torch.Tensor, value: torch.Tensor) -> None:

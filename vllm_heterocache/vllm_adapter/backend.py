@@ -10,7 +10,9 @@ compressed heads' in their budget class's. Per step and layer:
 1. cache write: each head's cache gets its new K/V at vLLM's slot mapping of its group;
    satellites' prompt K/V is mirrored to the host tier;
 2. full heads attend over their caches with vLLM's CPU kernel; compressed heads too when the
-   step has prefill rows (exact: the prompt is still whole in their caches then);
+   step has prefill rows (exact: the prompt is still whole in their caches then). A step of
+   single-token decode rows runs the full heads in the compiled gather kernel instead, together
+   with the compressed heads (one call per layer, step 4);
 3. a row holding the last prompt token: compressed heads select their budget and compact it,
    pivots record their reference top-K (``runtime.layer.select_and_compact``);
 4. decode rows: compressed heads attend over their kept tokens only, after waiting for their
@@ -40,6 +42,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_heterocache.runtime.layer import (
     LayerPools,
     decode_attention,
+    kernel_decodes,
     mirror_to_host,
     select_and_compact,
     track_drift,
@@ -171,20 +174,21 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
                                    output_block_scale)
         li, heads = self._layer(layer)
         per_head = self._pools(layer, kv_cache, None)
+        pools = LayerPools(tuple(self._cache(p) for p in per_head), tuple(p.metadata.block_table for p in per_head))
         rows = attn_metadata.rows
         prefill = not rows or any(not row.decoding for row in rows)
+        fused = not prefill and kernel_decodes(list(rows), pools)  # full heads in the gather kernel
         for j, pool in enumerate(per_head):
-            if j in heads.full or prefill:
+            if prefill or (j in heads.full and not fused):
                 self._attend(layer, query, j, pool, output)
-        pools = LayerPools(tuple(self._cache(p) for p in per_head), tuple(p.metadata.block_table for p in per_head))
         for row in rows:
             if row.ends_prompt:
                 select_and_compact(rt, li, heads, row, query, self.num_kv_heads, pools)
         decoding = [row for row in rows if row.decoding]
         for row in decoding:
             rt.refills.wait(row.state.key, li)
-        if decoding and heads.compressed:
-            decode_attention(heads, decoding, query, self.num_kv_heads, pools, li, self.scale, output)
+        if decoding and (heads.compressed or fused):
+            decode_attention(heads, decoding, query, self.num_kv_heads, pools, li, self.scale, output, full=fused)
         if rt.config.refill and heads.pivots:
             for row in decoding:
                 track_drift(rt, li, heads, row, query, self.num_kv_heads, pools)
