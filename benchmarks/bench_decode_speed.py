@@ -2,9 +2,11 @@
 
     python benchmarks/bench_decode_speed.py [--cases smollm2:4096:r0.5,smollm2:8192:b0.25,tiny:32768:r0.25]
 
-For each case one prompt of the given length (public-domain text) is generated greedily with 64
-new tokens, once per backend, each in its own engine process (eager mode for both). Decode
-tokens/s comes from the engine's own timestamps (first and last token). A case's setting is
+For each case one prompt of the given length (public-domain text) is generated greedily with 128
+new tokens per backend, each run in its own engine process (eager mode for both); with
+``--repeats N`` the settings run N times, interleaved, and the medians are compared (this
+machine's speed drifts by 10-30% between minutes). Decode tokens/s comes from the engine's own
+timestamps (first and last token). A case's setting is
 ``rX`` (compression_ratio X) or ``bX`` (token_budget = X * length, for ratios the profile makes
 infeasible: SmolLM2's shipped profile allows ratios above 0.389 only). SmolLM2 runs with its
 shipped profile, the tiny model with a profile of 1 full head in 8 (12.5%). Each HeteroCache
@@ -18,6 +20,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 HERE = Path(__file__).resolve().parent
 WORKER = r'''
@@ -55,7 +58,8 @@ def run(model: str, length: int, new: int, extra: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="smollm2:4096:r0.5,smollm2:8192:b0.25,tiny:32768:r0.25")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="runs per setting, interleaved; medians are reported")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
@@ -76,16 +80,28 @@ def main() -> None:
             profile = save_synthetic_profile(Path(model), ["PS", "AA", "AA", "AA"],
                                              Path("/tmp/heterocache-bench-tiny-profile.json"))
             options["profile"] = str(profile)
-        stock = run(model, length, a.new_tokens, {})
-        row = {"case": case, "options": options, "stock": stock}
-        for label, extra in (("heterocache", {}), ("heterocache-norefill", {"refill": False})):
-            hc = run(model, length, a.new_tokens, {"attention_backend": "heterocache",
-                                                   "additional_config": {"heterocache": {**options, **extra}}})
-            row[label] = hc
-            print(f"{case:<16} stock {stock['decode_tok_s']:7.1f} tok/s ttft {stock['ttft_s']:6.1f}s | {label} "
-                  f"{hc['decode_tok_s']:7.1f} tok/s ttft {hc['ttft_s']:6.1f}s | decode ratio "
-                  f"{hc['decode_tok_s'] / stock['decode_tok_s']:.2f}x, ttft ratio {hc['ttft_s'] / stock['ttft_s']:.2f}x",
-                  flush=True)
+        settings = {
+            "stock": {},
+            "heterocache": {"attention_backend": "heterocache", "additional_config": {"heterocache": options}},
+            "heterocache-norefill": {"attention_backend": "heterocache",
+                                     "additional_config": {"heterocache": {**options, "refill": False}}},
+        }
+        runs: dict[str, list[dict]] = {label: [] for label in settings}
+        for rep in range(a.repeats):  # interleaved, so slow phases of the machine hit every setting
+            for label, extra in settings.items():
+                runs[label].append(run(model, length, a.new_tokens, extra))
+                print(f"{case:<16} repeat {rep + 1}/{a.repeats} {label:<21} {runs[label][-1]['decode_tok_s']:7.1f} tok/s "
+                      f"ttft {runs[label][-1]['ttft_s']:6.1f}s", flush=True)
+        row = {"case": case, "options": options, "runs": runs}
+        stock_decode = median(r["decode_tok_s"] for r in runs["stock"])
+        stock_ttft = median(r["ttft_s"] for r in runs["stock"])
+        for label in ("heterocache", "heterocache-norefill"):
+            decode = median(r["decode_tok_s"] for r in runs[label])
+            ttft = median(r["ttft_s"] for r in runs[label])
+            row[label] = {"decode_ratio": decode / stock_decode, "ttft_ratio": ttft / stock_ttft}
+            print(f"{case:<16} medians of {a.repeats}: stock {stock_decode:7.1f} tok/s ttft {stock_ttft:6.1f}s | {label} "
+                  f"{decode:7.1f} tok/s ttft {ttft:6.1f}s | decode ratio {decode / stock_decode:.2f}x, "
+                  f"ttft ratio {ttft / stock_ttft:.2f}x", flush=True)
         rows.append(row)
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1))

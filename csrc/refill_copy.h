@@ -31,6 +31,13 @@ struct RefillCopyArgs {
   bool k_transposed;
 };
 
+// CPU (csrc/cpu/refill_copy.cpp).
 void refill_copy_cpu(const RefillCopyArgs& args);
+
+#ifdef __CUDACC__
+// CUDA (csrc/cuda/refill_copy.cu); the pointer arrays of args must be device-readable. No torch
+// binding yet: compiled as a build check only.
+void refill_copy_cuda(const RefillCopyArgs& args, cudaStream_t stream);
+#endif
 
 }  // namespace heterocache

@@ -117,6 +117,7 @@ DRIFT_CASES = {
     "gqa4-even-steps": (2, 4, 4, 64, 16, 77, 70, 9),
     "gqa8-single-block": (1, 3, 8, 64, 128, 40, 33, 5),
     "gqa4-many-blocks": (1, 5, 4, 64, 16, 1000, 968, 200),
+    "keys-fewer-than-pool-kernel": (2, 3, 2, 64, 16, 3, 3, 2),
 }
 
 

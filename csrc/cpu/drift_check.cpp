@@ -43,19 +43,30 @@ void block_logits(const DriftCheckArgs& a, const float* qs, int64_t p, int64_t b
   }
 }
 
-// x <- avg_pool(softmax(x)) over L (odd kernel, zero padding not counted).
+// x <- avg_pool(softmax(x)) over L (odd kernel, zero padding not counted). Interior positions
+// sum their window 8 at a time; the r = kernel / 2 positions at each end divide by their count.
 void softmax_pool(float* x, int64_t L, int64_t kernel) {
-  thread_local std::vector<float> prefix;
-  float* pre = grown(prefix, L + 1).data();
-  const float sum = exp_shifted(x, L, max_of(x, L));
-  const float inv = 1.f / sum;
-  pre[0] = 0.f;
-  for (int64_t t = 0; t < L; ++t) pre[t + 1] = pre[t] + x[t] * inv;
-  const int64_t r = kernel / 2;
-  for (int64_t t = 0; t < L; ++t) {
-    const int64_t lo = std::max<int64_t>(0, t - r), hi = std::min<int64_t>(L, t + r + 1);
-    x[t] = (pre[hi] - pre[lo]) / static_cast<float>(hi - lo);
+  thread_local std::vector<float> buf;
+  float* y = grown(buf, L).data();
+  const float inv = 1.f / exp_shifted(x, L, max_of(x, L));
+  const int64_t r = kernel / 2, lo_end = std::min(r, L), hi_start = std::max(lo_end, L - r);
+  const __m256 w = _mm256_set1_ps(inv / static_cast<float>(kernel));
+  int64_t t = lo_end;
+  for (; t + 8 <= hi_start; t += 8) {
+    __m256 acc = _mm256_loadu_ps(x + t - r);
+    for (int64_t j = 1 - r; j <= r; ++j) acc = _mm256_add_ps(acc, _mm256_loadu_ps(x + t + j));
+    _mm256_storeu_ps(y + t, _mm256_mul_ps(acc, w));
   }
+  auto edge = [&](int64_t u) {
+    const int64_t lo = std::max<int64_t>(0, u - r), hi = std::min<int64_t>(L, u + r + 1);
+    float sum = 0.f;
+    for (int64_t j = lo; j < hi; ++j) sum += x[j];
+    y[u] = sum * inv / static_cast<float>(hi - lo);
+  };
+  for (; t < hi_start; ++t) edge(t);
+  for (int64_t u = 0; u < lo_end; ++u) edge(u);
+  for (int64_t u = hi_start; u < L; ++u) edge(u);
+  std::copy(y, y + L, x);
 }
 
 // top[0..K) = ascending positions of the K highest s[t], t < C (ties: lower t first); K <= C.
