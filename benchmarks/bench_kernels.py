@@ -1,6 +1,6 @@
 """Gather-attention kernel throughput against the machine's memory bandwidth, same run.
 
-    python benchmarks/bench_kernels.py [--tokens 32768] [--heads 8] [--group 4] [--head-size 64]
+    python benchmarks/bench_kernels.py [--tokens 32768] [--heads 8] [--group 4] [--head-size 64] [--device cuda]
 
 Bandwidth: the best of several large copies (read + write bytes / s). Kernel: one decode step
 of ``--heads`` single-head caches of ``--tokens`` tokens each (fp32 and bf16, blocks in scrambled
@@ -19,15 +19,17 @@ from bench_reference_ops import timed
 from vllm_heterocache.ops import kernels
 
 
-def best_time(fn, repeats: int) -> float:
-    """Best of ``repeats`` runs after a warm-up, in seconds."""
+def best_time(fn, repeats: int, device: str = "cpu") -> float:
+    """Best of ``repeats`` runs after a warm-up, in seconds (CUDA: synchronized)."""
+    if device == "cuda":
+        return timed(lambda: (fn(), torch.cuda.synchronize()), repeats) / 1e3
     return timed(fn, repeats) / 1e3
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    src = torch.ones(nbytes // 4)
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    return 2 * nbytes / best_time(lambda: dst.copy_(src), 5)
+    return 2 * nbytes / best_time(lambda: dst.copy_(src), 5, device)
 
 
 def main() -> None:
@@ -38,23 +40,25 @@ def main() -> None:
     p.add_argument("--head-size", type=int, default=64)
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     a = p.parse_args()
-    print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}")
-    bw = copy_bandwidth()
+    dev = a.device
+    print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}; device {dev}")
+    bw = copy_bandwidth(dev)
     print(f"memory bandwidth (1 GiB copy, read + write): {bw / 1e9:.1f} GB/s")
     n, d, bs = a.tokens, a.head_size, a.block_size
     nb = -(-n // bs)
     for dtype in (torch.float32, torch.bfloat16):
-        caches = [torch.randn(nb, 1, bs, 2 * d).to(dtype) for _ in range(a.heads)]
-        tables = [torch.randperm(nb).int()[None] for _ in range(a.heads)]
-        q = torch.randn(1, a.heads * a.group, d).to(dtype)
+        caches = [torch.randn(nb, 1, bs, 2 * d).to(dtype).to(dev) for _ in range(a.heads)]
+        tables = [torch.randperm(nb).int()[None].to(dev) for _ in range(a.heads)]
+        q = torch.randn(1, a.heads * a.group, d).to(dtype).to(dev)
         out = torch.empty_like(q)
-        work = torch.tensor([[0, h, 0, n, n, n] for h in range(a.heads)], dtype=torch.int64)
+        work = torch.tensor([[0, h, 0, n, n, n] for h in range(a.heads)], dtype=torch.int64, device=dev)
         nbytes = a.heads * n * 2 * d * caches[0].element_size()
-        t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, True, d**-0.5), a.repeats)
+        t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, True, d**-0.5), a.repeats, dev)
         line = (f"{str(dtype):<15} {a.heads} heads x {n} tokens: kernel {t * 1e3:7.2f} ms, {nbytes / t / 1e9:6.1f} GB/s "
                 f"({nbytes / t / bw:.2f} of copy bandwidth)")
-        if dtype == torch.float32:
+        if dtype == torch.float32 and dev == "cpu":
             ref = torch.empty_like(q)
             tr = best_time(lambda: kernels.gather_attention_reference(q, ref, caches, tables, work, True, d**-0.5), 2)
             line += f"; PyTorch reference {tr * 1e3:.1f} ms"

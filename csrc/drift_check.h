@@ -37,6 +37,14 @@ struct DriftCheckArgs {
   int64_t scores_width;
 };
 
+// CPU (csrc/cpu/drift_check.cpp).
 void drift_check_cpu(const DriftCheckArgs& args);
+
+#ifdef __CUDACC__
+// CUDA (csrc/cuda/drift_check.cu): every pointer in args must be device-readable; workspace is
+// drift_check_cuda_workspace(args) bytes of device memory.
+size_t drift_check_cuda_workspace(const DriftCheckArgs& args);
+void drift_check_cuda(const DriftCheckArgs& args, void* workspace, cudaStream_t stream);
+#endif
 
 }  // namespace heterocache

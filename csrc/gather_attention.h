@@ -49,7 +49,7 @@ void gather_attention_cpu(const GatherAttentionArgs& args);
 
 #ifdef __CUDACC__
 // CUDA (sm_80, sm_90; csrc/cuda/gather_attention.cu). The pointer arrays of args must be
-// device-readable. No torch binding yet: compiled as a build check only.
+// device-readable. Bound in csrc/cuda/torch_bindings_cuda.cu.
 void gather_attention_cuda(const GatherAttentionArgs& args, cudaStream_t stream);
 #endif
 

@@ -35,8 +35,9 @@ struct RefillCopyArgs {
 void refill_copy_cpu(const RefillCopyArgs& args);
 
 #ifdef __CUDACC__
-// CUDA (csrc/cuda/refill_copy.cu); the pointer arrays of args must be device-readable. No torch
-// binding yet: compiled as a build check only.
+// CUDA (csrc/cuda/refill_copy.cu); the pointer arrays of args must be device-readable, the
+// storage may be pinned host memory (read through unified addressing). Bound in
+// csrc/cuda/torch_bindings_cuda.cu.
 void refill_copy_cuda(const RefillCopyArgs& args, cudaStream_t stream);
 #endif
 

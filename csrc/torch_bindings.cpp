@@ -1,149 +1,42 @@
-// torch.library registration of the kernels (namespace "heterocache"); the only file that sees
-// torch. Fake (meta) implementations are registered from Python (vllm_heterocache/ops/kernels.py).
+// torch.library registration of the kernels (namespace "heterocache") and their CPU
+// implementations; argument checks and packing are in bindings.h (shared with the CUDA binding,
+// cuda/torch_bindings_cuda.cu). Fake (meta) implementations are registered from Python
+// (vllm_heterocache/ops/kernels.py).
 #include <Python.h>
 #include <torch/library.h>
-#include <ATen/ATen.h>
 
-#include <cmath>
-#include <vector>
-
-#include "drift_check.h"
-#include "gather_attention.h"
-#include "refill_copy.h"
+#include "bindings.h"
 
 namespace {
 
-heterocache::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return heterocache::DType::kFloat32;
-    case at::kBFloat16: return heterocache::DType::kBFloat16;
-    case at::kHalf: return heterocache::DType::kFloat16;
-    default: TORCH_CHECK(false, "heterocache::gather_attention: unsupported dtype ", t.scalar_type());
-  }
-}
+using namespace heterocache::binding;
 
 void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorList caches, at::TensorList tables,
                       const at::Tensor& work, bool k_transposed, double scale) {
-  TORCH_CHECK(query.dim() == 3 && output.sizes() == query.sizes(), "query and output must be [T, Hq, D] alike");
-  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query must be contiguous in [Hq, D]");
-  TORCH_CHECK(output.stride(2) == 1 && output.stride(1) == output.size(2), "output must be contiguous in [Hq, D]");
-  TORCH_CHECK(output.scalar_type() == query.scalar_type(), "output dtype must equal query dtype");
-  TORCH_CHECK(work.scalar_type() == at::kLong && work.dim() == 2 && work.size(1) == 6 && work.is_contiguous(),
-              "work must be contiguous int64 [n, 6]");
-  const int64_t hkv = static_cast<int64_t>(caches.size());
-  TORCH_CHECK(hkv > 0 && static_cast<int64_t>(tables.size()) == hkv, "one cache and one table per KV head");
-  TORCH_CHECK(query.size(1) % hkv == 0, "query heads must be a multiple of the KV heads");
-  const int64_t group = query.size(1) / hkv, head_size = query.size(2);
-  TORCH_CHECK(group <= 16 && head_size <= 256 && head_size % 8 == 0,
-              "group <= 16 and head_size <= 256, a multiple of 8, supported");
-  const int64_t block_size = caches[0].size(2);
-  std::vector<const void*> cache_ptrs(hkv);
-  std::vector<int64_t> block_strides(hkv), table_strides(hkv);
-  std::vector<const int32_t*> table_ptrs(hkv);
-  for (int64_t h = 0; h < hkv; ++h) {
-    const at::Tensor& c = caches[h];
-    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * head_size,
-                "cache ", h, " must be [num_blocks, 1, block_size, 2 * head_size]");
-    TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == 2 * head_size, "cache ", h, " must be contiguous inside a block");
-    TORCH_CHECK(c.scalar_type() == query.scalar_type(), "cache dtype must equal query dtype");
-    const at::Tensor& t = tables[h];
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.stride(1) == 1, "table ", h, " must be int32 [rows, n]");
-    cache_ptrs[h] = c.data_ptr();
-    block_strides[h] = c.stride(0);
-    table_ptrs[h] = t.data_ptr<int32_t>();
-    table_strides[h] = t.stride(0);
-  }
-  heterocache::GatherAttentionArgs args{
-      dtype_of(query), query.data_ptr(), output.data_ptr(), query.stride(0), output.stride(0), cache_ptrs.data(),
-      block_strides.data(), table_ptrs.data(), table_strides.data(), work.data_ptr<int64_t>(), work.size(0),
-      group, head_size, block_size, k_transposed, static_cast<float>(scale)};
-  heterocache::gather_attention_cpu(args);
+  GatherPacked packed = pack_gather(query, output, caches, tables, work, k_transposed, scale);
+  heterocache::gather_attention_cpu(packed.args);
 }
 
 void drift_check(const at::Tensor& queries, at::TensorList caches, at::TensorList tables, int64_t row, int64_t key_len,
                  int64_t candidates, const at::Tensor& reference, int64_t topk, double threshold, int64_t pool_kernel,
                  bool k_transposed, at::Tensor& drift, at::Tensor& median, at::Tensor& latest_topk,
                  at::Tensor& latest_scores) {
-  TORCH_CHECK(queries.scalar_type() == at::kFloat && queries.dim() == 4 && queries.is_contiguous(),
-              "queries must be contiguous float32 [P, N, G, D]");
-  const int64_t P = queries.size(0), D = queries.size(3);
-  TORCH_CHECK(static_cast<int64_t>(caches.size()) == P && static_cast<int64_t>(tables.size()) == P,
-              "one cache and one table per pivot");
-  TORCH_CHECK(pool_kernel >= 1 && pool_kernel % 2 == 1, "pool_kernel must be odd");
-  TORCH_CHECK(reference.scalar_type() == at::kLong && reference.dim() == 2 && reference.size(0) == P &&
-              reference.is_contiguous(), "reference must be contiguous int64 [P, K]");
-  TORCH_CHECK(drift.scalar_type() == at::kBool && drift.numel() == P && drift.is_contiguous(), "drift: bool [P]");
-  TORCH_CHECK(median.scalar_type() == at::kFloat && median.numel() == P && median.is_contiguous(), "median: float [P]");
-  TORCH_CHECK(latest_topk.scalar_type() == at::kLong && latest_topk.dim() == 2 && latest_topk.size(0) == P &&
-              latest_topk.is_contiguous(), "latest_topk: int64 [P, K]");
-  TORCH_CHECK(latest_scores.scalar_type() == at::kFloat && latest_scores.dim() == 2 && latest_scores.size(0) == P &&
-              latest_scores.is_contiguous(), "latest_scores: float32 [P, T]");
-  std::vector<const void*> cache_ptrs(P);
-  std::vector<int64_t> block_strides(P);
-  std::vector<const int32_t*> table_ptrs(P);
-  const int64_t block_size = P ? caches[0].size(2) : 1;
-  for (int64_t p = 0; p < P; ++p) {
-    const at::Tensor& c = caches[p];
-    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * D &&
-                c.stride(3) == 1 && c.stride(2) == 2 * D, "cache ", p, " must be [num_blocks, 1, block_size, 2 * D]");
-    TORCH_CHECK(c.scalar_type() == caches[0].scalar_type(), "caches must share one dtype");
-    const at::Tensor& t = tables[p];
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.stride(1) == 1 && row < t.size(0) &&
-                (key_len + block_size - 1) / block_size <= t.size(1), "table ", p, " must be int32 [rows, n] covering key_len");
-    cache_ptrs[p] = c.data_ptr();
-    block_strides[p] = c.stride(0);
-    table_ptrs[p] = t.data_ptr<int32_t>() + row * t.stride(0);
-  }
-  heterocache::DriftCheckArgs args{
-      P ? dtype_of(caches[0]) : heterocache::DType::kFloat32, queries.data_ptr<float>(), cache_ptrs.data(),
-      block_strides.data(), table_ptrs.data(), P, queries.size(1), queries.size(2), D, block_size, k_transposed,
-      key_len, candidates, topk, pool_kernel, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))),
-      static_cast<float>(threshold), reference.data_ptr<int64_t>(), reference.size(1), drift.data_ptr<bool>(),
-      median.data_ptr<float>(), latest_topk.data_ptr<int64_t>(), latest_topk.size(1), latest_scores.data_ptr<float>(),
-      latest_scores.size(1)};
-  heterocache::drift_check_cpu(args);
+  DriftPacked packed = pack_drift(queries, caches, tables, row, key_len, candidates, reference, topk, threshold,
+                                  pool_kernel, k_transposed, drift, median, latest_topk, latest_scores);
+  heterocache::drift_check_cpu(packed.args);
 }
 
 void refill_copy(const at::Tensor& storage, const at::Tensor& host_blocks, const at::Tensor& host_rows,
                  const at::Tensor& positions, at::TensorList caches, at::TensorList tables, bool k_transposed) {
-  TORCH_CHECK(storage.dim() == 5 && storage.size(3) == 2 && storage.is_contiguous(),
-              "storage must be contiguous [num_blocks, rows, block_size, 2, D]");
-  const int64_t D = storage.size(4), hbs = storage.size(2), S = static_cast<int64_t>(caches.size());
-  TORCH_CHECK(storage.element_size() == 2 || storage.element_size() == 4, "storage: 16- or 32-bit elements");
-  TORCH_CHECK(host_blocks.scalar_type() == at::kLong && host_blocks.dim() == 1 && host_blocks.is_contiguous(),
-              "host_blocks must be contiguous int64 [n]");
-  TORCH_CHECK(host_rows.scalar_type() == at::kLong && host_rows.numel() == S && host_rows.is_contiguous(),
-              "host_rows must be contiguous int64 [S], one per cache");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 2 && positions.size(0) == S &&
-              positions.is_contiguous(), "positions must be contiguous int64 [S, width]");
-  TORCH_CHECK(static_cast<int64_t>(tables.size()) == S, "one table per cache");
-  if (S == 0 || positions.numel() == 0) return;
-  TORCH_CHECK(positions.max().item<int64_t>() < host_blocks.numel() * hbs, "positions beyond the host blocks");
+  RefillPacked packed = pack_refill(storage, host_blocks, host_rows, positions, caches, tables, k_transposed);
+  if (packed.args.num_sats == 0 || positions.numel() == 0) return;
+  TORCH_CHECK(positions.max().item<int64_t>() < host_blocks.numel() * storage.size(2),
+              "positions beyond the host blocks");
   TORCH_CHECK(host_blocks.numel() == 0 || (host_blocks.min().item<int64_t>() >= 0 &&
               host_blocks.max().item<int64_t>() < storage.size(0)), "host_blocks out of range");
   TORCH_CHECK(host_rows.min().item<int64_t>() >= 0 && host_rows.max().item<int64_t>() < storage.size(1),
               "host_rows out of range");
-  const int64_t block_size = caches[0].size(2);
-  std::vector<void*> cache_ptrs(S);
-  std::vector<int64_t> block_strides(S);
-  std::vector<const int32_t*> table_ptrs(S);
-  for (int64_t s = 0; s < S; ++s) {
-    const at::Tensor& c = caches[s];
-    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * D &&
-                c.stride(3) == 1 && c.stride(2) == 2 * D, "cache ", s, " must be [num_blocks, 1, block_size, 2 * D]");
-    TORCH_CHECK(c.scalar_type() == storage.scalar_type(), "caches must have the storage's dtype");
-    const at::Tensor& t = tables[s];
-    TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous(), "table ", s, " must be int32 [n]");
-    TORCH_CHECK(positions.size(1) <= t.size(0) * block_size, "table ", s, " must cover the slots written");
-    cache_ptrs[s] = c.data_ptr();
-    block_strides[s] = c.stride(0);
-    table_ptrs[s] = t.data_ptr<int32_t>();
-  }
-  heterocache::RefillCopyArgs args{
-      static_cast<int64_t>(storage.element_size()), storage.data_ptr(), storage.size(1), hbs, D,
-      host_blocks.data_ptr<int64_t>(), S, host_rows.data_ptr<int64_t>(), positions.data_ptr<int64_t>(),
-      positions.size(1), cache_ptrs.data(), block_strides.data(), table_ptrs.data(), block_size, k_transposed};
-  heterocache::refill_copy_cpu(args);
+  heterocache::refill_copy_cpu(packed.args);
 }
 
 }  // namespace

@@ -10,6 +10,15 @@ import torch
 from vllm_heterocache.ops import kernels
 
 needs_kernels = pytest.mark.skipif(not kernels.HAVE_KERNELS, reason=f"extension not built: {kernels.describe()}")
+# every kernel test runs on the CPU and, where a GPU and the CUDA kernels are there, on CUDA
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not (torch.cuda.is_available() and kernels.has_cuda_kernels()),
+    reason="needs a CUDA GPU and the extension built with its CUDA kernels (setup.py)")])]
+
+
+def on(device, *tensors):
+    """The tensors (or lists of tensors) moved to ``device``."""
+    return [[x.to(device) for x in t] if isinstance(t, list) else t.to(device) for t in tensors]
 
 
 def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0):
@@ -85,15 +94,17 @@ def test_reference_fallback_matches_dense(name, k_transposed):
 
 
 @needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_gather_attention_kernel(name, k_transposed, dtype):
+def test_gather_attention_kernel(name, k_transposed, dtype, device):
     g, hkv, d, bs, items = CASES[name]
     q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=16)
     q_in = q.to(dtype)
-    out = torch.full(q.shape, 9.0, dtype=dtype)
-    kernels.gather_attention(q_in, out, caches, tables, work, k_transposed, 0.1)
+    out = torch.full(q.shape, 9.0, dtype=dtype, device=device)
+    kernels.gather_attention(*on(device, q_in), out, *on(device, caches, tables, work), k_transposed, 0.1)
+    out = out.cpu()
     # oracle: float32 on the same (rounded) inputs; baseline: PyTorch in the kernel's dtype
     kq, vq = k.to(dtype).float(), v.to(dtype).float()
     want = dense_reference(q_in.float(), kq, vq, work, g, 0.1)
@@ -121,10 +132,11 @@ DRIFT_CASES = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
 @pytest.mark.parametrize("name", list(DRIFT_CASES))
-def test_drift_check_kernel_matches_reference(name, k_transposed, dtype):
+def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device):
     """The reference reads the same (rounded) keys in float32, so results agree up to summation order."""
     p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
     items = [[0, h, 0, key_len, key_len, key_len] for h in range(p)]
@@ -139,7 +151,9 @@ def test_drift_check_kernel_matches_reference(name, k_transposed, dtype):
     reference[::2] = want0.latest_topk[::2]
     want = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
                                          k_transposed)
-    got = kernels.drift_check(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5, k_transposed)
+    got = kernels.drift_check(*on(device, queries, caches, tables), 0, key_len, cand, *on(device, reference), topk,
+                              0.6, 5, k_transposed)
+    got = type(got)(*(x.cpu() for x in got))
     torch.testing.assert_close(got.latest_scores, want.latest_scores, rtol=1e-4, atol=1e-6)
     assert torch.equal(got.latest_topk, want.latest_topk)
     torch.testing.assert_close(got.median_overlap, want.median_overlap)
@@ -156,10 +170,11 @@ REFILL_CASES = {
 
 
 @needs_kernels
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
 @pytest.mark.parametrize("name", list(REFILL_CASES))
-def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype):
+def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device):
     """Exact copies: the kernel's caches equal the reference's, bit for bit, and slots beyond
     each satellite's count (and other blocks, and the padding between blocks) are untouched."""
     d, bs, hbs, counts = REFILL_CASES[name]
@@ -180,7 +195,11 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype):
         made.append((flats, caches))
     tables = [torch.randperm(nb, generator=gen)[: -(-width // bs) + 1].int() for _ in range(s)]
     before = [f.clone() for f in made[0][0]]
-    kernels.refill_copy(storage, host_blocks, host_rows, positions, made[0][1], tables, k_transposed)
+    flats_dev = [f.to(device) for f in made[0][0]]
+    caches_dev = [f.as_strided(c.shape, c.stride()) for f, c in zip(flats_dev, made[0][1])]
+    kernels.refill_copy(*on(device, storage), host_blocks, host_rows, positions, caches_dev, *on(device, tables),
+                        k_transposed)
+    made[0] = ([f.cpu() for f in flats_dev], [f.cpu().as_strided(c.shape, c.stride()) for f, c in zip(flats_dev, made[0][1])])
     kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, made[1][1], tables, k_transposed)
     for i in range(s):
         assert torch.equal(made[0][0][i], made[1][0][i])

@@ -2,7 +2,7 @@
 //
 // One thread block per (satellite, slot); its threads copy the head dimension of K and of V as
 // raw elements (2 or 4 bytes). The argument arrays must be device-readable; -1 ends a
-// satellite's positions. Compiled as a build check on machines without a GPU (no binding yet).
+// satellite's positions. Compiled as a build check on machines without a GPU.
 #include <cuda_runtime.h>
 
 #include <cstdint>

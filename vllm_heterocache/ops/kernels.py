@@ -36,9 +36,15 @@ if HAVE_KERNELS:
         return None
 
 
+def has_cuda_kernels() -> bool:
+    """Whether the extension was built with its CUDA kernels (setup.py: CUDA torch + toolchain)."""
+    return HAVE_KERNELS and torch._C._dispatch_has_kernel_for_dispatch_key("heterocache::gather_attention", "CUDA")
+
+
 def describe() -> str:
     if HAVE_KERNELS:
-        return "compiled CPU kernels (vllm_heterocache._C: AVX2, OpenMP)"
+        cuda = "; CUDA kernels built" if has_cuda_kernels() else ""
+        return f"compiled CPU kernels (vllm_heterocache._C: AVX2, OpenMP{cuda})"
     return f"PyTorch reference ops (the extension vllm_heterocache._C is not available: {_WHY})"
 
 
@@ -164,11 +170,11 @@ def drift_check(
     if not HAVE_KERNELS:
         return drift_check_reference(queries, caches, tables, row, key_len, candidates, reference, topk, threshold,
                                      pool_kernel, k_transposed)
-    p = queries.shape[0]
-    drift = torch.empty(p, dtype=torch.bool)
-    median = torch.empty(p)
-    latest = torch.empty(p, max(0, min(topk, candidates, key_len)), dtype=torch.int64)
-    scores = torch.empty(p, key_len)
+    p, dev = queries.shape[0], queries.device
+    drift = torch.empty(p, dtype=torch.bool, device=dev)
+    median = torch.empty(p, device=dev)
+    latest = torch.empty(p, max(0, min(topk, candidates, key_len)), dtype=torch.int64, device=dev)
+    scores = torch.empty(p, key_len, device=dev)
     torch.ops.heterocache.drift_check(queries.float().contiguous(), caches, tables, row, key_len, candidates,
                                       reference.contiguous(), topk, threshold, pool_kernel, k_transposed, drift,
                                       median, latest, scores)
