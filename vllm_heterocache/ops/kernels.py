@@ -2,7 +2,8 @@
 
 ``torch.ops.heterocache.{gather_attention, drift_check, refill_copy}`` when the extension is
 built (``setup.py``), else :func:`gather_attention_reference` / :func:`drift_check_reference` /
-:func:`refill_copy_reference`, the same contracts in PyTorch. :func:`describe` is the startup line that says which runs.
+:func:`refill_copy_reference`, the same contracts in PyTorch. :func:`describe` is the startup
+line that says which runs.
 """
 
 from __future__ import annotations
