@@ -14,6 +14,9 @@ needs_kernels = pytest.mark.skipif(not kernels.HAVE_KERNELS, reason=f"extension 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.has_cuda_kernels()),
     reason="needs a CUDA GPU and the extension built with its CUDA kernels (setup.py)")])]
+ON_DEVICES = pytest.mark.parametrize("device", DEVICES)
+IN_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+IN_LAYOUTS = pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
 
 
 def on(device, *tensors):
@@ -81,7 +84,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@IN_LAYOUTS
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_fallback_matches_dense(name, k_transposed):
     g, hkv, d, bs, items = CASES[name]
@@ -94,9 +97,9 @@ def test_reference_fallback_matches_dense(name, k_transposed):
 
 
 @needs_kernels
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@ON_DEVICES
+@IN_DTYPES
+@IN_LAYOUTS
 @pytest.mark.parametrize("name", list(CASES))
 def test_gather_attention_kernel(name, k_transposed, dtype, device):
     g, hkv, d, bs, items = CASES[name]
@@ -132,9 +135,9 @@ DRIFT_CASES = {
 }
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@ON_DEVICES
+@IN_DTYPES
+@IN_LAYOUTS
 @pytest.mark.parametrize("name", list(DRIFT_CASES))
 def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device):
     """The reference reads the same (rounded) keys in float32, so results agree up to summation order."""
@@ -170,9 +173,9 @@ REFILL_CASES = {
 
 
 @needs_kernels
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+@ON_DEVICES
+@IN_DTYPES
+@IN_LAYOUTS
 @pytest.mark.parametrize("name", list(REFILL_CASES))
 def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device):
     """Exact copies: the kernel's caches equal the reference's, bit for bit, and slots beyond
@@ -188,27 +191,26 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
     for i, c in enumerate(counts):
         positions[i, :c] = torch.randperm(prompt, generator=gen)[:c].sort().values
     nb, page, pad = 12, bs * 2 * d, 8
-    made = []
-    for _ in range(2):
-        flats = [torch.randn(nb, page + pad, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(s)]
-        caches = [f.as_strided((nb, 1, bs, 2 * d), (page + pad, page, 2 * d, 1)) for f in flats]
-        made.append((flats, caches))
+
+    def caches_of(flats):  # single-head caches whose blocks are `pad` elements apart
+        return [f.as_strided((nb, 1, bs, 2 * d), (page + pad, page, 2 * d, 1)) for f in flats]
+
+    before = [torch.randn(nb, page + pad, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(s)]
     tables = [torch.randperm(nb, generator=gen)[: -(-width // bs) + 1].int() for _ in range(s)]
-    before = [f.clone() for f in made[0][0]]
-    flats_dev = [f.to(device) for f in made[0][0]]
-    caches_dev = [f.as_strided(c.shape, c.stride()) for f, c in zip(flats_dev, made[0][1])]
-    kernels.refill_copy(*on(device, storage), host_blocks, host_rows, positions, caches_dev, *on(device, tables),
-                        k_transposed)
-    made[0] = ([f.cpu() for f in flats_dev], [f.cpu().as_strided(c.shape, c.stride()) for f, c in zip(flats_dev, made[0][1])])
-    kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, made[1][1], tables, k_transposed)
+    on_device = [f.clone().to(device) for f in before]
+    kernels.refill_copy(*on(device, storage), host_blocks, host_rows, positions, caches_of(on_device),
+                        *on(device, tables), k_transposed)
+    got = [f.cpu() for f in on_device]
+    want = [f.clone() for f in before]
+    kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, caches_of(want), tables, k_transposed)
     for i in range(s):
-        assert torch.equal(made[0][0][i], made[1][0][i])
-        k, v = kernels.read_positions(made[0][1][i], tables[i], torch.arange(counts[i]), k_transposed)
+        assert torch.equal(got[i], want[i])
+        k, v = kernels.read_positions(caches_of(got)[i], tables[i], torch.arange(counts[i]), k_transposed)
         pos = positions[i, : counts[i]]
         src = storage[host_blocks[pos // hbs], int(host_rows[i]), pos % hbs]
         assert torch.equal(k, src[:, 0]) and torch.equal(v, src[:, 1])
         written = torch.zeros(nb, page + pad, dtype=torch.bool)
-        blocks, k_at, v_at = kernels._region_index(made[0][1][i], tables[i], torch.arange(counts[i]), k_transposed)
+        blocks, k_at, v_at = kernels._region_index(caches_of(got)[i], tables[i], torch.arange(counts[i]), k_transposed)
         written[blocks[:, None], k_at] = True
         written[blocks[:, None], bs * d + v_at] = True
-        assert torch.equal(made[0][0][i][~written], before[i][~written])
+        assert torch.equal(got[i][~written], before[i][~written])
