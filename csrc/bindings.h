@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "drift_check.h"
@@ -23,32 +24,45 @@ inline DType dtype_of(const at::Tensor& t) {
   }
 }
 
-// Pointer arrays of a call: one int64 buffer (caches, strides, tables ...), so that a CUDA
-// binding can copy it to the device in one transfer and re-point the args at the copy.
-struct PointerArrays {
+// The packed args of one call, with the pointer arrays they point to in one int64 buffer
+// (caches | block strides | tables | table strides, gather only), so that a CUDA binding copies
+// them to the device in one transfer and re-points the args at the copy.
+template <typename Args>
+struct Packed {
+  Args args;
   std::vector<int64_t> words;
-  template <typename P>
-  size_t add(P value) {
-    words.push_back(reinterpret_cast<int64_t>(value));
-    return words.size() - 1;
-  }
-  size_t add_int(int64_t value) {
-    words.push_back(value);
-    return words.size() - 1;
-  }
-};
+  int64_t count = 0;  // caches
 
-struct GatherPacked {
-  GatherAttentionArgs args;
-  PointerArrays arrays;
-  size_t caches, block_strides, tables, table_strides;  // offsets into arrays.words
   void point_at(const int64_t* base) {
-    args.caches = reinterpret_cast<const void* const*>(base + caches);
-    args.block_strides = base + block_strides;
-    args.tables = reinterpret_cast<const int32_t* const*>(base + tables);
-    args.table_strides = base + table_strides;
+    args.caches = reinterpret_cast<decltype(args.caches)>(base);
+    args.block_strides = base + count;
+    args.tables = reinterpret_cast<decltype(args.tables)>(base + 2 * count);
+    if constexpr (std::is_same_v<Args, GatherAttentionArgs>) args.table_strides = base + 3 * count;
   }
 };
+using GatherPacked = Packed<GatherAttentionArgs>;
+using DriftPacked = Packed<DriftCheckArgs>;
+using RefillPacked = Packed<RefillCopyArgs>;
+
+// Cache i: a single-head paged cache [num_blocks, 1, block_size, 2 * D], contiguous inside a
+// block (blocks may be padded apart), of the call's dtype and device.
+inline void check_cache(const at::Tensor& c, int64_t i, int64_t block_size, int64_t head_size, at::ScalarType dtype,
+                        const at::Device& device) {
+  TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * head_size,
+              "cache ", i, " must be [num_blocks, 1, block_size, 2 * head_size]");
+  TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == 2 * head_size, "cache ", i, " must be contiguous inside a block");
+  TORCH_CHECK(c.scalar_type() == dtype, "cache ", i, " has dtype ", c.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(c.device() == device, "cache ", i, " is on ", c.device(), ", expected ", device);
+}
+
+// packed.words <- the caches' base pointers and block strides, then their table rows.
+template <typename Args>
+void add_caches(Packed<Args>& packed, at::TensorList caches, const std::vector<const int32_t*>& table_rows) {
+  packed.count = static_cast<int64_t>(caches.size());
+  for (const at::Tensor& c : caches) packed.words.push_back(reinterpret_cast<int64_t>(c.data_ptr()));
+  for (const at::Tensor& c : caches) packed.words.push_back(c.stride(0));
+  for (const int32_t* t : table_rows) packed.words.push_back(reinterpret_cast<int64_t>(t));
+}
 
 inline GatherPacked pack_gather(const at::Tensor& query, at::Tensor& output, at::TensorList caches,
                                 at::TensorList tables, const at::Tensor& work, bool k_transposed, double scale) {
@@ -66,47 +80,24 @@ inline GatherPacked pack_gather(const at::Tensor& query, at::Tensor& output, at:
   TORCH_CHECK(group <= 16 && head_size <= 256 && head_size % 8 == 0,
               "group <= 16 and head_size <= 256, a multiple of 8, supported");
   const int64_t block_size = caches[0].size(2);
-  GatherPacked out;
-  PointerArrays& w = out.arrays;
+  std::vector<const int32_t*> table_rows;
   for (int64_t h = 0; h < hkv; ++h) {
-    const at::Tensor& c = caches[h];
-    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * head_size,
-                "cache ", h, " must be [num_blocks, 1, block_size, 2 * head_size]");
-    TORCH_CHECK(c.stride(3) == 1 && c.stride(2) == 2 * head_size, "cache ", h, " must be contiguous inside a block");
-    TORCH_CHECK(c.scalar_type() == query.scalar_type(), "cache dtype must equal query dtype");
-    TORCH_CHECK(c.device() == query.device(), "caches must be on the query's device");
-  }
-  for (int64_t h = 0; h < hkv; ++h) {
+    check_cache(caches[h], h, block_size, head_size, query.scalar_type(), query.device());
     const at::Tensor& t = tables[h];
     TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.stride(1) == 1, "table ", h, " must be int32 [rows, n]");
     TORCH_CHECK(t.device() == query.device(), "tables must be on the query's device");
+    table_rows.push_back(t.data_ptr<int32_t>());
   }
-  out.caches = w.words.size();
-  for (int64_t h = 0; h < hkv; ++h) w.add(caches[h].data_ptr());
-  out.block_strides = w.words.size();
-  for (int64_t h = 0; h < hkv; ++h) w.add_int(caches[h].stride(0));
-  out.tables = w.words.size();
-  for (int64_t h = 0; h < hkv; ++h) w.add(tables[h].data_ptr<int32_t>());
-  out.table_strides = w.words.size();
-  for (int64_t h = 0; h < hkv; ++h) w.add_int(tables[h].stride(0));
+  GatherPacked out;
+  add_caches(out, caches, table_rows);
+  for (int64_t h = 0; h < hkv; ++h) out.words.push_back(tables[h].stride(0));
   out.args = GatherAttentionArgs{
       dtype_of(query), query.data_ptr(), output.data_ptr(), query.stride(0), output.stride(0), nullptr, nullptr,
       nullptr, nullptr, work.data_ptr<int64_t>(), work.size(0), group, head_size, block_size, k_transposed,
       static_cast<float>(scale)};
-  out.point_at(w.words.data());
+  out.point_at(out.words.data());
   return out;
 }
-
-struct DriftPacked {
-  DriftCheckArgs args;
-  PointerArrays arrays;
-  size_t caches, block_strides, tables;
-  void point_at(const int64_t* base) {
-    args.caches = reinterpret_cast<const void* const*>(base + caches);
-    args.block_strides = base + block_strides;
-    args.tables = reinterpret_cast<const int32_t* const*>(base + tables);
-  }
-};
 
 inline DriftPacked pack_drift(const at::Tensor& queries, at::TensorList caches, at::TensorList tables, int64_t row,
                               int64_t key_len, int64_t candidates, const at::Tensor& reference, int64_t topk,
@@ -127,45 +118,26 @@ inline DriftPacked pack_drift(const at::Tensor& queries, at::TensorList caches, 
   TORCH_CHECK(latest_scores.scalar_type() == at::kFloat && latest_scores.dim() == 2 && latest_scores.size(0) == P &&
               latest_scores.is_contiguous(), "latest_scores: float32 [P, T]");
   const int64_t block_size = P ? caches[0].size(2) : 1;
+  std::vector<const int32_t*> table_rows;
   for (int64_t p = 0; p < P; ++p) {
-    const at::Tensor& c = caches[p];
-    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * D &&
-                c.stride(3) == 1 && c.stride(2) == 2 * D, "cache ", p, " must be [num_blocks, 1, block_size, 2 * D]");
-    TORCH_CHECK(c.scalar_type() == caches[0].scalar_type(), "caches must share one dtype");
-    TORCH_CHECK(c.device() == queries.device(), "caches must be on the queries' device");
+    check_cache(caches[p], p, block_size, D, caches[0].scalar_type(), queries.device());
     const at::Tensor& t = tables[p];
     TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 2 && t.stride(1) == 1 && row < t.size(0) &&
                 (key_len + block_size - 1) / block_size <= t.size(1), "table ", p, " must be int32 [rows, n] covering key_len");
     TORCH_CHECK(t.device() == queries.device(), "tables must be on the queries' device");
+    table_rows.push_back(t.data_ptr<int32_t>() + row * t.stride(0));
   }
   DriftPacked out;
-  PointerArrays& w = out.arrays;
-  out.caches = w.words.size();
-  for (int64_t p = 0; p < P; ++p) w.add(caches[p].data_ptr());
-  out.block_strides = w.words.size();
-  for (int64_t p = 0; p < P; ++p) w.add_int(caches[p].stride(0));
-  out.tables = w.words.size();
-  for (int64_t p = 0; p < P; ++p) w.add(tables[p].data_ptr<int32_t>() + row * tables[p].stride(0));
+  add_caches(out, caches, table_rows);
   out.args = DriftCheckArgs{
       P ? dtype_of(caches[0]) : DType::kFloat32, queries.data_ptr<float>(), nullptr, nullptr, nullptr, P,
       queries.size(1), queries.size(2), D, block_size, k_transposed, key_len, candidates, topk, pool_kernel,
       static_cast<float>(1.0 / std::sqrt(static_cast<double>(D))), static_cast<float>(threshold),
       reference.data_ptr<int64_t>(), reference.size(1), drift.data_ptr<bool>(), median.data_ptr<float>(),
       latest_topk.data_ptr<int64_t>(), latest_topk.size(1), latest_scores.data_ptr<float>(), latest_scores.size(1)};
-  out.point_at(w.words.data());
+  out.point_at(out.words.data());
   return out;
 }
-
-struct RefillPacked {
-  RefillCopyArgs args;
-  PointerArrays arrays;
-  size_t caches, block_strides, tables;
-  void point_at(const int64_t* base) {
-    args.caches = reinterpret_cast<void* const*>(base + caches);
-    args.block_strides = base + block_strides;
-    args.tables = reinterpret_cast<const int32_t* const*>(base + tables);
-  }
-};
 
 // Checks that read values (positions, blocks and rows in range) are left to the caller of a
 // CUDA kernel; on CPU they are done here.
@@ -184,29 +156,22 @@ inline RefillPacked pack_refill(const at::Tensor& storage, const at::Tensor& hos
               positions.is_contiguous(), "positions must be contiguous int64 [S, width]");
   TORCH_CHECK(static_cast<int64_t>(tables.size()) == S, "one table per cache");
   const int64_t block_size = S ? caches[0].size(2) : 1;
+  std::vector<const int32_t*> table_rows;
   for (int64_t s = 0; s < S; ++s) {
-    const at::Tensor& c = caches[s];
-    TORCH_CHECK(c.dim() == 4 && c.size(1) == 1 && c.size(2) == block_size && c.size(3) == 2 * D &&
-                c.stride(3) == 1 && c.stride(2) == 2 * D, "cache ", s, " must be [num_blocks, 1, block_size, 2 * D]");
-    TORCH_CHECK(c.scalar_type() == storage.scalar_type(), "caches must have the storage's dtype");
+    check_cache(caches[s], s, block_size, D, storage.scalar_type(), caches[0].device());
     const at::Tensor& t = tables[s];
     TORCH_CHECK(t.scalar_type() == at::kInt && t.dim() == 1 && t.is_contiguous(), "table ", s, " must be int32 [n]");
-    TORCH_CHECK(c.device() == caches[0].device() && t.device() == c.device(), "caches and tables must share a device");
+    TORCH_CHECK(t.device() == caches[0].device(), "table ", s, " must be on the caches' device");
     TORCH_CHECK(positions.size(1) <= t.size(0) * block_size, "table ", s, " must cover the slots written");
+    table_rows.push_back(t.data_ptr<int32_t>());
   }
   RefillPacked out;
-  PointerArrays& w = out.arrays;
-  out.caches = w.words.size();
-  for (int64_t s = 0; s < S; ++s) w.add(caches[s].data_ptr());
-  out.block_strides = w.words.size();
-  for (int64_t s = 0; s < S; ++s) w.add_int(caches[s].stride(0));
-  out.tables = w.words.size();
-  for (int64_t s = 0; s < S; ++s) w.add(tables[s].data_ptr<int32_t>());
+  add_caches(out, caches, table_rows);
   out.args = RefillCopyArgs{static_cast<int64_t>(storage.element_size()), storage.data_ptr(), storage.size(1), hbs, D,
                             host_blocks.data_ptr<int64_t>(), S, host_rows.data_ptr<int64_t>(),
                             positions.data_ptr<int64_t>(), positions.size(1), nullptr, nullptr, nullptr, block_size,
                             k_transposed};
-  out.point_at(w.words.data());
+  out.point_at(out.words.data());
   return out;
 }
 

@@ -15,9 +15,9 @@ using namespace heterocache::binding;
 
 // The call's pointer arrays on `device` (one copy); the returned tensor keeps them alive until the
 // kernels that read them have run (the caching allocator reuses memory in stream order).
-at::Tensor arrays_on(const PointerArrays& arrays, const at::Device& device) {
-  const at::Tensor host = at::tensor(at::ArrayRef<int64_t>(arrays.words), at::kLong);
-  return host.to(device);
+template <typename Args>
+at::Tensor arrays_on(const Packed<Args>& packed, const at::Device& device) {
+  return at::tensor(at::ArrayRef<int64_t>(packed.words), at::kLong).to(device);
 }
 
 void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorList caches, at::TensorList tables,
@@ -25,7 +25,7 @@ void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorLis
   TORCH_CHECK(query.is_cuda() && work.device() == query.device(), "query and work must be on one CUDA device");
   const c10::cuda::CUDAGuard guard(query.device());
   GatherPacked packed = pack_gather(query, output, caches, tables, work, k_transposed, scale);
-  const at::Tensor arrays = arrays_on(packed.arrays, query.device());
+  const at::Tensor arrays = arrays_on(packed, query.device());
   packed.point_at(arrays.data_ptr<int64_t>());
   heterocache::gather_attention_cuda(packed.args, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -44,7 +44,7 @@ void drift_check(const at::Tensor& queries, at::TensorList caches, at::TensorLis
   const c10::cuda::CUDAGuard guard(device);
   DriftPacked packed = pack_drift(queries, caches, tables, row, key_len, candidates, reference, topk, threshold,
                                   pool_kernel, k_transposed, drift, median, latest_topk, latest_scores);
-  const at::Tensor arrays = arrays_on(packed.arrays, device);
+  const at::Tensor arrays = arrays_on(packed, device);
   packed.point_at(arrays.data_ptr<int64_t>());
   const at::Tensor workspace =
       at::empty({static_cast<int64_t>(heterocache::drift_check_cuda_workspace(packed.args))},
@@ -64,7 +64,7 @@ void refill_copy(const at::Tensor& storage, const at::Tensor& host_blocks, const
   const at::Tensor blocks = host_blocks.to(device), rows = host_rows.to(device), pos = positions.to(device);
   RefillPacked packed = pack_refill(storage, blocks, rows, pos, caches, tables, k_transposed);
   if (packed.args.num_sats == 0 || pos.numel() == 0) return;
-  const at::Tensor arrays = arrays_on(packed.arrays, device);
+  const at::Tensor arrays = arrays_on(packed, device);
   packed.point_at(arrays.data_ptr<int64_t>());
   heterocache::refill_copy_cuda(packed.args, c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
