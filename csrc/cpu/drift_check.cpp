@@ -97,9 +97,11 @@ void run(const DriftCheckArgs& a) {
   uint8_t* marks = grown(mbuf, P * C).data();  // reference positions < C
   for (int64_t i = 0; i < P * Q * D; ++i) qs[i] = a.queries[i] * a.scale;
   std::fill(marks, marks + P * C, 0);
+  std::vector<int64_t> ref_sizes(P, 0);  // valid (>= 0) reference entries per pivot
   for (int64_t p = 0; p < P; ++p) {
     const int64_t* ref = a.reference + p * a.reference_width;
     for (int64_t i = 0; i < a.reference_width; ++i) {
+      ref_sizes[p] += ref[i] >= 0;
       if (ref[i] >= 0 && ref[i] < C) marks[p * C + ref[i]] = 1;
     }
   }
@@ -122,11 +124,9 @@ void run(const DriftCheckArgs& a) {
       thread_local std::vector<int64_t> topbuf;
       int64_t* top = grown(topbuf, K).data();
       topk_ascending(s, C, K, top);
-      const int64_t* ref = a.reference + p * a.reference_width;
-      const int64_t ref_size = std::count_if(ref, ref + a.reference_width, [](int64_t x) { return x >= 0; });
       int64_t hits = 0;
       for (int64_t k = 0; k < K; ++k) hits += marks[p * C + top[k]];
-      const int64_t smaller = std::min(K, ref_size);
+      const int64_t smaller = std::min(K, ref_sizes[p]);
       overlaps[i] = smaller > 0 ? static_cast<float>(hits) / static_cast<float>(smaller) : 1.f;
       if (n == N - 1) {
         int64_t* latest = a.latest_topk + p * a.topk_width;
