@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from vllm_heterocache.ops import kernels
+from vllm_heterocache.ops import reference as ref
 
-needs_kernels = pytest.mark.skipif(not kernels.HAVE_KERNELS, reason=f"extension not built: {kernels.describe()}")
+# Every test that compares a kernel with its reference carries this mark: without the extension,
+# kernels.gather_attention / drift_check / refill_copy ARE the references, and such a test would
+# compare the reference with itself. Tests of the references against independent oracles (dense
+# attention, dense keys, hand-computed cache addresses) run either way.
+needs_kernels = pytest.mark.skipif(
+    not kernels.HAVE_KERNELS,
+    reason=f"extension vllm_heterocache._C not built, so the kernel would be compared with itself: "
+           f"{kernels.describe()}")
 # every kernel test runs on the CPU and, where a GPU and the CUDA kernels are there, on CUDA
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not (torch.cuda.is_available() and kernels.has_cuda_kernels()),
@@ -135,12 +143,9 @@ DRIFT_CASES = {
 }
 
 
-@ON_DEVICES
-@IN_DTYPES
-@IN_LAYOUTS
-@pytest.mark.parametrize("name", list(DRIFT_CASES))
-def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device):
-    """The reference reads the same (rounded) keys in float32, so results agree up to summation order."""
+def make_drift_case(name, dtype, k_transposed):
+    """Paged caches of P pivots, their dense keys, queries and reference sets; even pivots' reference
+    is their own latest top-K over the same query every step (so they do not drift)."""
     p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
     items = [[0, h, 0, key_len, key_len, key_len] for h in range(p)]
     _, k, v, caches, tables, _ = make_case(1, p, d, bs, items, dtype, k_transposed, pad=8, seed=3)
@@ -152,6 +157,35 @@ def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device)
     want0 = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
                                           k_transposed)
     reference[::2] = want0.latest_topk[::2]
+    dense_keys = k[0, :key_len].transpose(0, 1).to(dtype).contiguous()  # [P, key_len, D], rounded as stored
+    return queries, caches, tables, reference, dense_keys
+
+
+@IN_DTYPES
+@IN_LAYOUTS
+@pytest.mark.parametrize("name", list(DRIFT_CASES))
+def test_drift_check_reference_matches_dense_keys(name, k_transposed, dtype):
+    """Oracle: ``reference.drift_check`` on the dense keys the paged caches were filled from."""
+    p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
+    queries, caches, tables, reference, dense_keys = make_drift_case(name, dtype, k_transposed)
+    got = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
+                                        k_transposed)
+    want = ref.drift_check(queries, dense_keys, torch.full((p,), key_len), torch.full((p,), cand), reference,
+                           torch.full((p,), topk), 0.6, 5)
+    for field in ("latest_scores", "latest_topk", "median_overlap", "drift"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    assert not bool(got.drift[0]) and float(got.median_overlap[0]) == 1.0
+
+
+@needs_kernels
+@ON_DEVICES
+@IN_DTYPES
+@IN_LAYOUTS
+@pytest.mark.parametrize("name", list(DRIFT_CASES))
+def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device):
+    """The reference reads the same (rounded) keys in float32, so results agree up to summation order."""
+    p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
+    queries, caches, tables, reference, _ = make_drift_case(name, dtype, k_transposed)
     want = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
                                          k_transposed)
     got = kernels.drift_check(*on(device, queries, caches, tables), 0, key_len, cand, *on(device, reference), topk,
@@ -170,6 +204,59 @@ REFILL_CASES = {
     "d128-one-satellite-empty": (128, 32, 16, [0, 70, 33]),
     "d64-single-slot": (64, 16, 32, [1]),
 }
+REFILL_NB, REFILL_PAD = 12, 8  # cache blocks per satellite, elements of padding between blocks
+
+
+def refill_caches_of(flats, bs, d):
+    """Single-head caches ``[nb, 1, bs, 2 * D]`` over flat ``[nb, page + pad]`` buffers."""
+    page = bs * 2 * d
+    return [f.as_strided((REFILL_NB, 1, bs, 2 * d), (page + REFILL_PAD, page, 2 * d, 1)) for f in flats]
+
+
+def make_refill_case(name, dtype):
+    """Host tier, request and satellites of a refill; ``before`` are the satellites' flat buffers."""
+    d, bs, hbs, counts = REFILL_CASES[name]
+    gen = torch.Generator().manual_seed(5)
+    prompt, rows, s = 150, 4, len(counts)
+    storage = torch.randn(40, rows, hbs, 2, d, generator=gen).to(dtype)
+    host_blocks = torch.randperm(40, generator=gen)[: -(-prompt // hbs)]
+    host_rows = torch.randperm(rows, generator=gen)[:s]
+    width = max(counts)
+    positions = torch.full((s, width), -1, dtype=torch.int64)
+    for i, c in enumerate(counts):
+        positions[i, :c] = torch.randperm(prompt, generator=gen)[:c].sort().values
+    page = bs * 2 * d
+    before = [torch.randn(REFILL_NB, page + REFILL_PAD, generator=torch.Generator().manual_seed(i)).to(dtype)
+              for i in range(s)]
+    tables = [torch.randperm(REFILL_NB, generator=gen)[: -(-width // bs) + 1].int() for _ in range(s)]
+    return storage, host_blocks, host_rows, positions, before, tables
+
+
+@IN_DTYPES
+@IN_LAYOUTS
+@pytest.mark.parametrize("name", list(REFILL_CASES))
+def test_refill_copy_reference_matches_hand_addressing(name, k_transposed, dtype):
+    """Oracle: slot ``i`` of a satellite lives in block ``table[i // bs]`` at offset ``i % bs``; its K
+    is column ``i % bs`` of a ``[D, bs]`` region (k-transposed) or row ``i % bs`` of ``[bs, D]``, its
+    V row ``i % bs`` of the ``[bs, D]`` region after it. Every other element is left as it was."""
+    d, bs, hbs, counts = REFILL_CASES[name]
+    storage, host_blocks, host_rows, positions, before, tables = make_refill_case(name, dtype)
+    got = [f.clone() for f in before]
+    kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, refill_caches_of(got, bs, d), tables,
+                                  k_transposed)
+    for s, count in enumerate(counts):
+        want = before[s].clone()
+        for i in range(count):
+            pos = int(positions[s, i])
+            src = storage[int(host_blocks[pos // hbs]), int(host_rows[s]), pos % hbs]  # [2, D]
+            region = want[int(tables[s][i // bs]), : bs * 2 * d]
+            k_region = region[: bs * d].view(d, bs) if k_transposed else region[: bs * d].view(bs, d)
+            if k_transposed:
+                k_region[:, i % bs] = src[0]
+            else:
+                k_region[i % bs] = src[0]
+            region[bs * d :].view(bs, d)[i % bs] = src[1]
+        assert torch.equal(got[s], want)
 
 
 @needs_kernels
@@ -181,22 +268,12 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
     """Exact copies: the kernel's caches equal the reference's, bit for bit, and slots beyond
     each satellite's count (and other blocks, and the padding between blocks) are untouched."""
     d, bs, hbs, counts = REFILL_CASES[name]
-    gen = torch.Generator().manual_seed(5)
-    prompt, rows, s = 150, 4, len(counts)
-    storage = torch.randn(40, rows, hbs, 2, d, generator=gen).to(dtype)
-    host_blocks = torch.randperm(40, generator=gen)[: -(-prompt // hbs)]
-    host_rows = torch.randperm(rows, generator=gen)[:s]
-    width = max(counts)
-    positions = torch.full((s, width), -1, dtype=torch.int64)
-    for i, c in enumerate(counts):
-        positions[i, :c] = torch.randperm(prompt, generator=gen)[:c].sort().values
-    nb, page, pad = 12, bs * 2 * d, 8
+    storage, host_blocks, host_rows, positions, before, tables = make_refill_case(name, dtype)
+    s, nb, page, pad = len(counts), REFILL_NB, bs * 2 * d, REFILL_PAD
 
     def caches_of(flats):  # single-head caches whose blocks are `pad` elements apart
-        return [f.as_strided((nb, 1, bs, 2 * d), (page + pad, page, 2 * d, 1)) for f in flats]
+        return refill_caches_of(flats, bs, d)
 
-    before = [torch.randn(nb, page + pad, generator=torch.Generator().manual_seed(i)).to(dtype) for i in range(s)]
-    tables = [torch.randperm(nb, generator=gen)[: -(-width // bs) + 1].int() for _ in range(s)]
     on_device = [f.clone().to(device) for f in before]
     kernels.refill_copy(*on(device, storage), host_blocks, host_rows, positions, caches_of(on_device),
                         *on(device, tables), k_transposed)
@@ -214,3 +291,66 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
         written[blocks[:, None], k_at] = True
         written[blocks[:, None], bs * d + v_at] = True
         assert torch.equal(got[i][~written], before[i][~written])
+
+
+# --- registration of the extension's ops (torch.library) -----------------------------------------
+
+OPS = ("heterocache::gather_attention", "heterocache::drift_check", "heterocache::refill_copy")
+needs_extension = pytest.mark.skipif(
+    not kernels.HAVE_KERNELS,
+    reason=f"extension vllm_heterocache._C not built, so no torch.ops.heterocache ops are registered: "
+           f"{kernels.describe()}")
+
+
+def op_args(qualname, device):
+    """Small real arguments of each op, built as in the kernel tests above (outputs included)."""
+    if qualname == "heterocache::gather_attention":
+        g, hkv, d, bs, items = CASES["gqa4-d64-scrambled"]
+        q, _, _, caches, tables, work = make_case(g, hkv, d, bs, items, torch.float32, True, pad=8)
+        return (*on(device, q, torch.zeros(q.shape), caches, tables, work), True, 0.1)
+    if qualname == "heterocache::drift_check":
+        p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES["odd-length-gqa3"]
+        queries, caches, tables, reference, _ = make_drift_case("odd-length-gqa3", torch.float32, True)
+        outputs = (torch.empty(p, dtype=torch.bool), torch.empty(p), torch.empty(p, topk, dtype=torch.int64),
+                   torch.empty(p, key_len))
+        return (*on(device, queries, caches, tables), 0, key_len, cand, *on(device, reference), topk, 0.6, 5, True,
+                *on(device, *outputs))
+    d, bs, hbs, counts = REFILL_CASES["d64-odd-counts"]
+    storage, host_blocks, host_rows, positions, before, tables = make_refill_case("d64-odd-counts", torch.float32)
+    flats = on(device, [f.clone() for f in before])[0]
+    return (*on(device, storage, host_blocks, host_rows, positions), refill_caches_of(flats, bs, d),
+            on(device, tables)[0], True)
+
+
+@needs_extension
+def test_extension_registers_exactly_its_ops_each_with_cpu_kernel_and_fake():
+    """Every op of the namespace is one of OPS (a new op must be added here, with its fake), has a
+    CPU kernel, and has the fake implementation of ops/kernels.py registered (which torch.compile /
+    FakeTensor tracing use; register_fake installs it as the op's Meta kernel too)."""
+    from torch._library import simple_registry
+
+    registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("heterocache::")}
+    assert registered == set(OPS)
+    for qualname in OPS:
+        assert hasattr(torch.ops.heterocache, qualname.split("::")[1]), qualname
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CPU"), qualname
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"), qualname
+        fake = simple_registry.singleton.find(qualname).fake_impl.kernel
+        assert fake is not None and "vllm_heterocache/ops/kernels.py" in fake.source.replace("\\", "/"), qualname
+
+
+@needs_extension
+@ON_DEVICES
+@pytest.mark.parametrize("qualname", OPS)
+def test_opcheck(qualname, device):
+    """torch.library.opcheck on real inputs: the schema's mutation/alias annotations match what the
+    kernel does (test_schema), no autograd registration is missing (test_autograd_registration), the
+    op runs under FakeTensorMode with the results of the real kernel (test_faketensor) and through
+    AOT dispatch with dynamic shapes (test_aot_dispatch_dynamic). All four apply: the ops only
+    mutate annotated arguments (``Tensor(a!)``, ``Tensor(a!)[]``) and return nothing.
+
+    Ops that mutate and return nothing would also pass test_faketensor with the trivial fake PyTorch
+    generates (torch._library.utils.can_generate_trivial_fake_impl), so that ours is registered is
+    asserted by test_extension_registers_exactly_its_ops_each_with_cpu_kernel_and_fake."""
+    op = getattr(torch.ops.heterocache, qualname.split("::")[1]).default
+    torch.library.opcheck(op, op_args(qualname, device))
