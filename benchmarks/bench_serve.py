@@ -1,0 +1,498 @@
+"""Serving throughput and latency: HeteroCache against vLLM's own CPU backend, same KV space.
+
+    python benchmarks/bench_serve.py --preset short            # smollm2, 1024-token prompts, r0.5
+    python benchmarks/bench_serve.py --preset long             # tiny model, 8K prompts, r0.25
+    python benchmarks/bench_serve.py --cases tiny:512:r0.5 --num-prompts 8 --concurrency 4 \\
+        --output-len 8 --repeats 1                             # a quick smoke run
+
+For each case a real ``vllm serve`` OpenAI server is started on 127.0.0.1 (a free port) for the
+stock CPU backend and for HeteroCache, each in a fresh process with the same KV cache space
+(``--kv-gib``: ``VLLM_CPU_KVCACHE_SPACE``; a fractional value is passed as
+``--kv-cache-memory-bytes`` instead, as that variable takes whole GiB and overrides the flag),
+and driven with vLLM's own client, ``vllm bench serve``: dataset ``random``, ``--num-prompts``
+prompts of the case's length, ``--output-len`` tokens each (``--ignore-eos``), at most
+``--concurrency`` requests in flight, all sent at once. Both servers run
+``--dtype float32 --no-enable-prefix-caching --enforce-eager --max-model-len <input+output+16>``;
+HeteroCache adds ``--attention-backend heterocache --additional-config '{"heterocache": ...}'``.
+
+A case is ``model:input_len:setting``: model ``smollm2`` (SmolLM2-135M-Instruct with its
+shipped profile) or ``tiny`` (the tiny random Llama with a synthetic profile of 1 full head in
+8, as in bench_decode_speed.py); setting ``rX`` (compression_ratio X) or ``bX``
+(token_budget = X * input_len). With ``--repeats N`` the two settings run N times, interleaved
+(stock first on odd repeats, HeteroCache first on even ones), each in a fresh server, and the
+medians are compared: ratio = HeteroCache / stock for request and output-token throughput
+(higher is better), p50/p99 TTFT and p50/p99 ITL (lower is better); failed requests are summed.
+
+Presets: ``short`` is the load where compression does not pay and HeteroCache must not be
+slower (smollm2, 1024-token prompts, 32 output tokens, 128 prompts, concurrency 64, 1 GiB);
+``long`` is serving throughput at equal KV space (tiny model, 8192-token prompts, 64 output
+tokens, 32 prompts, concurrency 32, 0.25 GiB: stock holds about 7 full requests at once). The
+script prints how many full requests the KV space holds for stock and, roughly, for
+HeteroCache's kept fraction while decoding (a prompt still needs all of its KV while it is
+prefilled), and vLLM's own startup estimate from each server's log.
+
+Every server's stdout/stderr goes to ``<out>/<case>-<setting>-<repeat>.server.log`` and the
+client's to ``.client.log`` next to it, with the client's JSON (``.json``); ``<out>`` is
+``--out`` (default: a new temporary folder), printed at the start. For HeteroCache servers the
+last ``heterocache stats:`` line (README, "Metrics") is recorded: after the load the script
+waits one stats interval and sends a 1-token request, so the line covers the whole run. All
+results go to ``<out>/results.json``. Every server and client runs in its own process group,
+which is killed (SIGTERM, then SIGKILL) when the run ends, on errors and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from statistics import median
+
+HERE = Path(__file__).resolve().parent
+MARGIN = 16  # max-model-len = input + output + MARGIN (special tokens the server may add)
+PRESETS = {
+    "short": {"cases": "smollm2:1024:r0.5", "output_len": 32, "num_prompts": 128, "concurrency": 64, "kv_gib": 1.0},
+    "long": {"cases": "tiny:8192:r0.25", "output_len": 64, "num_prompts": 32, "concurrency": 32, "kv_gib": 0.25},
+}
+DEFAULTS = {"cases": PRESETS["short"]["cases"], "output_len": 32, "num_prompts": 128, "concurrency": 64, "kv_gib": 1.0}
+# (label, key in vllm bench serve's JSON, higher is better)
+METRICS = [
+    ("request throughput (req/s)", "request_throughput", True),
+    ("output throughput (tok/s)", "output_throughput", True),
+    ("TTFT p50 (ms)", "p50_ttft_ms", False),
+    ("TTFT p99 (ms)", "p99_ttft_ms", False),
+    ("ITL p50 (ms)", "p50_itl_ms", False),
+    ("ITL p99 (ms)", "p99_itl_ms", False),
+    ("TPOT p50 (ms)", "p50_tpot_ms", False),
+]
+STATS_INTERVAL_S = float(os.environ.get("HETEROCACHE_STATS_INTERVAL_S", "10"))
+
+_GROUPS: set[int] = set()  # process groups started here and not yet ended
+
+
+# ---------------------------------------------------------------- processes
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a non-zombie process of group ``pgid`` exists (Linux /proc)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
+
+
+def end_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the process group led by ``proc``; SIGKILL what is left after ``grace`` seconds."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.time() + wait
+        while time.time() < deadline:
+            if proc.poll() is not None and not _group_alive(pgid):
+                _GROUPS.discard(pgid)
+                return
+            time.sleep(0.2)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+    if _group_alive(pgid):
+        print(f"warning: process group {pgid} still has processes after SIGKILL", file=sys.stderr, flush=True)
+    else:
+        _GROUPS.discard(pgid)
+
+
+def end_all_groups() -> None:
+    for pgid in list(_GROUPS):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.time() + (15 if sig == signal.SIGTERM else 5)
+            while time.time() < deadline and _group_alive(pgid):
+                time.sleep(0.2)
+            if not _group_alive(pgid):
+                break
+        _GROUPS.discard(pgid)
+
+
+def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own process group: killed as a whole
+    _GROUPS.add(proc.pid)
+    return proc
+
+
+def _terminate(signum, frame):  # SIGTERM / SIGHUP: unwind through the finally blocks
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def vllm_binary() -> str:
+    exe = Path(sys.executable).parent / "vllm"  # the venv's, next to this interpreter
+    if exe.is_file():
+        return str(exe)
+    found = shutil.which("vllm")
+    if not found:
+        raise SystemExit(f"error: no `vllm` next to {sys.executable} nor on PATH")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+def wait_ready(proc: subprocess.Popen, base: str, name: str, log: Path, timeout: float) -> float:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with status {proc.returncode} while starting; "
+                               f"last lines of {log}:\n{tail(log)}")
+        try:
+            if _get(f"{base}/health")[0] == 200:
+                status, body = _get(f"{base}/v1/models")
+                if status == 200 and name in {m["id"] for m in json.loads(body).get("data", [])}:
+                    return time.time() - t0
+        except (urllib.error.URLError, OSError, ValueError):
+            pass
+        time.sleep(1.0)
+    raise RuntimeError(f"the server did not become ready within {timeout:.0f} s; last lines of {log}:\n{tail(log)}")
+
+
+# ---------------------------------------------------------------- logs
+
+STATS_RE = re.compile(r"heterocache stats: .*")
+STATS_FIELDS = {
+    "requests": r"requests (\d+)", "prefill_selections": r"prefill selections (\d+)",
+    "drift_checks": r"drift checks (\d+)", "drifts": r"drifts (\d+)", "refilled_heads": r"refilled heads (\d+)",
+    "refills_pending": r"refills pending (\d+)", "host_used_blocks": r"host tier (\d+)/",
+    "host_blocks": r"host tier \d+/(\d+)", "host_bytes_in": r"host bytes in (\d+)",
+    "host_bytes_out": r"host bytes in \d+ out (\d+)", "host_rejections": r"host rejections (\d+)",
+}
+
+
+def stats_lines(log: Path) -> list[str]:
+    try:
+        return STATS_RE.findall(log.read_text(errors="replace"))
+    except OSError:
+        return []
+
+
+def parse_stats(line: str | None) -> dict | None:
+    if not line:
+        return None
+    out = {}
+    for key, pattern in STATS_FIELDS.items():
+        m = re.search(pattern, line)
+        if m:
+            out[key] = int(m.group(1))
+    return out
+
+
+def parse_server_log(log: Path) -> dict:
+    text = log.read_text(errors="replace")
+    info: dict = {}
+    m = re.search(r"KV cache size: ([\d,]+) tokens, Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x", text)
+    if m:
+        info["vllm_kv_tokens"] = int(m.group(1).replace(",", ""))
+        info["vllm_max_concurrency"] = float(m.group(3))
+    running = [int(x) for x in re.findall(r"Running: (\d+) reqs", text)]
+    waiting = [int(x) for x in re.findall(r"Waiting: (\d+) reqs", text)]
+    info["peak_running_logged"] = max(running, default=None)  # vLLM's 10 s stats lines
+    info["peak_waiting_logged"] = max(waiting, default=None)
+    for key, pattern in (("backend_line", r"HeteroCache attention backend:.*"), ("host_tier_line", r"heterocache host tier:.*")):
+        m = re.search(pattern, text)
+        info[key] = m.group(0).strip() if m else None
+    return info
+
+
+# ---------------------------------------------------------------- one run
+
+def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, repeat: int, a, out: Path) -> dict:
+    stem = f"{case['slug']}-{setting}-{repeat + 1}"
+    server_log, client_log = out / f"{stem}.server.log", out / f"{stem}.client.log"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [vllm, "serve", model, "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--no-enable-prefix-caching", "--enforce-eager",
+           "--max-model-len", str(case["max_model_len"]), "--disable-uvicorn-access-log", "--seed", "0"]
+    env = dict(os.environ)
+    if float(a.kv_gib).is_integer():
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(a.kv_gib))
+    else:  # the variable takes whole GiB and would override the flag
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
+        cmd += ["--kv-cache-memory-bytes", str(int(a.kv_gib * (1 << 30)))]
+    if setting == "heterocache":
+        cmd += ["--attention-backend", "heterocache",
+                "--additional-config", json.dumps({"heterocache": case["options"]})]
+    record: dict = {"setting": setting, "repeat": repeat + 1, "port": port, "server_cmd": cmd,
+                    "server_log": str(server_log), "client_log": str(client_log)}
+    server = start(cmd, server_log, env)
+    try:
+        record["ready_s"] = wait_ready(server, base, served, server_log, a.ready_timeout)
+        info = parse_server_log(server_log)
+        if setting == "heterocache" and not info["backend_line"]:
+            raise RuntimeError(f"no 'HeteroCache attention backend' line in {server_log}")
+        if setting == "stock" and info["backend_line"]:
+            raise RuntimeError(f"the stock server logged the HeteroCache backend line ({server_log})")
+        result_name = f"{stem}.json"
+        client_cmd = [vllm, "bench", "serve", "--backend", "openai", "--endpoint", "/v1/completions",
+                      "--base-url", base, "--model", served, "--tokenizer", model,
+                      "--dataset-name", "random", "--random-input-len", str(case["input_len"]),
+                      "--random-output-len", str(a.output_len), "--random-range-ratio", "0",
+                      "--num-prompts", str(a.num_prompts), "--max-concurrency", str(a.concurrency),
+                      "--request-rate", "inf", "--ignore-eos", "--temperature", "0", "--seed", str(repeat),
+                      "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+                      "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", result_name,
+                      "--label", setting, "--disable-tqdm"]
+        record["client_cmd"] = client_cmd
+        client = start(client_cmd, client_log, dict(os.environ))
+        try:
+            t0 = time.time()
+            while client.poll() is None:
+                if server.poll() is not None:
+                    raise RuntimeError(f"the server exited with status {server.returncode} during the load; "
+                                       f"last lines of {server_log}:\n{tail(server_log)}")
+                if time.time() - t0 > a.client_timeout:
+                    raise RuntimeError(f"the client ran past {a.client_timeout:.0f} s; see {client_log}")
+                time.sleep(0.5)
+        finally:
+            end_group(client, grace=10)
+        result_file = out / result_name
+        if client.returncode or not result_file.is_file():
+            raise RuntimeError(f"vllm bench serve exited with status {client.returncode}; last lines of "
+                               f"{client_log}:\n{tail(client_log)}")
+        raw = json.loads(result_file.read_text())
+        record["result_file"] = str(result_file)
+        record["metrics"] = {k: v for k, v in raw.items() if not isinstance(v, (list, dict))}
+        errors = [e for e in raw.get("errors", []) if e]
+        record["errors"] = sorted(set(errors))[:5]
+        if setting == "heterocache":
+            # The stats line is logged at the first step after each interval: one 1-token request
+            # after an interval of quiet makes the last line cover the whole run.
+            before = len(stats_lines(server_log))
+            time.sleep(STATS_INTERVAL_S + 0.5)
+            try:
+                req = urllib.request.Request(f"{base}/v1/completions", headers={"Content-Type": "application/json"},
+                                             data=json.dumps({"model": served, "prompt": "Hello", "max_tokens": 1}).encode())
+                urllib.request.urlopen(req, timeout=60).read()
+            except (urllib.error.URLError, OSError) as e:
+                record["stats_probe_error"] = str(e)
+            deadline = time.time() + 10
+            while len(stats_lines(server_log)) <= before and time.time() < deadline:
+                time.sleep(0.5)
+        record["server"] = parse_server_log(server_log)
+        lines = stats_lines(server_log)
+        record["heterocache_stats"] = lines[-1] if lines else None
+        record["heterocache_stats_parsed"] = parse_stats(record["heterocache_stats"])
+    finally:
+        end_group(server)
+    return record
+
+
+# ---------------------------------------------------------------- cases and report
+
+def prepare_case(spec: str, a, out: Path) -> dict:
+    name, length, setting = spec.split(":")
+    length, x = int(length), float(setting[1:])
+    if setting[0] not in "rb":
+        raise SystemExit(f"error: case {spec!r}: setting must be rX or bX")
+    options = {"compression_ratio": x} if setting[0] == "r" else {"token_budget": int(x * length)}
+    if name == "smollm2":
+        from vllm_heterocache.models.smollm2 import prepare_default_model
+        model = str(prepare_default_model())
+        profile = HERE.parent / "profiles" / "SmolLM2-135M-Instruct.json"
+    elif name == "tiny":
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from backend_support import save_synthetic_profile
+
+        from vllm_heterocache.models.tiny import build_tiny_model
+        model = str(build_tiny_model())
+        profile = save_synthetic_profile(Path(model), ["PS", "AA", "AA", "AA"], out / "tiny-profile.json")
+        options["profile"] = str(profile)
+    else:
+        raise SystemExit(f"error: case {spec!r}: model must be smollm2 or tiny")
+    options.update(json.loads(a.heterocache_options))
+    config = json.loads((Path(model) / "config.json").read_text())
+    limit = config["max_position_embeddings"]
+    input_len = min(length, limit - a.output_len - MARGIN)  # e.g. SmolLM2's 8K context
+    layers, kv_heads = config["num_hidden_layers"], config.get("num_key_value_heads", config["num_attention_heads"])
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    token_bytes = 2 * layers * kv_heads * head_dim * 4  # K and V, float32
+    kv_bytes = int(a.kv_gib * (1 << 30))
+    sys.path.insert(0, str(HERE))
+    from bench_decode_speed import kept_fraction
+    f = kept_fraction(profile, options, input_len)
+    request = input_len + a.output_len
+    capacity = {
+        "kv_bytes": kv_bytes, "stock_bytes_per_token": token_bytes, "kv_tokens_stock": kv_bytes // token_bytes,
+        "stock_full_requests": kv_bytes // (token_bytes * request), "kept_fraction": f,
+        # decoding: the kept share of the prompt (compressed heads hold their budget) + the new tokens
+        "heterocache_decoding_requests_est": int(kv_bytes // (token_bytes * (f * input_len + a.output_len))),
+    }
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
+    return {"case": spec, "slug": slug, "model": model, "served": Path(model).name, "input_len": input_len,
+            "max_model_len": input_len + a.output_len + MARGIN, "options": options, "capacity": capacity}
+
+
+def summarize(runs: list[dict]) -> dict:
+    by = {s: [r for r in runs if r["setting"] == s and "metrics" in r] for s in ("stock", "heterocache")}
+    summary = {}
+    for label, key, higher in METRICS:
+        meds = {}
+        for s, rs in by.items():
+            vals = [r["metrics"].get(key, r["metrics"].get(key.replace("p50_", "median_"))) for r in rs]
+            vals = [v for v in vals if v is not None]
+            meds[s] = median(vals) if vals else None
+        ratio = meds["heterocache"] / meds["stock"] if meds["stock"] and meds["heterocache"] is not None else None
+        summary[key] = {"label": label, "stock": meds["stock"], "heterocache": meds["heterocache"], "ratio": ratio,
+                        "higher_is_better": higher}
+    summary["failed"] = {s: sum(r["metrics"].get("failed", 0) for r in rs) for s, rs in by.items()}
+    summary["completed"] = {s: sum(r["metrics"].get("completed", 0) for r in rs) for s, rs in by.items()}
+    summary["runs"] = {s: len(rs) for s, rs in by.items()}
+    return summary
+
+
+def print_table(case: dict, summary: dict, repeats: int, a) -> None:
+    print(f"\n== {case['case']}: {a.num_prompts} prompts of {case['input_len']} tokens, {a.output_len} output tokens, "
+          f"concurrency {a.concurrency}, KV space {a.kv_gib:g} GiB; medians of {repeats} fresh servers each; "
+          f"ratio = heterocache / stock", flush=True)
+    print(f"{'metric':<28} {'stock':>12} {'heterocache':>12} {'ratio':>8}  better")
+    for _label, key, higher in METRICS:
+        row = summary[key]
+        fmt = lambda v: f"{v:12.2f}" if v is not None else f"{'-':>12}"
+        ratio = f"{row['ratio']:7.2f}x" if row["ratio"] is not None else f"{'-':>8}"
+        print(f"{row['label']:<28} {fmt(row['stock'])} {fmt(row['heterocache'])} {ratio}  {'higher' if higher else 'lower'}")
+    f, c = summary["failed"], summary["completed"]
+    print(f"{'failed requests (all runs)':<28} {f['stock']:>12} {f['heterocache']:>12}           "
+          f"(completed {c['stock']} / {c['heterocache']})", flush=True)
+
+
+def run_line(case: dict, rec: dict, repeats: int) -> str:
+    m = rec["metrics"]
+    g = lambda k: m.get(k, m.get(k.replace("p50_", "median_"), float("nan")))
+    s = rec["server"]
+    line = (f"{case['case']:<18} repeat {rec['repeat']}/{repeats} {rec['setting']:<11} "
+            f"{m['request_throughput']:6.2f} req/s {m['output_throughput']:8.1f} tok/s | "
+            f"TTFT p50 {g('p50_ttft_ms'):8.0f} p99 {g('p99_ttft_ms'):8.0f} ms | "
+            f"ITL p50 {g('p50_itl_ms'):7.1f} p99 {g('p99_itl_ms'):7.1f} ms | completed {m['completed']} "
+            f"failed {m['failed']} | peak running {s.get('peak_running_logged')} | ready in {rec['ready_s']:.0f} s")
+    if rec.get("heterocache_stats"):
+        line += f"\n{'':<18} {rec['heterocache_stats']}"
+    if rec.get("errors"):
+        line += f"\n{'':<18} errors: {rec['errors']}"
+    return line
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="defaults for the options below (explicit ones win)")
+    p.add_argument("--cases", help=f"comma-separated model:input_len:setting (default {DEFAULTS['cases']})")
+    p.add_argument("--output-len", type=int, help=f"output tokens per request (default {DEFAULTS['output_len']})")
+    p.add_argument("--num-prompts", type=int, help=f"requests per run (default {DEFAULTS['num_prompts']})")
+    p.add_argument("--concurrency", type=int, help=f"most requests in flight (default {DEFAULTS['concurrency']})")
+    p.add_argument("--kv-gib", type=float, help=f"KV cache space of both servers, GiB (default {DEFAULTS['kv_gib']:g})")
+    p.add_argument("--repeats", type=int, default=1, help="fresh servers per setting, interleaved; medians are compared")
+    p.add_argument("--heterocache-options", default="{}", help="JSON merged into the heterocache config, "
+                   "e.g. '{\"host_tier_gib\": 1}'")
+    p.add_argument("--ready-timeout", type=float, default=600, help="seconds a server may take to answer /health")
+    p.add_argument("--client-timeout", type=float, default=7200, help="seconds one `vllm bench serve` may take")
+    p.add_argument("--out", type=Path, help="folder for logs, client JSON and results.json (default: a new temp folder)")
+    a = p.parse_args()
+    preset = PRESETS.get(a.preset, {})
+    for key, value in DEFAULTS.items():
+        if getattr(a, key) is None:
+            setattr(a, key, preset.get(key, value))
+    if a.kv_gib <= 0 or a.repeats < 1:
+        p.error("--kv-gib must be positive and --repeats at least 1")
+
+    out = a.out or Path(tempfile.mkdtemp(prefix="heterocache-bench-serve-"))
+    out.mkdir(parents=True, exist_ok=True)
+    out = out.resolve()
+    print(f"logs, client results and results.json go to {out}", flush=True)
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGHUP, _terminate)
+    vllm = vllm_binary()
+    results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+                     "vllm": vllm, "cases": []}
+    status = 0
+    try:
+        for spec in a.cases.split(","):
+            case = prepare_case(spec, a, out)
+            cap = case["capacity"]
+            print(f"{spec}: KV space {a.kv_gib:g} GiB = {cap['kv_tokens_stock']:,} tokens of stock KV "
+                  f"({cap['stock_bytes_per_token']} B/token, float32): stock holds {cap['stock_full_requests']} full "
+                  f"requests of {case['input_len']}+{a.output_len} tokens at once; HeteroCache keeps "
+                  f"{cap['kept_fraction']:.3f} of a prompt while decoding: about "
+                  f"{cap['heterocache_decoding_requests_est']} decoding requests (a prompt still needs all of its "
+                  f"KV while it is prefilled); token counts before rounding to KV blocks; concurrency {a.concurrency}",
+                  flush=True)
+            entry = {k: v for k, v in case.items() if k != "slug"}
+            entry["runs"] = []
+            results["cases"].append(entry)
+            for rep in range(a.repeats):  # interleaved, alternating which setting goes first
+                order = ("stock", "heterocache") if rep % 2 == 0 else ("heterocache", "stock")
+                for setting in order:
+                    rec = run_one(vllm=vllm, model=case["model"], served=case["served"], case=case, setting=setting,
+                                  repeat=rep, a=a, out=out)
+                    entry["runs"].append(rec)
+                    print(run_line(case, rec, a.repeats), flush=True)
+            entry["vllm_startup_capacity"] = {
+                s: next((r["server"].get("vllm_max_concurrency") for r in entry["runs"] if r["setting"] == s), None)
+                for s in ("stock", "heterocache")}
+            entry["summary"] = summarize(entry["runs"])
+            print_table(case, entry["summary"], a.repeats, a)
+            vc = entry["vllm_startup_capacity"]
+            print(f"vLLM's startup estimate of full-length requests the KV space holds: stock {vc['stock']}x, "
+                  f"heterocache {vc['heterocache']}x", flush=True)
+    except KeyboardInterrupt as e:
+        results["interrupted"] = str(e) or "KeyboardInterrupt"
+        print(f"\ninterrupted ({results['interrupted']}); stopping servers", file=sys.stderr, flush=True)
+        status = 130
+    except Exception as e:  # noqa: BLE001 - record it, clean up, and report
+        results["error"] = f"{type(e).__name__}: {e}"
+        print(f"error: {results['error']}", file=sys.stderr, flush=True)
+        status = 1
+    finally:
+        end_all_groups()
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        print(f"results: {out / 'results.json'}", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
