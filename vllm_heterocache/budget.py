@@ -21,7 +21,7 @@ satellites must live on one rank, since refills move data from pivot to satellit
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -162,6 +162,17 @@ class BudgetPlanner:
         self.n_full = profile.num_full_heads()
         r = config.compression_ratio
         self.keep_all = config.token_budget is None and (r >= 1.0 or self.n_full == self.total)
+        self.rule = PoolCapacity(
+            compression_ratio=r,
+            token_budget=config.token_budget,
+            total_heads=self.total,
+            full_heads=self.n_full,
+            max_ratio=1.0,
+            window=config.window,
+            min_prompt_len=config.min_prompt_len,
+            round_to=block_size if config.round_to_block else 0,
+            keep_all=self.keep_all,
+        )
         if not self.keep_all and config.token_budget is None and r * self.total <= self.n_full:
             smallest = math.floor(min_feasible_ratio(profile) * 1000 + 1) / 1000
             raise BudgetError(
@@ -172,12 +183,7 @@ class BudgetPlanner:
             )
 
     def base(self, prompt_len: int) -> float:
-        if self.config.token_budget is not None:
-            return float(self.config.token_budget)
-        if self.keep_all:
-            return float(prompt_len)
-        r = self.config.compression_ratio
-        return (r * self.total - self.n_full) * prompt_len / (self.total - self.n_full)
+        return self.rule.base(prompt_len)
 
     def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
         """Compressed heads (all ranks) in ``count`` classes of equal size by budget ratio.
@@ -200,36 +206,18 @@ class BudgetPlanner:
         return capacities, {(l, h): c for c, cls in enumerate(classes) for _, l, h in cls}
 
     def _capacity(self, max_ratio: float) -> PoolCapacity:
-        return PoolCapacity(
-            compression_ratio=self.config.compression_ratio,
-            token_budget=self.config.token_budget,
-            total_heads=self.total,
-            full_heads=self.n_full,
-            max_ratio=max_ratio,
-            window=self.config.window,
-            min_prompt_len=self.config.min_prompt_len,
-            round_to=self.block_size if self.config.round_to_block else 0,
-            keep_all=self.keep_all,
-        )
+        return replace(self.rule, max_ratio=max_ratio)
 
     def plan(self, prompt_len: int) -> BudgetPlan:
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
         L = prompt_len
-        base = self.base(L)
-        window = min(L, self.config.window)
-        if self.keep_all or L < self.config.min_prompt_len:
-            budgets = torch.full(self.full.shape, L, dtype=torch.int64)
-        else:
-            budgets = torch.floor(base * self.ratios).to(torch.int64).clamp(min=window, max=L)
-            if self.config.round_to_block:
-                budgets = _round_up(budgets, self.block_size).clamp(max=L)
-            budgets = torch.where(self.full, torch.full_like(budgets, L), budgets)
+        budgets = torch.where(self.full, L, self.rule.budgets(L, self.ratios))
         return BudgetPlan(
             prompt_len=L,
-            window=window,
-            base=base,
-            reference_topk=min(L, max(1, math.floor(base))),
+            window=min(L, self.config.window),
+            base=self.rule.base(L),
+            reference_topk=min(L, max(1, math.floor(self.rule.base(L)))),
             global_heads=self.heads,
             budgets=budgets,
             full=self.full,
@@ -242,12 +230,13 @@ def _round_up(x, multiple: int):
 
 @dataclass(frozen=True)
 class PoolCapacity:
-    """The largest budget a class of compressed heads gets for a prompt (all TP ranks).
+    """The budget rule (:meth:`budgets`, the one place the formula is written) and the largest
+    budget ratio of a class of compressed heads (all TP ranks).
 
     Plain numbers, so it travels inside a KV cache spec to the scheduler process, whose block
-    manager keeps that many prompt slots per request in the compressed pool. Computed with the
-    same arithmetic as :meth:`BudgetPlanner.plan`, so ``max_budget(L)`` is exactly the largest
-    ``plan(L).budgets`` of the class's heads.
+    manager keeps ``max_budget(L)`` prompt slots per request in the class's pool; the planner
+    applies the same rule (``max_ratio`` 1) to every head, so ``max_budget(L)`` is exactly the
+    largest ``BudgetPlanner.plan(L).budgets`` of the class's heads.
     """
 
     compression_ratio: float
@@ -260,17 +249,27 @@ class PoolCapacity:
     round_to: int  # 0: no rounding
     keep_all: bool
 
-    def max_budget(self, prompt_len: int) -> int:
+    def base(self, prompt_len: int) -> float:
+        """The base budget of a compressed head (module docstring)."""
+        if self.token_budget is not None:
+            return float(self.token_budget)
+        if self.keep_all:
+            return float(prompt_len)
+        r, total, n_full = self.compression_ratio, self.total_heads, self.full_heads
+        return (r * total - n_full) * prompt_len / (total - n_full)
+
+    def budgets(self, prompt_len: int, ratios: torch.Tensor) -> torch.Tensor:
+        """int64 budgets of compressed heads with budget ratios ``ratios`` (float64, any shape):
+        the formula of the module docstring, the one place it is written."""
         L = prompt_len
         if self.keep_all or L < self.min_prompt_len:
-            return L
-        if self.token_budget is not None:
-            base = float(self.token_budget)
-        else:
-            r, total, n_full = self.compression_ratio, self.total_heads, self.full_heads
-            base = (r * total - n_full) * L / (total - n_full)
-        budget = min(L, max(min(L, self.window), math.floor(base * self.max_ratio)))
-        return min(L, _round_up(budget, self.round_to)) if self.round_to else budget
+            return torch.full(ratios.shape, L, dtype=torch.int64)
+        budgets = torch.floor(self.base(L) * ratios).to(torch.int64).clamp(min=min(L, self.window), max=L)
+        return _round_up(budgets, self.round_to).clamp(max=L) if self.round_to else budgets
+
+    def max_budget(self, prompt_len: int) -> int:
+        """The budget of the class's largest ratio: what its pool keeps per head and request."""
+        return int(self.budgets(prompt_len, torch.tensor(self.max_ratio, dtype=torch.float64)))
 
 
 def plan_budgets(
