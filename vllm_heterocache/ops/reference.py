@@ -75,12 +75,16 @@ def topk_positions(scores: torch.Tensor, counts: torch.Tensor, limits: torch.Ten
     counts = torch.minimum(counts, limits).clamp_min(0)
     width = int(counts.max()) if n else 0
     out = torch.full((n, width), PAD, dtype=torch.int64)
-    pos = torch.arange(t)
-    masked = scores.float().masked_fill(pos[None, :] >= limits[:, None], float("-inf"))
-    order = torch.sort(masked, dim=-1, descending=True, stable=True).indices  # ties: lower first
     for i in range(n):
         c = int(counts[i])
-        out[i, :c] = order[i, :c].sort().values
+        if c == 0:
+            continue
+        row = scores[i, : int(limits[i])].float()
+        kth = torch.topk(row, c, sorted=False).values.min()  # the c-th highest score
+        chosen = row > kth
+        ties = torch.nonzero(row == kth)[: c - int(chosen.sum()), 0]  # ties: lower positions first
+        chosen[ties] = True
+        out[i, :c] = torch.nonzero(chosen)[:, 0]
     return out
 
 
