@@ -17,6 +17,7 @@ import torch
 from bench_reference_ops import timed
 
 from vllm_heterocache.ops import kernels
+from vllm_heterocache.ops.paged import BlockLayout
 
 
 def best_time(fn, repeats: int, device: str = "cpu") -> float:
@@ -55,12 +56,13 @@ def main() -> None:
         out = torch.empty_like(q)
         work = torch.tensor([[0, h, 0, n, n, n] for h in range(a.heads)], dtype=torch.int64, device=dev)
         nbytes = a.heads * n * 2 * d * caches[0].element_size()
-        t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, True, d**-0.5), a.repeats, dev)
+        layout = BlockLayout.for_kernels(bs, d, True)  # vLLM's AVX2 layout
+        t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, layout, d**-0.5), a.repeats, dev)
         line = (f"{str(dtype):<15} {a.heads} heads x {n} tokens: kernel {t * 1e3:7.2f} ms, {nbytes / t / 1e9:6.1f} GB/s "
                 f"({nbytes / t / bw:.2f} of copy bandwidth)")
         if dtype == torch.float32 and dev == "cpu":
             ref = torch.empty_like(q)
-            tr = best_time(lambda: kernels.gather_attention_reference(q, ref, caches, tables, work, True, d**-0.5), 2)
+            tr = best_time(lambda: kernels.gather_attention_reference(q, ref, caches, tables, work, layout, d**-0.5), 2)
             line += f"; PyTorch reference {tr * 1e3:.1f} ms"
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         print(line, flush=True)

@@ -7,16 +7,18 @@ import torch
 from backend_support import synthetic_profile, write_tokens
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import reference as ref
+from vllm_heterocache.ops import kernels
+from vllm_heterocache.ops.paged import read_positions, read_prefix, write_positions
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.layer import (
     LayerPools,
-    compressed_attention,
+    LayerStep,
+    gather_decode,
     mirror_to_host,
     select_and_compact,
     track_drift,
 )
-from vllm_heterocache.runtime.model import HeteroCacheRuntime, Row
-from vllm_heterocache.runtime.paged import LayerCache
+from vllm_heterocache.runtime.model import HeteroCacheRuntime
 
 HQ, HKV, D, BS, NB = 6, 2, 64, 16, 24
 CONFIG = {"model_type": "llama", "hidden_size": HQ * D, "num_hidden_layers": 1, "num_attention_heads": HQ,
@@ -25,9 +27,9 @@ CONFIG = {"model_type": "llama", "hidden_size": HQ * D, "num_hidden_layers": 1, 
 
 @pytest.fixture(scope="module")
 def isa():
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    from vllm_heterocache.vllm_adapter.compat import attn_isa
 
-    return _get_attn_isa(torch.float32, BS, D)
+    return attn_isa(torch.float32, BS, D)
 
 
 class Setup:
@@ -44,13 +46,15 @@ class Setup:
                                           block_size=BS)
         self.heads = heads = rt.layers[0]
         layout = probe_layout(isa, torch.float32, BS, D)
+        rt.attach_layout(layout)
         self.isa = isa
         perm = torch.randperm(NB, generator=g)  # scrambled block order, one table per pool kind
         n = (length + 40) // BS + 1
         tables = {-1: perm[:n].int()[None], 0: perm[n : 2 * n].int()[None]}
         self.pools = LayerPools(
-            tuple(LayerCache(torch.zeros(NB, 1, BS, 2 * D), layout) for _ in range(HKV)),
+            tuple(torch.zeros(NB, 1, BS, 2 * D) for _ in range(HKV)),
             tuple(tables[min(p, 0)] for p in heads.pool),
+            layout,
         )
         if rt.num_host_rows:
             rt.attach_host_tier(HostTier(rows=rt.num_host_rows, head_size=D, dtype=torch.float32, block_size=8,
@@ -58,15 +62,20 @@ class Setup:
         self.k, self.v = torch.randn(length, HKV, D, generator=g), torch.randn(length, HKV, D, generator=g)
         self.q = torch.randn(length, HQ, D, generator=g) * 2
         self.length = length
-        rt.begin_step(["r0"], [length])
-        (self.prefill_row,) = rt.plan_rows([0, length], [length])
+        self.prefill_step = self.step(length, length)
+        (self.prefill_row,) = self.prefill_step.plan.rows
         self.state = self.prefill_row.state
         self.write(0, self.k, self.v)
-        mirror_to_host(rt, heads, self.prefill_row, self.k, self.v)
+        mirror_to_host(self.prefill_step, self.k, self.v)
+
+    def step(self, q_len, seq_len) -> LayerStep:
+        """Layer 0 in a step of one row: request r0's tokens up to position ``seq_len - 1``."""
+        plan = self.rt.begin_step(["r0"], [self.length], [0, q_len], [seq_len])
+        return LayerStep(self.rt, 0, self.heads, self.pools, plan, 0.125)
 
     def write(self, start, k, v):
         for j in range(HKV):
-            write_tokens(self.pools.caches[j].kv, self.isa, self.pools.tables[j][0], start, k[:, j : j + 1], v[:, j : j + 1])
+            write_tokens(self.pools.caches[j], self.isa, self.pools.tables[j][0], start, k[:, j : j + 1], v[:, j : j + 1])
 
     def append(self, n, seed):
         """K, V and queries of ``n`` generated tokens after the prompt, K/V written to the pools."""
@@ -76,10 +85,7 @@ class Setup:
         return kn, vn, qn
 
     def prefill(self):
-        select_and_compact(self.rt, 0, self.heads, self.prefill_row, self.q, HKV, self.pools)
-
-    def decode_row(self, q_len, seq_len):
-        return Row(0, q_len, seq_len, 0, self.state)
+        select_and_compact(self.prefill_step, self.prefill_row, self.q)
 
 
 def test_prefill_selection_is_compacted_in_position_order(isa):
@@ -96,29 +102,61 @@ def test_prefill_selection_is_compacted_in_position_order(isa):
     assert torch.equal(s.state.references[0], ref_topk)
 
 
+def masked_dense(s, q, kk, vv, positions):
+    """Dense attention of query rows ``q`` [n, HQ, D] at ``positions``: compressed heads over
+    their kept prompt tokens and the generated tokens up to each position, full heads over all."""
+    out = []
+    for j, p in enumerate(positions):
+        idx = torch.full((1, HKV, p + 1), -1)
+        for h in range(HKV):
+            if h in s.heads.compressed:
+                kept = s.state.kept[0][s.heads.compressed.index(h)]
+                pos = torch.cat([kept[kept >= 0], torch.arange(s.length, p + 1)])
+            else:
+                pos = torch.arange(p + 1)
+            idx[0, h, : pos.numel()] = pos
+        out.append(ref.subset_attention(q[j : j + 1], kk[None, : p + 1], vv[None, : p + 1], idx, scale=0.125)[0])
+    return torch.stack(out)
+
+
 @pytest.mark.parametrize("pattern", ["PS", "AV", "SP", "AA"],
                          ids=["pivot-satellite", "anchor-volatile", "satellite-pivot", "no-full-pool"])
-def test_decode_attention_equals_masked_dense_attention(isa, pattern):
+def test_decode_of_several_tokens_equals_masked_dense_attention(isa, pattern):
+    """A decoding row of 3 tokens (vLLM recomputing a preempted request's generated tokens):
+    the plan's work items cover the compressed heads, causal among the row's tokens; full heads
+    are left to vLLM's kernel."""
     s = Setup(isa, pattern=pattern, length=37)
     s.prefill()
     kn, vn, qn = s.append(3, seed=5)
-    kk, vv = torch.cat([s.k, kn]), torch.cat([s.v, vn])
+    step = s.step(3, 40)
+    assert not step.plan.prefill and not step.plan.fused
     out = torch.full((3, HQ, D), 7.0)
-    compressed_attention(s.heads, s.decode_row(3, 40), qn, HKV, s.pools, 0, 0.125, out)
-    for j in range(3):  # 3 tokens after the prompt at once: causal among them
-        visible = 38 + j
-        idx = torch.full((1, HKV, visible), -1)
-        for c, h in enumerate(s.heads.compressed):
-            kept = s.state.kept[0][c]
-            pos = torch.cat([kept[kept >= 0], torch.arange(37, visible)])
-            idx[0, h, : pos.numel()] = pos
-        want = ref.subset_attention(qn[j : j + 1], kk[None, :visible], vv[None, :visible], idx, scale=0.125)[0]
-        for h in range(HKV):
-            cols = slice(h * 3, (h + 1) * 3)
-            if h in s.heads.compressed:
-                torch.testing.assert_close(out[j, cols], want[cols], rtol=1e-4, atol=1e-5)
-            else:
-                assert torch.all(out[j, cols] == 7.0)  # full heads keep the base kernel's output
+    gather_decode(step, qn, out)
+    want = masked_dense(s, qn, torch.cat([s.k, kn]), torch.cat([s.v, vn]), [37, 38, 39])
+    for h in range(HKV):
+        cols = slice(h * 3, (h + 1) * 3)
+        if h in s.heads.compressed:
+            torch.testing.assert_close(out[:, cols], want[:, cols], rtol=1e-4, atol=1e-5)
+        else:
+            assert torch.all(out[:, cols] == 7.0)  # full heads keep the base kernel's output
+
+
+@pytest.mark.parametrize("pattern", ["PS", "AA"])
+def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern):
+    """A step of one decode token per row with the compiled kernels: the plan is fused, and one
+    gather call per layer gives every head's output (full heads over every position)."""
+    s = Setup(isa, pattern=pattern, length=45)
+    s.prefill()
+    kn, vn, qn = s.append(1, seed=6)
+    step = s.step(1, 46)
+    if not kernels.compiled(s.pools.layout):
+        assert not step.plan.fused  # the reference runs compressed heads; vLLM's kernel full heads
+        pytest.skip("compiled kernels not built: decode steps are not fused")
+    assert step.plan.fused and step.plan.work[0].shape[0] == HKV
+    out = torch.full((1, HQ, D), 7.0)
+    gather_decode(step, qn, out)
+    want = masked_dense(s, qn, torch.cat([s.k, kn]), torch.cat([s.v, vn]), [45])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
 def test_drift_refills_satellite_slots_from_the_host_tier(isa):
@@ -142,7 +180,8 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     assert bool(result.drift[0])
     for step in range(3):
         s.write(61 + step, ks[step : step + 1], vs[step : step + 1])
-        track_drift(rt, 0, s.heads, s.decode_row(1, 62 + step), qs[step : step + 1], HKV, s.pools)
+        ls = s.step(1, 62 + step)
+        track_drift(ls, ls.plan.decoding[0], qs[step : step + 1])
     assert rt.counters.drift_checks == 1 and rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
     rt.refills.wait("r0", 0)
     count = int(plan.budgets[0, 1]) - plan.window
@@ -182,45 +221,11 @@ def test_pool_views_honour_padded_block_strides(isa):
         write_tokens(kv, isa, table, 0, k, v)
     pos = torch.tensor([0, 7, 16, 33, 49])
     for head in range(HKV):
-        got = LayerCache(padded, layout).gather_positions(table, head, pos)
+        got = read_positions(padded, layout, table, pos, head)
         assert torch.equal(got[0], k[pos, head]) and torch.equal(got[1], v[pos, head])
-        LayerCache(padded, layout).scatter_positions(table, head, torch.arange(5), got[0], got[1])
-        LayerCache(dense, layout).scatter_positions(table, head, torch.arange(5), got[0], got[1])
-    assert torch.equal(LayerCache(padded, layout).gather(table, 50)[0], LayerCache(dense, layout).gather(table, 50)[0])
-
-
-@pytest.mark.parametrize("pattern", ["PS", "AA"])
-def test_decode_attention_kernel_path_equals_reference_path(isa, pattern):
-    from vllm_heterocache.runtime.layer import decode_attention
-
-    s = Setup(isa, pattern=pattern, length=45)
-    s.prefill()
-    _, _, qn = s.append(1, seed=6)
-    row = s.decode_row(1, 46)
-    want, got = torch.zeros(1, HQ, D), torch.zeros(1, HQ, D)
-    compressed_attention(s.heads, row, qn, HKV, s.pools, 0, 0.125, want)
-    decode_attention(s.heads, [row], qn, HKV, s.pools, 0, 0.125, got)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-
-
-def test_decode_attention_runs_full_heads_in_the_same_kernel_call(isa):
-    """``full=True``: the full heads (here the pivot, head 0) attend over every position, in the
-    same call as the compressed heads; their rows of ``output`` equal dense attention."""
-    from vllm_heterocache.runtime.layer import decode_attention, kernel_decodes
-
-    s = Setup(isa, pattern="PS", length=45)
-    s.prefill()
-    kn, vn, qn = s.append(1, seed=6)
-    row = s.decode_row(1, 46)
-    if not kernel_decodes([row], s.pools):
-        pytest.skip("compiled kernels not built or layout not read by them")
-    want, got = torch.zeros(1, HQ, D), torch.zeros(1, HQ, D)
-    compressed_attention(s.heads, row, qn, HKV, s.pools, 0, 0.125, want)
-    g = HQ // HKV
-    k, v = torch.cat([s.k, kn])[:, 0], torch.cat([s.v, vn])[:, 0]
-    want[0, :g] = ((qn[0, :g] @ k.t()) * 0.125).softmax(-1) @ v
-    decode_attention(s.heads, [row], qn, HKV, s.pools, 0, 0.125, got, full=True)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        write_positions(padded, layout, table, torch.arange(5), got[0], got[1], head)
+        write_positions(dense, layout, table, torch.arange(5), got[0], got[1], head)
+    assert torch.equal(read_prefix(padded, layout, table, 50)[0], read_prefix(dense, layout, table, 50)[0])
 
 
 @pytest.mark.parametrize("counts", [[5, 9], [9, 14]], ids=["within-top-k", "beyond-top-k"])

@@ -9,6 +9,7 @@ import torch
 
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
+from vllm_heterocache.ops.paged import BlockLayout, read_positions
 
 # Every test that compares a kernel with its reference carries this mark: without the extension,
 # kernels.gather_attention / drift_check / refill_copy ARE the references, and such a test would
@@ -25,6 +26,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipi
 ON_DEVICES = pytest.mark.parametrize("device", DEVICES)
 IN_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 IN_LAYOUTS = pytest.mark.parametrize("k_transposed", [True, False], ids=["k-transposed", "k-token-major"])
+
+
+def layout_of(k_transposed: bool, bs: int, d: int) -> BlockLayout:
+    """The block layout the compiled kernels read with ``k_transposed``."""
+    return BlockLayout.for_kernels(bs, d, k_transposed)
 
 
 def on(device, *tensors):
@@ -98,7 +104,7 @@ def test_reference_fallback_matches_dense(name, k_transposed):
     g, hkv, d, bs, items = CASES[name]
     q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, torch.float32, k_transposed, pad=8)
     out = torch.full(q.shape, 9.0)
-    kernels.gather_attention_reference(q, out, caches, tables, work, k_transposed, 0.1)
+    kernels.gather_attention_reference(q, out, caches, tables, work, layout_of(k_transposed, bs, d), 0.1)
     want = dense_reference(q, k, v, work, g, 0.1)
     for t, h, *_ in items:
         torch.testing.assert_close(out[t, h * g : (h + 1) * g], want[t, h * g : (h + 1) * g], rtol=1e-5, atol=1e-5)
@@ -114,7 +120,8 @@ def test_gather_attention_kernel(name, k_transposed, dtype, device):
     q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=16)
     q_in = q.to(dtype)
     out = torch.full(q.shape, 9.0, dtype=dtype, device=device)
-    kernels.gather_attention(*on(device, q_in), out, *on(device, caches, tables, work), k_transposed, 0.1)
+    kernels.gather_attention(*on(device, q_in), out, *on(device, caches, tables, work), layout_of(k_transposed, bs, d),
+                             0.1)
     out = out.cpu()
     # oracle: float32 on the same (rounded) inputs; baseline: PyTorch in the kernel's dtype
     kq, vq = k.to(dtype).float(), v.to(dtype).float()
@@ -155,7 +162,7 @@ def make_drift_case(name, dtype, k_transposed):
     # a reference set per pivot; even pivots: their own latest top-K (no drift)
     reference = torch.randint(0, cand, (p, topk), generator=gen).sort().values
     want0 = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
-                                          k_transposed)
+                                          layout_of(k_transposed, bs, d))
     reference[::2] = want0.latest_topk[::2]
     dense_keys = k[0, :key_len].transpose(0, 1).to(dtype).contiguous()  # [P, key_len, D], rounded as stored
     return queries, caches, tables, reference, dense_keys
@@ -169,7 +176,7 @@ def test_drift_check_reference_matches_dense_keys(name, k_transposed, dtype):
     p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
     queries, caches, tables, reference, dense_keys = make_drift_case(name, dtype, k_transposed)
     got = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
-                                        k_transposed)
+                                        layout_of(k_transposed, bs, d))
     want = ref.drift_check(queries, dense_keys, torch.full((p,), key_len), torch.full((p,), cand), reference,
                            torch.full((p,), topk), 0.6, 5)
     for field in ("latest_scores", "latest_topk", "median_overlap", "drift"):
@@ -187,9 +194,9 @@ def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device)
     p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
     queries, caches, tables, reference, _ = make_drift_case(name, dtype, k_transposed)
     want = kernels.drift_check_reference(queries, caches, tables, 0, key_len, cand, reference, topk, 0.6, 5,
-                                         k_transposed)
+                                         layout_of(k_transposed, bs, d))
     got = kernels.drift_check(*on(device, queries, caches, tables), 0, key_len, cand, *on(device, reference), topk,
-                              0.6, 5, k_transposed)
+                              0.6, 5, layout_of(k_transposed, bs, d))
     got = type(got)(*(x.cpu() for x in got))
     torch.testing.assert_close(got.latest_scores, want.latest_scores, rtol=1e-4, atol=1e-6)
     assert torch.equal(got.latest_topk, want.latest_topk)
@@ -243,7 +250,7 @@ def test_refill_copy_reference_matches_hand_addressing(name, k_transposed, dtype
     storage, host_blocks, host_rows, positions, before, tables = make_refill_case(name, dtype)
     got = [f.clone() for f in before]
     kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, refill_caches_of(got, bs, d), tables,
-                                  k_transposed)
+                                  layout_of(k_transposed, bs, d))
     for s, count in enumerate(counts):
         want = before[s].clone()
         for i in range(count):
@@ -275,21 +282,23 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
         return refill_caches_of(flats, bs, d)
 
     on_device = [f.clone().to(device) for f in before]
+    layout = layout_of(k_transposed, bs, d)
     kernels.refill_copy(*on(device, storage), host_blocks, host_rows, positions, caches_of(on_device),
-                        *on(device, tables), k_transposed)
+                        *on(device, tables), layout)
     got = [f.cpu() for f in on_device]
     want = [f.clone() for f in before]
-    kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, caches_of(want), tables, k_transposed)
+    kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, caches_of(want), tables, layout)
     for i in range(s):
         assert torch.equal(got[i], want[i])
-        k, v = kernels.read_positions(caches_of(got)[i], tables[i], torch.arange(counts[i]), k_transposed)
+        k, v = read_positions(caches_of(got)[i], layout, tables[i], torch.arange(counts[i]))
         pos = positions[i, : counts[i]]
         src = storage[host_blocks[pos // hbs], int(host_rows[i]), pos % hbs]
         assert torch.equal(k, src[:, 0]) and torch.equal(v, src[:, 1])
         written = torch.zeros(nb, page + pad, dtype=torch.bool)
-        blocks, k_at, v_at = kernels._region_index(caches_of(got)[i], tables[i], torch.arange(counts[i]), k_transposed)
-        written[blocks[:, None], k_at] = True
-        written[blocks[:, None], bs * d + v_at] = True
+        slots = torch.arange(counts[i])  # slot i: block table[i // bs], offset i % bs (hand addressing)
+        blocks, off, dims = tables[i][slots // bs].long(), (slots % bs)[:, None], torch.arange(d)[None]
+        written[blocks[:, None], dims * bs + off if k_transposed else off * d + dims] = True
+        written[blocks[:, None], bs * d + off * d + dims] = True
         assert torch.equal(got[i][~written], before[i][~written])
 
 

@@ -1,4 +1,5 @@
-"""The pure layer (profile, taxonomy, budgets, config, reference ops) must import without vLLM."""
+"""The pure layer (profile, taxonomy, budgets, config, reference ops) and the runtime and ops
+below the adapters must import without vLLM."""
 
 import subprocess
 import sys
@@ -14,6 +15,11 @@ PURE_MODULES = [
     "vllm_heterocache.profile.importer",
     "vllm_heterocache.profile.report",
     "vllm_heterocache.ops.reference",
+    "vllm_heterocache.ops.paged",
+    "vllm_heterocache.ops.kernels",
+    "vllm_heterocache.runtime.step",
+    "vllm_heterocache.runtime.model",
+    "vllm_heterocache.runtime.layer",
 ]
 
 

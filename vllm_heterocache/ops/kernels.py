@@ -1,9 +1,10 @@
 """The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallbacks.
 
 ``torch.ops.heterocache.{gather_attention, drift_check, refill_copy}`` when the extension is
-built (``setup.py``), else :func:`gather_attention_reference` / :func:`drift_check_reference` /
-:func:`refill_copy_reference`, the same contracts in PyTorch. :func:`describe` is the startup
-line that says which runs.
+built (``setup.py``) and the cache layout is one they read, else :func:`gather_attention_reference`
+/ :func:`drift_check_reference` / :func:`refill_copy_reference`, the same contracts in PyTorch
+over any :class:`~vllm_heterocache.ops.paged.BlockLayout`. The functions below are the one place
+that chooses; :func:`describe` is the startup line that says which runs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from vllm_heterocache.ops import reference as ref
+from vllm_heterocache.ops.paged import BlockLayout, read_positions, write_positions
 
 try:
     from vllm_heterocache import _C  # noqa: F401  (registers torch.ops.heterocache.*)
@@ -42,6 +44,11 @@ def has_cuda_kernels() -> bool:
     return HAVE_KERNELS and torch._C._dispatch_has_kernel_for_dispatch_key("heterocache::gather_attention", "CUDA")
 
 
+def compiled(layout: BlockLayout) -> bool:
+    """Whether the compiled kernels run on caches of ``layout``."""
+    return HAVE_KERNELS and layout.kernel_order is not None
+
+
 def describe() -> str:
     if HAVE_KERNELS:
         cuda = "; CUDA kernels built" if has_cuda_kernels() else ""
@@ -55,7 +62,7 @@ def gather_attention(
     caches: list[torch.Tensor],
     tables: list[torch.Tensor],
     work: torch.Tensor,
-    k_transposed: bool,
+    layout: BlockLayout,
     scale: float,
 ) -> None:
     """Decode attention of work items over paged single-head caches (contract: csrc/gather_attention.h).
@@ -66,21 +73,21 @@ def gather_attention(
         tables: per KV head int32 ``[rows, max_blocks]`` block tables.
         work: int64 ``[n, 6]``: token, KV head, row, n_front, gen_start, seq_len; the item
             attends over positions ``0 .. n_front-1`` and ``gen_start .. seq_len-1``.
-        k_transposed: K regions are ``[D, block_size]`` (else ``[block_size, D]``).
+        layout: the caches' block layout.
     """
-    if HAVE_KERNELS:
-        torch.ops.heterocache.gather_attention(query, output, caches, tables, work, k_transposed, scale)
+    if compiled(layout):
+        torch.ops.heterocache.gather_attention(query, output, caches, tables, work, layout.kernel_order, scale)
     else:
-        gather_attention_reference(query, output, caches, tables, work, k_transposed, scale)
+        gather_attention_reference(query, output, caches, tables, work, layout, scale)
 
 
-def gather_attention_reference(query, output, caches, tables, work, k_transposed: bool, scale: float) -> None:
+def gather_attention_reference(query, output, caches, tables, work, layout: BlockLayout, scale: float) -> None:
     """PyTorch version of :func:`gather_attention` (the oracle of the kernel tests)."""
     hkv = len(caches)
     g = query.shape[1] // hkv
     for t, h, row, n_front, gen_start, seq_len in work.tolist():
         positions = torch.cat([torch.arange(n_front), torch.arange(gen_start, seq_len)])
-        k, v = read_positions(caches[h], tables[h][row], positions, k_transposed)
+        k, v = read_positions(caches[h], layout, tables[h][row], positions)
         idx = torch.arange(positions.numel())[None, None]
         out = ref.subset_attention(query[t, h * g : (h + 1) * g][None], k[None, :, None], v[None, :, None], idx, scale)
         output[t, h * g : (h + 1) * g] = out[0]
@@ -93,7 +100,7 @@ def refill_copy(
     positions: torch.Tensor,
     caches: list[torch.Tensor],
     tables: list[torch.Tensor],
-    k_transposed: bool,
+    layout: BlockLayout,
 ) -> None:
     """Refill copies from the host tier into satellites' slots (contract: csrc/refill_copy.h).
 
@@ -105,46 +112,20 @@ def refill_copy(
             position ``positions[s, i]``.
         caches, tables: per satellite its single-head cache and the request's int32 block-table row.
     """
-    if HAVE_KERNELS:
-        torch.ops.heterocache.refill_copy(storage, host_blocks, host_rows, positions, caches, tables, k_transposed)
+    if compiled(layout):
+        torch.ops.heterocache.refill_copy(storage, host_blocks, host_rows, positions, caches, tables,
+                                          layout.kernel_order)
     else:
-        refill_copy_reference(storage, host_blocks, host_rows, positions, caches, tables, k_transposed)
+        refill_copy_reference(storage, host_blocks, host_rows, positions, caches, tables, layout)
 
 
-def refill_copy_reference(storage, host_blocks, host_rows, positions, caches, tables, k_transposed: bool) -> None:
+def refill_copy_reference(storage, host_blocks, host_rows, positions, caches, tables, layout: BlockLayout) -> None:
     """PyTorch version of :func:`refill_copy`."""
     hbs = storage.shape[2]
     for s, (cache, table) in enumerate(zip(caches, tables)):
         pos = positions[s][positions[s] >= 0]
         kv = storage[host_blocks[pos // hbs], int(host_rows[s]), pos % hbs]  # [n, 2, D]
-        write_positions(cache, table, torch.arange(pos.numel()), kv[:, 0], kv[:, 1], k_transposed)
-
-
-def _region_index(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, k_transposed: bool):
-    """Blocks ``[n]`` and K / V offsets ``[n, D]`` inside a block of ``positions`` of a single-head cache."""
-    bs, d = cache.shape[2], cache.shape[3] // 2
-    off = positions % bs
-    dims = torch.arange(d)
-    k_at = dims[None] * bs + off[:, None] if k_transposed else off[:, None] * d + dims[None]
-    return block_row[positions // bs].long(), k_at, off[:, None] * d + dims[None]
-
-
-def read_positions(cache: torch.Tensor, block_row: torch.Tensor, positions: torch.Tensor, k_transposed: bool):
-    """K and V ``[n, D]`` of a single-head cache at ``positions``."""
-    nb, _, bs, d2 = cache.shape
-    blocks, k_at, v_at = _region_index(cache, block_row, positions, k_transposed)
-    regions = cache[blocks, 0].reshape(-1, 2, bs * (d2 // 2))  # [n, 2, bs*D]
-    rows = torch.arange(positions.numel())[:, None]
-    return regions[rows, 0, k_at], regions[rows, 1, v_at]
-
-
-def write_positions(cache, block_row, positions, k, v, k_transposed: bool) -> None:
-    """Write K and V ``[n, D]`` of a single-head cache at ``positions`` (in place)."""
-    nb, _, bs, d2 = cache.shape
-    blocks, k_at, v_at = _region_index(cache, block_row, positions, k_transposed)
-    regions = cache[:, 0].view(nb, 2, bs * (d2 // 2))  # a view: blocks may be padded apart
-    regions[blocks[:, None], 0, k_at] = k.to(cache.dtype)
-    regions[blocks[:, None], 1, v_at] = v.to(cache.dtype)
+        write_positions(cache, layout, table, torch.arange(pos.numel()), kv[:, 0], kv[:, 1])
 
 
 def drift_check(
@@ -158,7 +139,7 @@ def drift_check(
     topk: int,
     threshold: float,
     pool_kernel: int,
-    k_transposed: bool,
+    layout: BlockLayout,
 ) -> ref.DriftResult:
     """:func:`reference.drift_check` of P pivots whose keys are the first ``key_len`` positions of
     row ``row`` of their paged single-head caches (contract: csrc/drift_check.h).
@@ -168,25 +149,25 @@ def drift_check(
         caches, tables: per pivot, as for :func:`gather_attention`.
         reference: int64 ``[P, K]`` ascending, -1 padded.
     """
-    if not HAVE_KERNELS:
+    if not compiled(layout):
         return drift_check_reference(queries, caches, tables, row, key_len, candidates, reference, topk, threshold,
-                                     pool_kernel, k_transposed)
+                                     pool_kernel, layout)
     p, dev = queries.shape[0], queries.device
     drift = torch.empty(p, dtype=torch.bool, device=dev)
     median = torch.empty(p, device=dev)
     latest = torch.empty(p, max(0, min(topk, candidates, key_len)), dtype=torch.int64, device=dev)
     scores = torch.empty(p, key_len, device=dev)
     torch.ops.heterocache.drift_check(queries.float().contiguous(), caches, tables, row, key_len, candidates,
-                                      reference.contiguous(), topk, threshold, pool_kernel, k_transposed, drift,
+                                      reference.contiguous(), topk, threshold, pool_kernel, layout.kernel_order, drift,
                                       median, latest, scores)
     return ref.DriftResult(drift, median, latest, scores)
 
 
 def drift_check_reference(queries, caches, tables, row, key_len, candidates, reference, topk, threshold, pool_kernel,
-                          k_transposed) -> ref.DriftResult:
+                          layout: BlockLayout) -> ref.DriftResult:
     """PyTorch version of :func:`drift_check`."""
     p = queries.shape[0]
     positions = torch.arange(key_len)
-    keys = torch.stack([read_positions(c, t[row], positions, k_transposed)[0] for c, t in zip(caches, tables)])
+    keys = torch.stack([read_positions(c, layout, t[row], positions)[0] for c, t in zip(caches, tables)])
     return ref.drift_check(queries, keys, torch.full((p,), key_len), torch.full((p,), candidates), reference,
                            torch.full((p,), topk), threshold, pool_kernel)

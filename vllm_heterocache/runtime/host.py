@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_heterocache.ops import kernels
+from vllm_heterocache.ops.paged import BlockLayout
 
 
 @dataclass
@@ -114,13 +115,13 @@ class HostTier:
         return kv[:, 0], kv[:, 1]
 
     def copy_out(self, key: str, rows: list[int], positions: torch.Tensor, caches: list[torch.Tensor],
-                 tables: list[torch.Tensor], k_transposed: bool) -> None:
+                 tables: list[torch.Tensor], layout: BlockLayout) -> None:
         """Refill copies straight into paged single-head caches (``kernels.refill_copy``): slot
         ``i`` of ``caches[s]`` (int32 block-table row ``tables[s]``) gets position
         ``positions[s, i]`` of row ``rows[s]`` (int64 ``[S, width]``, -1 padded)."""
         blocks = self._table(key, int(positions.max()) if positions.numel() else -1)
         kernels.refill_copy(self.storage, blocks, torch.tensor(rows, dtype=torch.int64), positions.contiguous(),
-                            caches, tables, k_transposed)
+                            caches, tables, layout)
         self.stats.bytes_out += 2 * int((positions >= 0).sum()) * self.storage.shape[-1] * self.storage.element_size()
 
     def _locate(self, key: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

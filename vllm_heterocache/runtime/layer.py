@@ -1,10 +1,10 @@
-"""The per-layer steps of HeteroCache on one batch row (algorithm.md sections 3 and 4).
+"""The per-layer steps of HeteroCache (algorithm.md sections 3 and 4), executing a step's plan.
 
-Every KV head of a layer has a single-head paged pool of its own (``LayerPools``), in one of
-several kinds: the full pool (volatile and pivot heads: every token at its position) or a
+Every KV head of a layer has a single-head paged cache of its own (``LayerPools``), in one of
+several pools: the full pool (volatile and pivot heads: every token at its position) or a
 compressed pool of a budget class (anchor and satellite heads), whose block manager frees a
 request's prompt blocks beyond the class's largest budget once the prompt is done
-(``vllm_adapter.pools``). Per request and compressed head ``c`` with budget ``B_c``, its pool
+(``vllm_adapter.pools``). Per request and compressed head ``c`` with budget ``B_c``, its cache
 holds::
 
     positions 0 .. B_c - 1      its kept prompt tokens, compacted in position order (the
@@ -12,39 +12,85 @@ holds::
                                 B_c - window of them
     positions L .. seq_len - 1  generated tokens, at their own positions
 
-Shapes: ``query`` is the step's ``[num_tokens, H_q, D]`` (H_q = H_kv * G, this rank's heads); a
-row's tokens are ``query[row.start : row.start + row.q_len]``.
+Shapes: ``query`` is the step's ``[num_tokens, H_q, D]`` (H_q = H_kv * G, this rank's heads);
+``key``/``value`` ``[num_tokens, H_kv, D]``. A row's tokens are ``query[row.start : row.start +
+row.q_len]`` (``runtime.step``). What a step runs is decided once in its :class:`StepPlan`;
+the functions here take one :class:`LayerStep` (the layer, its caches, the plan) and execute.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
-from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads, Row
-from vllm_heterocache.runtime.paged import LayerCache
+from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, write_positions
+from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
+from vllm_heterocache.runtime.step import Row, StepPlan
+from vllm_heterocache.runtime.timing import section
 
 
 @dataclass(frozen=True)
 class LayerPools:
-    """One layer's pools, one per local KV head (``[num_blocks, 1, block_size, 2 * D]`` each),
-    with this step's block tables (int ``[rows, max_blocks]``, shared by the heads of a kind)."""
+    """One layer's caches, one per local KV head (``[num_blocks, 1, block_size, 2 * D]`` each),
+    their block layout, and this step's block tables (int32 ``[rows, max_blocks]``, shared by
+    the heads of a pool)."""
 
-    caches: tuple[LayerCache, ...]
+    caches: tuple[torch.Tensor, ...]
     tables: tuple[torch.Tensor, ...]
+    layout: BlockLayout
 
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
-        return torch.cat([self.caches[h].gather(self.tables[h][row], length)[0] for h in heads], dim=1)
+        return torch.cat([read_prefix(self.caches[h], self.layout, self.tables[h][row], length)[0] for h in heads],
+                         dim=1)
 
     def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.caches[head].gather_positions(self.tables[head][row], 0, positions)
+        return read_positions(self.caches[head], self.layout, self.tables[head][row], positions)
 
     def write(self, head: int, row: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.caches[head].scatter_positions(self.tables[head][row], 0, positions, k, v)
+        write_positions(self.caches[head], self.layout, self.tables[head][row], positions, k, v)
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """One layer in one step: what every per-layer function reads."""
+
+    rt: HeteroCacheRuntime
+    layer: int  # model layer index
+    heads: LayerHeads
+    pools: LayerPools
+    plan: StepPlan
+    scale: float
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.heads.pool)
+
+
+def attend(ls: LayerStep, query: torch.Tensor, output: torch.Tensor, stock: Callable[[int], None]) -> None:
+    """The layer's attention in this step, as its plan says (``runtime.step``); ``stock(h)`` runs
+    vLLM's kernel for the query heads of KV head ``h`` over every row of the step."""
+    rt, plan, heads = ls.rt, ls.plan, ls.heads
+    if plan.prefill:
+        for h in range(ls.num_kv_heads):
+            stock(h)
+    elif not plan.fused:
+        for h in heads.full:
+            stock(h)
+    for row in plan.ends_prompt:
+        select_and_compact(ls, row, query)
+    with section("refill_wait"):
+        for row in plan.decoding:
+            rt.refills.wait(row.state.key, ls.layer)
+    gather_decode(ls, query, output)
+    if rt.config.refill and heads.pivots:
+        with section("drift"):
+            for row in plan.decoding:
+                track_drift(ls, row, query)
 
 
 def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
@@ -54,16 +100,30 @@ def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
     return query.view(t, num_kv_heads, g, d)[:, list(heads)].reshape(t, len(heads) * g, d)
 
 
-def select_and_compact(
-    rt: HeteroCacheRuntime, layer: int, heads: LayerHeads, row: Row, query: torch.Tensor,
-    num_kv_heads: int, pools: LayerPools,
-) -> None:
+def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy the prompt tokens of this step's prefilling rows of the layer's satellites into the
+    host tier (their host rows are consecutive, ``HeteroCacheRuntime``)."""
+    rt, rows = ls.rt, ls.heads.host_rows
+    if not rows:
+        return
+    sats = list(rows)
+    for row in ls.plan.rows:
+        state = row.state
+        end = min(row.seq_len, state.prompt_len)
+        if not state.host or row.first >= end:
+            continue
+        tokens = slice(row.start, row.start + end - row.first)
+        rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
+
+
+def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
     """After the last prompt token: compressed heads choose their budget and compact it to
-    positions ``0 .. B_c - 1`` of their pool; pivots record their reference top-K.
+    positions ``0 .. B_c - 1`` of their cache; pivots record their reference top-K.
 
     Scoring uses the queries of the last ``window`` prompt positions that are in this row (a
     chunk boundary inside the window leaves fewer).
     """
+    rt, heads, pools, layer = ls.rt, ls.heads, ls.pools, ls.layer
     state = row.state
     plan = state.plan
     L, W = plan.prompt_len, plan.window
@@ -72,7 +132,7 @@ def select_and_compact(
     if heads.compressed:
         c = heads.compressed
         k = pools.keys(c, row.index, L)
-        scores = ref.prefill_scores(_heads_of(q, num_kv_heads, c), k, rt.config.pool_kernel)
+        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, c), k, rt.config.pool_kernel)
         chosen = ref.select_tokens(scores, plan.budgets[layer, list(c)], W)
         for i, h in enumerate(c):
             keep = chosen[i][chosen[i] >= 0]
@@ -81,105 +141,55 @@ def select_and_compact(
     if heads.pivots:
         p = heads.pivots
         k = pools.keys(p, row.index, L)
-        scores = ref.prefill_scores(_heads_of(q, num_kv_heads, p), k, rt.config.pool_kernel)
+        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, p), k, rt.config.pool_kernel)
         n = len(p)
         state.references[layer] = ref.topk_positions(
             scores, torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
         )
-        g = query.shape[1] // num_kv_heads
+        g = query.shape[1] // ls.num_kv_heads
         state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])
         state.buffered[layer] = 0
     rt.counters.prefill_selections += 1
 
 
-def kernel_decodes(rows: list[Row], pools: LayerPools) -> bool:
-    """Whether one compiled-kernel call can run a decode step's attention of every head: the
-    kernels are built, they read this cache layout, and every row is one decode token."""
-    return (kernels.HAVE_KERNELS and pools.caches[0].layout.kernel_order is not None
-            and all(r.decoding and r.q_len == 1 for r in rows))
+def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> None:
+    """Run the plan's gather-kernel work items of this layer (decoding tokens' compressed heads,
+    and every head in a fused step) in one call, writing their slices of ``output``."""
+    work = ls.plan.work[ls.layer]
+    if not work.numel():
+        return
+    d = query.shape[-1]
+    pools = ls.pools
+    kernels.gather_attention(query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
+                             list(pools.caches), list(pools.tables), work, pools.layout, ls.scale)
 
 
-def decode_attention(
-    heads: LayerHeads, rows: list[Row], query: torch.Tensor, num_kv_heads: int, pools: LayerPools, layer: int,
-    scale: float, output: torch.Tensor, full: bool = False,
-) -> None:
-    """:func:`compressed_attention` of every decode row, in one compiled-kernel call for the
-    rows of one token when the kernels are built and the cache layout is one they read. With
-    ``full`` (only when :func:`kernel_decodes`), the same call also runs the full heads over all
-    their positions."""
-    order = pools.caches[0].layout.kernel_order
-    single = [r for r in rows if r.q_len == 1]
-    if kernels.HAVE_KERNELS and order is not None and single:
-        items = [
-            [r.start, h, r.index, int(r.state.plan.budgets[layer, h]), r.state.prompt_len, r.seq_len]
-            for r in single
-            for h in heads.compressed
-        ]
-        if full:
-            items += [[r.start, h, r.index, r.seq_len, r.seq_len, r.seq_len] for r in single for h in heads.full]
-        d = query.shape[-1]
-        kernels.gather_attention(
-            query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
-            [c.kv for c in pools.caches], list(pools.tables), torch.tensor(items, dtype=torch.int64), order, scale,
-        )
-        rows = [r for r in rows if r.q_len != 1]
-    assert not (full and rows), "full heads in the kernel call need single-token rows (kernel_decodes)"
-    for row in rows:
-        compressed_attention(heads, row, query, num_kv_heads, pools, layer, scale, output)
-
-
-def compressed_attention(
-    heads: LayerHeads, row: Row, query: torch.Tensor, num_kv_heads: int, pools: LayerPools, layer: int,
-    scale: float, output: torch.Tensor,
-) -> None:
-    """Attention of the compressed heads of a decode row over their kept tokens only.
-
-    Reads positions ``0 .. B_c - 1`` (kept prompt tokens) and ``L .. seq_len - 1`` (generated) of
-    each compressed head's pool. Writes the compressed heads' slice of ``output``
-    (``[num_tokens, H_q, D_v]``).
-    """
-    plan = row.state.plan
-    L, s, qn = plan.prompt_len, row.seq_len, row.q_len
-    g = query.shape[1] // num_kv_heads
-    q_all = query[row.start : row.start + qn].view(qn, num_kv_heads, g, -1)
-    dst = output[row.start : row.start + qn].view(qn, num_kv_heads, g, -1)
-    qpos = torch.arange(s - qn, s)
-    generated = torch.arange(L, s)
-    for h in heads.compressed:
-        budget = int(plan.budgets[layer, h])
-        k, v = pools.read(h, row.index, torch.cat([torch.arange(budget), generated]))
-        logits = torch.einsum("qgd,nd->qgn", q_all[:, h].float(), k.float()) * scale
-        if qn > 1:  # causal among the row's own tokens
-            future = torch.cat([torch.zeros(qn, budget, dtype=torch.bool), generated[None, :] > qpos[:, None]], -1)
-            logits = logits.masked_fill(future[:, None, :], float("-inf"))
-        dst[:, h] = torch.einsum("qgn,nd->qgd", logits.softmax(-1), v.float()).to(output.dtype)
-
-
-def track_drift(
-    rt: HeteroCacheRuntime, layer: int, heads: LayerHeads, row: Row, query: torch.Tensor,
-    num_kv_heads: int, pools: LayerPools,
-) -> None:
+def track_drift(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
     """Buffer the pivots' queries; every ``drift_interval`` of them check drift and, on drift,
     start the refill of the pivot's satellites from the host tier (asynchronous; it is waited
     for when the layer next reads them, see ``RefillQueue``)."""
+    rt, heads, layer = ls.rt, ls.heads, ls.layer
     state, plan = row.state, row.state.plan
     ring = state.query_ring.get(layer)
     if ring is None:
         return
     n_steps = rt.config.drift_interval
-    g = query.shape[1] // num_kv_heads
-    p = heads.pivots
-    cut = plan.prompt_len - plan.window
+    g = query.shape[1] // ls.num_kv_heads
+    p = list(heads.pivots)
     for j in range(row.q_len):
         slot = state.buffered[layer] % n_steps
-        ring[:, slot] = query[row.start + j].view(num_kv_heads, g, -1)[list(p)].float()
+        ring[:, slot] = query[row.start + j].view(ls.num_kv_heads, g, -1)[p].float()
         state.buffered[layer] += 1
         if state.buffered[layer] < n_steps:
             continue
         state.buffered[layer] = 0
         visible = row.seq_len - (row.q_len - 1 - j)
-        result = _drift_check(rt, heads, row, ring.roll(-(slot + 1), dims=1), visible, cut, state.references[layer],
-                              plan.reference_topk, pools)
+        pools = ls.pools
+        result = kernels.drift_check(
+            ring.roll(-(slot + 1), dims=1), [pools.caches[h] for h in p], [pools.tables[h] for h in p], row.index,
+            visible, plan.prompt_len - plan.window, state.references[layer], plan.reference_topk, rt.threshold,
+            rt.config.pool_kernel, pools.layout,
+        )
         rt.counters.drift_checks += 1
         for i, pivot in enumerate(p):
             if not bool(result.drift[i]):
@@ -188,50 +198,25 @@ def track_drift(
             state.references[layer][i] = result.latest_topk[i]
             sats = heads.satellites.get(pivot, ())
             if sats and state.host:
-                _refill(rt, layer, heads, row, sats, result.latest_scores[i], result.latest_topk[i], pools)
+                _refill(ls, row, sats, result.latest_scores[i], result.latest_topk[i])
 
 
-def _drift_check(rt, heads: LayerHeads, row: Row, queries: torch.Tensor, visible: int, cut: int,
-                 reference: torch.Tensor, topk: int, pools: LayerPools) -> ref.DriftResult:
-    """Drift decision of the layer's pivots (queries ``[P, N, G, D]`` oldest to newest) over
-    their first ``visible`` keys: the compiled kernel reads them in place where it can."""
-    p = heads.pivots
-    order = pools.caches[p[0]].layout.kernel_order
-    if order is not None:
-        return kernels.drift_check(queries, [pools.caches[h].kv for h in p], [pools.tables[h] for h in p], row.index,
-                                   visible, cut, reference, topk, rt.threshold, rt.config.pool_kernel, order)
-    n = len(p)
-    return ref.drift_check(queries, pools.keys(p, row.index, visible).permute(1, 0, 2), torch.full((n,), visible),
-                           torch.full((n,), cut), reference, torch.full((n,), topk), rt.threshold,
-                           rt.config.pool_kernel)
-
-
-def _refill(rt, layer: int, heads: LayerHeads, row: Row, sats, pivot_scores: torch.Tensor, pivot_top: torch.Tensor,
-            pools: LayerPools) -> None:
+def _refill(ls: LayerStep, row: Row, sats, pivot_scores: torch.Tensor, pivot_top: torch.Tensor) -> None:
     """Queue the copies of the satellites' new selection from the host tier into their slots."""
+    rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
     state, plan = row.state, row.state.plan
     cut = plan.prompt_len - plan.window
     counts = torch.tensor([int(plan.budgets[layer, s]) - plan.window for s in sats])
     chosen = _refill_positions(pivot_scores, pivot_top[pivot_top >= 0], counts, cut)
-    host, key = rt.host, state.key
-    tables = [pools.tables[s][row.index].clone() for s in sats]  # this step's; the copy runs later
     kept = state.kept[layer]
     for n, s in enumerate(sats):
         positions = chosen[n][chosen[n] >= 0]
         kept[heads.compressed.index(s), : positions.numel()] = positions
-    order = pools.caches[sats[0]].layout.kernel_order
+    host, key = rt.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
-
-    def copy() -> None:
-        if order is not None:  # compiled (or reference) copy straight into the slots
-            host.copy_out(key, host_rows, chosen, [pools.caches[s].kv for s in sats], tables, order)
-            return
-        for n, s in enumerate(sats):  # a layout the kernels do not read
-            positions = chosen[n][chosen[n] >= 0]
-            k, v = host.read(key, host_rows[n], positions)
-            pools.caches[s].scatter_positions(tables[n], 0, torch.arange(positions.numel()), k, v)
-
-    rt.refills.submit(key, layer, copy)
+    caches = [pools.caches[s] for s in sats]
+    tables = [pools.tables[s][row.index].clone() for s in sats]  # this step's; the copy runs later
+    rt.refills.submit(key, layer, lambda: host.copy_out(key, host_rows, chosen, caches, tables, pools.layout))
     rt.counters.refilled_heads += len(sats)
 
 
@@ -244,17 +229,3 @@ def _refill_positions(scores: torch.Tensor, top: torch.Tensor, counts: torch.Ten
         return ref.refill_indices(scores[None].expand(n, -1), counts, torch.full((n,), cut))
     picks = ref.refill_indices(scores[top][None].expand(n, -1), counts, torch.full((n,), top.numel()))
     return torch.where(picks >= 0, top[picks.clamp_min(0)], picks)
-
-
-def mirror_to_host(rt: HeteroCacheRuntime, heads: LayerHeads, row: Row, key: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy this row's prompt tokens of the layer's satellites into the host tier.
-
-    ``key``/``value``: the step's ``[num_tokens, H_kv, D]``.
-    """
-    state = row.state
-    end = min(row.seq_len, state.prompt_len)
-    if not state.host or row.first >= end or not heads.host_rows:
-        return
-    sats = list(heads.host_rows)  # their host rows are consecutive (HeteroCacheRuntime)
-    tokens = slice(row.start, row.start + end - row.first)
-    rt.host.write(state.key, heads.host_rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])

@@ -1,9 +1,11 @@
 """The HeteroCache runtime of one model instance: heads by pool, request states, host tier.
 
-One object per engine process, shared by the model-runner hooks (which say which request each
-batch row is and which requests ended), the metadata builders (which plan each step once) and
-the attention impl of every layer (which runs the algorithm). Built once from the validated
-config; the host tier is attached when vLLM has sized its KV cache.
+One object per engine process (per tensor-parallel rank), shared by the model-runner hooks,
+the metadata builders and the attention impl of every layer. Built once from the validated
+config; the cache layout is attached when vLLM builds the attention metadata builders, the host
+tier when vLLM has sized its KV cache. Per step, the runner's step hook calls
+:meth:`HeteroCacheRuntime.begin_step`, which admits the step's requests (the side effects) and
+plans the step once (``runtime.step``); the layers only execute that plan.
 """
 
 from __future__ import annotations
@@ -11,13 +13,17 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from vllm_heterocache.budget import BudgetPlanner, check_pools_uniform
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
+from vllm_heterocache.ops.paged import BlockLayout
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
+from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
 
 log = logging.getLogger("vllm.heterocache")
 
@@ -49,34 +55,6 @@ class Counters:
     refilled_heads: int = 0
 
 
-@dataclass(frozen=True)
-class Row:
-    """One request's part of an engine step (planned once per step, shared by all layers).
-
-    The row's tokens are ``query[start : start + q_len]`` at positions ``seq_len - q_len ..
-    seq_len - 1``; ``index`` is the row of the step's block tables.
-    """
-
-    start: int
-    q_len: int
-    seq_len: int
-    index: int
-    state: RequestState
-
-    @property
-    def first(self) -> int:
-        return self.seq_len - self.q_len
-
-    @property
-    def ends_prompt(self) -> bool:
-        """The row holds the last prompt token: compressed heads select and compact after it."""
-        return self.first < self.state.prompt_len <= self.seq_len
-
-    @property
-    def decoding(self) -> bool:
-        return self.first >= self.state.prompt_len
-
-
 class HeteroCacheRuntime:
     def __init__(
         self,
@@ -93,7 +71,10 @@ class HeteroCacheRuntime:
         self.capacities, class_of = self.planner.capacity_classes(config.budget_classes)
 
         def pool_of(layer: int, head: int) -> int:
-            return FULL_POOL if self.planner.keep_all else class_of.get((layer, head), FULL_POOL)
+            if self.planner.keep_all or (layer, head) not in class_of:
+                return FULL_POOL
+            # classes of equal capacity have equal KV cache specs: vLLM gives them one group
+            return self.capacities.index(self.capacities[class_of[layer, head]])
 
         check_pools_uniform(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         self.threshold = (
@@ -105,8 +86,9 @@ class HeteroCacheRuntime:
         self.counters = Counters()
         self.refills = RefillQueue()
         self.host: HostTier | None = None
-        self._step: tuple[list[str], list[int]] | None = None
-        self._rows: tuple[Row, ...] | None = None
+        self.layout: BlockLayout | None = None  # the KV caches' block layout (attach_layout)
+        self.step: StepPlan = empty_plan(profile.num_layers)  # the current step (begin_step)
+        self.group_of: dict[str, int] = {}  # KV cache (layer) name -> its KV cache group (adapter)
         local = {g: j for j, g in enumerate(self.planner.heads)}
         self.layers: list[LayerHeads] = []
         rows = 0
@@ -144,10 +126,37 @@ class HeteroCacheRuntime:
     def attach_host_tier(self, host: HostTier) -> None:
         self.host = host
 
-    def begin_step(self, req_ids: list[str], prompt_lens: list[int]) -> None:
-        """The batch of the next step: row ``i`` is request ``req_ids[i]``."""
-        self._step = (list(req_ids), [int(n) for n in prompt_lens])
-        self._rows = None
+    def attach_layout(self, layout: BlockLayout) -> None:
+        """The block layout of every KV cache of this engine (one ISA, dtype and block size)."""
+        if self.layout is not None and not (
+            torch.equal(layout.k_index, self.layout.k_index) and torch.equal(layout.v_index, self.layout.v_index)
+        ):
+            raise RuntimeError("heterocache: the KV caches of one engine have different block layouts")
+        self.layout = layout
+
+    def begin_step(self, req_ids: list[str], prompt_lens: list[int], query_start_loc: list[int],
+                   seq_lens: list[int]) -> StepPlan:
+        """The step hook, before vLLM builds the step's attention metadata: row ``i`` of the step
+        is request ``req_ids[i]``, its tokens ``query_start_loc[i] .. query_start_loc[i + 1] - 1``
+        up to position ``seq_lens[i] - 1``.
+
+        Admits the requests whose prefill starts (a fresh state, and host-tier blocks for their
+        satellites), then plans the step once (:attr:`step`).
+        """
+        rows = []
+        for i, key in enumerate(req_ids):
+            q_len, seq_len = query_start_loc[i + 1] - query_start_loc[i], seq_lens[i]
+            if q_len == 0:
+                continue
+            state = self._admit(key, prompt_lens[i]) if seq_len == q_len else self.requests.get(key)
+            rows.append(Row(query_start_loc[i], q_len, seq_len, i, state))
+        kernels_read = self.layout is not None and kernels.compiled(self.layout)
+        self.step = plan_step(tuple(rows), self.planner.full, kernels_read)
+        return self.step
+
+    def dummy_step(self) -> None:
+        """vLLM's dummy runs (warm-up, profiling) have rows but no requests."""
+        self.step = empty_plan(self.profile.num_layers)
 
     def finish(self, keys) -> None:
         """Requests finished, aborted or preempted: wait for their copies, free their state."""
@@ -159,34 +168,10 @@ class HeteroCacheRuntime:
             if self.host is not None:
                 self.host.free(key)
 
-    def plan_rows(self, query_start_loc: list[int], seq_lens: list[int]) -> tuple[Row, ...]:
-        """The rows of this step (once per step; every layer and pool reuses them).
-
-        Creates the state of a request whose prefill starts (and its host-tier blocks). A step
-        without ``begin_step`` (vLLM's dummy runs) has no rows.
-        """
-        if self._rows is not None:
-            return self._rows
-        if self._step is None:
-            return ()
-        req_ids, prompt_lens = self._step
-        rows = []
-        for i in range(len(seq_lens)):
-            q_len = query_start_loc[i + 1] - query_start_loc[i]
-            if q_len == 0 or i >= len(req_ids):
-                continue
-            key, seq_len = req_ids[i], seq_lens[i]
-            if seq_len == q_len:
-                state = self._begin(key, prompt_lens[i])
-            else:
-                state = self.requests.get(key)
-            rows.append(Row(query_start_loc[i], q_len, seq_len, i, state))
-        self._rows = tuple(rows)
-        return self._rows
-
-    def _begin(self, key: str, prompt_len: int) -> RequestState:
+    def _admit(self, key: str, prompt_len: int) -> RequestState:
         self.finish([key])
-        state = self.requests.begin(key, self.planner.plan(prompt_len))
+        plan = self.planner.plan(prompt_len)
+        state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len))
         if self.host is not None and self.num_host_rows:
             state.host = self.host.allocate(key, prompt_len)
             if not state.host:

@@ -1,7 +1,7 @@
 """Per-request HeteroCache state, keyed by vLLM's request id.
 
 The model runner tells the runtime which request each batch row belongs to and which requests
-finished or were preempted (``vllm_adapter.patches``); a state is created when a request's
+finished or were preempted (``vllm_adapter.runner_hooks``); a state is created when a request's
 prefill starts at position 0 (also after a preemption: the request is recomputed from the
 start) and dropped when vLLM reports the request finished, aborted or preempted.
 """
@@ -19,6 +19,7 @@ from vllm_heterocache.budget import BudgetPlan
 class RequestState:
     key: str  # vLLM request id
     plan: BudgetPlan  # budgets of the prompt (prompt_len = the request's prompt length)
+    work_template: torch.Tensor  # int64 [layers, H, 6]: its gather-kernel items (runtime.step.work_template)
     host: bool = False  # the host tier holds this request's satellites (else: no refills)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (ascending, -1 padded)
@@ -45,9 +46,9 @@ class RequestTable:
     def __contains__(self, key: str) -> bool:
         return key in self._states
 
-    def begin(self, key: str, plan: BudgetPlan) -> RequestState:
+    def begin(self, key: str, plan: BudgetPlan, work_template: torch.Tensor) -> RequestState:
         """A request starts (its first prefill chunk): a fresh state replaces any old one."""
-        state = RequestState(key, plan)
+        state = RequestState(key, plan, work_template)
         self._states[key] = state
         return state
 

@@ -1,7 +1,8 @@
-"""The HETEROCACHE attention backend for vLLM 0.32 (CPU platform).
+"""The HETEROCACHE attention backend for vLLM 0.32 (CPU platform): a thin adapter.
 
-Plan/run split: the metadata builders plan each engine step once (which request each row is,
-where its prompt ends; ``HeteroCacheRuntime.plan_rows``); the impl runs each layer.
+Plan/run split: the runner's step hook plans each engine step once (``runtime.step``); each
+pool's metadata builder adds its KV cache group's metadata to that plan; the impl executes the
+plan per layer (``runtime.layer.attend``).
 
 Each KV head of a layer has a cache of its own (``vllm_adapter.pools``): head 0 the layer's, the
 others companion cache layers; full heads' caches are in the full pool's KV cache group,
@@ -9,14 +10,9 @@ compressed heads' in their budget class's. Per step and layer:
 
 1. cache write: each head's cache gets its new K/V at vLLM's slot mapping of its group;
    satellites' prompt K/V is mirrored to the host tier;
-2. full heads attend over their caches with vLLM's CPU kernel; compressed heads too when the
-   step has prefill rows (exact: the prompt is still whole in their caches then). A step of
-   single-token decode rows runs the full heads in the compiled gather kernel instead, together
-   with the compressed heads (one call per layer, step 4);
-3. a row holding the last prompt token: compressed heads select their budget and compact it,
-   pivots record their reference top-K (``runtime.layer.select_and_compact``);
-4. decode rows: compressed heads attend over their kept tokens only, after waiting for their
-   pending refill; pivots buffer queries and check drift, starting refills from the host tier.
+2. attention as planned: vLLM's CPU kernel per head where the plan says so, prefill selection
+   and compaction at the end of a prompt, the compiled gather kernel for decoding tokens, drift
+   checks and refills.
 
 When nothing is compressed (ratio 1 or an all-full profile) the layer's cache is not split and
 the backend is vLLM's CPU backend, unchanged.
@@ -24,13 +20,10 @@ the backend is vLLM's CPU backend, unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-from vllm import _custom_ops as ops
 from vllm.config import get_current_vllm_config
-from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -39,19 +32,12 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_heterocache.runtime.layer import (
-    LayerPools,
-    decode_attention,
-    kernel_decodes,
-    mirror_to_host,
-    select_and_compact,
-    track_drift,
-)
-from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads, Row
-from vllm_heterocache.runtime.paged import LayerCache
+from vllm_heterocache.runtime.layer import LayerPools, LayerStep, attend, mirror_to_host
+from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
+from vllm_heterocache.runtime.timing import section
+from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
 from vllm_heterocache.vllm_adapter.layout import probe_layout
 from vllm_heterocache.vllm_adapter.pools import head_cache_name
-from vllm_heterocache.vllm_adapter.registration import BACKEND_NAME
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
 
@@ -79,12 +65,13 @@ class HeteroCacheBackend(CPUAttentionBackend):
 
 @dataclass
 class HeteroCacheMetadata(CPUAttentionMetadata):
-    rows: tuple[Row, ...] = ()
     isa: str = ""  # the CPU kernels' ISA for this pool's block size
 
 
 class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
-    """CPU metadata for one pool (its query heads are those of the pool's KV heads) + the rows."""
+    """CPU metadata of one pool's KV cache group (its query heads are those of the pool's KV
+    heads), added to the step's plan. In a fused step no layer runs vLLM's kernel, so vLLM's
+    kernel plan (scheduler metadata) is not built."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -92,22 +79,48 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         group = model.get_num_attention_heads(parallel) // model.get_num_kv_heads(parallel)
         self.num_heads = kv_cache_spec.num_kv_heads * group
+        rt = self.runtime
+        self.group = len(set(rt.group_of.values()))
+        rt.group_of.update(dict.fromkeys(layer_names, self.group))
+        if rt.compresses:
+            rt.attach_layout(probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
+                                          kv_cache_spec.head_size))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
-        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        rows = ()
-        if self.runtime.compresses:
+        rt = self.runtime
+        if not rt.compresses:
+            return super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plan = rt.step
+        if plan.fused:
             cm = common_attn_metadata
-            n = cm.num_reqs
-            rows = self.runtime.plan_rows(cm.query_start_loc_cpu[: n + 1].tolist(), cm.seq_lens[:n].cpu().tolist())
-        return HeteroCacheMetadata(**vars(base), rows=rows, isa=self.isa)
+            meta = HeteroCacheMetadata(
+                num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
+                query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens,
+                block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping, scheduler_metadata=None,
+                isa=self.isa,
+            )
+        elif plan.groups:
+            # vLLM's kernel plan depends on the rows and the query heads per cache (G for every
+            # pool), not on the block table: the first group's serves every other group
+            cm = common_attn_metadata
+            meta = replace(next(iter(plan.groups.values())), block_table=cm.block_table_tensor,
+                           slot_mapping=cm.slot_mapping)
+        else:
+            meta = HeteroCacheMetadata(**vars(super().build(common_prefix_len, common_attn_metadata, fast_build)),
+                                       isa=self.isa)
+        plan.groups[self.group] = meta
+        return meta
 
 
 @dataclass(frozen=True)
-class _Pool:
-    cache: torch.Tensor  # one KV head: [num_blocks, 1, block_size, 2 * D]
-    metadata: HeteroCacheMetadata | None
-    slot_mapping: torch.Tensor | None
+class _Layer:
+    """What is fixed about a layer once vLLM has bound its caches."""
+
+    index: int  # model layer
+    heads: LayerHeads
+    caches: tuple[torch.Tensor, ...]  # local KV head j: [num_blocks, 1, block_size, 2 * D]
+    groups: tuple[int, ...]  # local KV head j: the KV cache group of its cache
+    scales: tuple[float, float]
 
 
 class HeteroCacheImpl(CPUAttentionBackendImpl):
@@ -119,101 +132,69 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
                          kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name, sinks)
         self.runtime = runtime_for(get_current_vllm_config())
-        self._heads: LayerHeads | None = None
-        self._layer_index = -1
+        self._bound: _Layer | None = None
 
-    # -- which pools this layer has ------------------------------------------------------------
+    def _layer(self, layer, kv_cache: torch.Tensor) -> _Layer:
+        """The layer's index, heads and per-head caches, resolved once (again if vLLM rebinds)."""
+        bound = self._bound
+        if bound is None or bound.caches[0] is not kv_cache:
+            index = compat.layer_index(layer.layer_name)
+            names = [head_cache_name(layer.layer_name, j) for j in range(self.num_kv_heads)]
+            bound = self._bound = _Layer(
+                index, self.runtime.layers[index], (kv_cache, *compat.companion_caches(names[1:])),
+                tuple(self.runtime.group_of[name] for name in names), compat.kv_scales(layer),
+            )
+        return bound
 
-    def _layer(self, layer) -> tuple[int, LayerHeads]:
-        if self._heads is None:
-            self._layer_index = extract_layer_index(layer.layer_name)
-            self._heads = self.runtime.layers[self._layer_index]
-        return self._layer_index, self._heads
-
-    def _pools(self, layer, kv_cache, own_slots) -> list[_Pool]:
-        """The cache of each local KV head of this layer in the current step."""
-        ctx = get_forward_context()
-        meta = ctx.attn_metadata if isinstance(ctx.attn_metadata, dict) else {}
-        slots = ctx.slot_mapping if isinstance(ctx.slot_mapping, dict) else {}
-        pools = [_Pool(kv_cache, meta.get(layer.layer_name), own_slots)]
-        for j in range(1, self.num_kv_heads):
-            name = head_cache_name(layer.layer_name, j)
-            pools.append(_Pool(ctx.no_compile_layers[name].kv_cache, meta.get(name), slots.get(name)))
-        return pools
+    def _step(self, layer: _Layer) -> LayerStep:
+        rt = self.runtime
+        plan = rt.step
+        tables = tuple(plan.groups[g].block_table for g in layer.groups)
+        return LayerStep(rt, layer.index, layer.heads, LayerPools(layer.caches, tables, rt.layout), plan, self.scale)
 
     # -- 1. cache write ------------------------------------------------------------------------
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        if not self.runtime.compresses:
+        with section("attention"):
+            self._write(layer, key, value, kv_cache, slot_mapping)
+
+    def _write(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        rt = self.runtime
+        if not rt.compresses:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
-        _, heads = self._layer(layer)
-        pools = self._pools(layer, kv_cache, slot_mapping)
-        for j, pool in enumerate(pools):
-            self._write(layer, key[:, j : j + 1], value[:, j : j + 1], pool)
-        meta = pools[0].metadata
-        if meta is not None:
-            for row in meta.rows:
-                mirror_to_host(self.runtime, heads, row, key, value)
+        bound = self._layer(layer, kv_cache)
+        plan = rt.step
+        for j, (cache, group) in enumerate(zip(bound.caches, bound.groups)):
+            meta = plan.groups[group]
+            compat.write_kv(key[:, j : j + 1], value[:, j : j + 1], cache, meta.slot_mapping, meta.isa, bound.scales,
+                            self.kv_cache_dtype)
+        if plan.rows and bound.heads.host_rows:
+            mirror_to_host(self._step(bound), key, value)
 
-    def _write(self, layer, key, value, pool: _Pool) -> None:
-        nb, h, bs, _ = pool.cache.shape
-        key_cache, value_cache = pool.cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
-        isa = pool.metadata.isa if pool.metadata is not None else layer.isa
-        ops.cpu_attn_reshape_and_cache(
-            key.contiguous(), value.contiguous(), key_cache, value_cache, pool.slot_mapping, isa,
-            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float, kv_cache_dtype=self.kv_cache_dtype,
-        )
-
-    # -- 2-4. attention ------------------------------------------------------------------------
+    # -- 2. attention --------------------------------------------------------------------------
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
-        rt = self.runtime
-        if attn_metadata is None or not rt.compresses:
+        with section("attention"):
+            return self._forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                 output_block_scale)
+
+    def _forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale):
+        if attn_metadata is None or not self.runtime.compresses:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        li, heads = self._layer(layer)
-        per_head = self._pools(layer, kv_cache, None)
-        pools = LayerPools(tuple(self._cache(p) for p in per_head), tuple(p.metadata.block_table for p in per_head))
-        rows = attn_metadata.rows
-        prefill = not rows or any(not row.decoding for row in rows)
-        fused = not prefill and kernel_decodes(list(rows), pools)  # full heads in the gather kernel
-        for j, pool in enumerate(per_head):
-            if prefill or (j in heads.full and not fused):
-                self._attend(layer, query, j, pool, output)
-        for row in rows:
-            if row.ends_prompt:
-                select_and_compact(rt, li, heads, row, query, self.num_kv_heads, pools)
-        decoding = [row for row in rows if row.decoding]
-        for row in decoding:
-            rt.refills.wait(row.state.key, li)
-        if decoding and (heads.compressed or fused):
-            decode_attention(heads, decoding, query, self.num_kv_heads, pools, li, self.scale, output, full=fused)
-        if rt.config.refill and heads.pivots:
-            for row in decoding:
-                track_drift(rt, li, heads, row, query, self.num_kv_heads, pools)
+        bound = self._layer(layer, kv_cache)
+        step = self._step(bound)
+        attend(step, query, output, lambda h: self._stock(bound, step, query, h, output))
         return output
 
-    def _attend(self, layer, query, head: int, pool: _Pool, output) -> None:
+    def _stock(self, bound: _Layer, step: LayerStep, query, head: int, output) -> None:
         """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache."""
-        meta = pool.metadata
+        meta = step.plan.groups[bound.groups[head]]
         n = meta.num_actual_tokens
         hkv, d = self.num_kv_heads, self.head_size
         g = self.num_heads // hkv
-        q = query[:n].view(n, hkv, g, d)[:, head]  # [n, G, D], strided
         out = torch.empty(n, g, d, dtype=output.dtype)
-        nb, h, bs, _ = pool.cache.shape
-        key_cache, value_cache = pool.cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
-        ops.cpu_attention_with_kv_cache(
-            query=q.contiguous(), key_cache=key_cache, value_cache=value_cache, output=out,
-            query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens, scale=self.scale, causal=meta.causal,
-            alibi_slopes=None, sliding_window=self.sliding_window, block_table=meta.block_table,
-            softcap=self.logits_soft_cap, scheduler_metadata=meta.scheduler_metadata, s_aux=None,
-            dynamic_causal=meta.dynamic_causal, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
-            kv_cache_dtype=self.kv_cache_dtype,
-        )
+        compat.cpu_attention(query[:n].view(n, hkv, g, d)[:, head].contiguous(), bound.caches[head], out, meta,
+                             self.scale, self.sliding_window, self.logits_soft_cap, bound.scales, self.kv_cache_dtype)
         output[:n].view(n, hkv, g, -1)[:, head] = out
-
-    def _cache(self, pool: _Pool) -> LayerCache:
-        kv = pool.cache
-        return LayerCache(kv, probe_layout(pool.metadata.isa, kv.dtype, kv.shape[2], kv.shape[3] // 2))

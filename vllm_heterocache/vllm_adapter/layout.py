@@ -1,18 +1,18 @@
-"""Measure the CPU kernels' in-block KV layout with vLLM's own cache-write op (see runtime.paged)."""
+"""Measure the CPU kernels' in-block KV layout with vLLM's own cache-write op (see ops.paged)."""
 
 from __future__ import annotations
 
 import functools
 
 import torch
-from vllm import _custom_ops as ops
 
-from vllm_heterocache.runtime.paged import BlockLayout
+from vllm_heterocache.ops.paged import BlockLayout
+from vllm_heterocache.vllm_adapter import compat
 
 
 @functools.lru_cache(maxsize=None)
 def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) -> BlockLayout:
-    """Write ids through ``cpu_attn_reshape_and_cache`` and read where they landed.
+    """Write ids through vLLM's cache-write op and read where they landed.
 
     Ids are written in three passes (token, dim % 128, dim // 128) so each value stays an integer
     that bf16 and fp16 represent exactly.
@@ -23,12 +23,8 @@ def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
     found = []
     for values in (tok, dim % 128, dim // 128):
         cache = torch.full((1, 1, bs, 2 * d), -1.0, dtype=dtype)
-        key_cache, value_cache = cache.view(1, 1, 2 * bs, d).chunk(2, dim=2)
-        x = values.to(dtype)[:, None, :].contiguous()  # [bs tokens, 1 head, D]
-        ops.cpu_attn_reshape_and_cache(
-            x, x, key_cache, value_cache, torch.arange(bs, dtype=torch.int64), isa,
-            k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto",
-        )
+        x = values.to(dtype)[:, None, :]  # [bs tokens, 1 head, D]
+        compat.write_kv(x, x, cache, torch.arange(bs, dtype=torch.int64), isa)
         found.append(cache.view(2, bs * d).float().round().long())  # [K|V region, offset]
     t, dlo, dhi = found
     ident = t * d + dlo + 128 * dhi  # token-major id stored at each offset

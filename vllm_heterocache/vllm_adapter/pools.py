@@ -1,7 +1,7 @@
 """Separate KV pools for full and compressed heads, carved from vLLM's own KV cache budget.
 
 Each attention layer's KV cache spec is split per KV head (``split_kv_cache_specs``, applied to
-the model runner's specs by ``patches``): head 0 stays in the layer's own cache, head ``j > 0``
+the model runner's specs by ``runner_hooks``): head 0 stays in the layer's own cache, head ``j > 0``
 gets a companion cache layer ``<layer>.heterocache.<j in letters>``, each holding one head:
 
 - full heads (volatile, pivot): a ``FullAttentionSpec``: every token, the stock block manager;
@@ -29,10 +29,10 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
-from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from vllm_heterocache.budget import PoolCapacity
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.model import FULL_POOL, HeteroCacheRuntime
+from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
 
 COMPANION_INFIX = ".heterocache."
 
@@ -68,31 +68,38 @@ class CompressedPoolManager(FullAttentionManager):
             return
         spec: CompressedPoolSpec = self.kv_cache_spec
         kept = cdiv(spec.capacity.max_budget(num_prompt_tokens), self.block_size)
-        self._remove_blocks_in_range(request_id, kept, num_prompt_tokens // self.block_size)
+        compat.remove_blocks_in_range(self, request_id, kept, num_prompt_tokens // self.block_size)
 
 
-KVCacheSpecRegistry._ensure_registered()  # built-in specs first, or they are skipped (vLLM 0.32)
-KVCacheSpecRegistry.register(CompressedPoolSpec, CompressedPoolManager, CompressedPoolSpec)
+def register_pool_spec() -> None:
+    """Map :class:`CompressedPoolSpec` to its manager in vLLM's KV cache spec registry (every
+    process that may build KV cache managers; ``registration.register``)."""
+    compat.register_kv_cache_spec(CompressedPoolSpec, CompressedPoolManager)
 
 
 class HeadCacheLayer(nn.Module, AttentionLayerBase):
     """A companion cache layer holding one KV head of an attention layer. It computes nothing:
     the attention layer reads and writes its ``kv_cache``."""
 
-    def __init__(self, name: str, spec: AttentionSpec, num_heads: int):
+    def __init__(self, name: str, spec: AttentionSpec, num_heads: int, backend: type):
         super().__init__()
         self.layer_name = name
         self.spec = spec
         self.num_heads = num_heads  # query heads of its KV heads (vLLM groups builders by it)
+        self.backend = backend  # its attention layer's backend (builds its metadata)
         self.kv_cache = torch.tensor([])
 
     def get_kv_cache_spec(self, vllm_config) -> AttentionSpec:
         return self.spec
 
     def get_attn_backend(self):
-        from vllm_heterocache.vllm_adapter.backend import HeteroCacheBackend
+        return self.backend
 
-        return HeteroCacheBackend
+
+def is_heterocache_layer(module) -> bool:
+    """An attention layer served by this backend."""
+    backend = getattr(module, "attn_backend", None)
+    return backend is not None and backend.get_name() == BACKEND_NAME
 
 
 def head_cache_name(layer_name: str, head: int) -> str:
@@ -110,26 +117,22 @@ def head_cache_name(layer_name: str, head: int) -> str:
             return f"{layer_name}{COMPANION_INFIX}{letters}"
 
 
-def split_kv_cache_specs(
-    rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], forward_context: dict, layer_index
-) -> dict[str, KVCacheSpec]:
+def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], forward_context: dict) -> dict[str, KVCacheSpec]:
     """The runner's per-layer specs with each HeteroCache layer split into one cache per head.
 
     Registers the companion layers in ``forward_context`` (vLLM binds their caches and builds
-    their metadata like any attention layer's). ``layer_index(name)`` -> model layer index.
+    their metadata like any attention layer's).
     """
-    from vllm_heterocache.vllm_adapter.backend import HeteroCacheImpl
-
     out: dict[str, KVCacheSpec] = {}
     for name, spec in specs.items():
         module = forward_context.get(name)
-        if not isinstance(getattr(module, "impl", None), HeteroCacheImpl) or not isinstance(spec, AttentionSpec):
+        if not is_heterocache_layer(module) or not isinstance(spec, AttentionSpec):
             out[name] = spec
             continue
-        heads = rt.layers[layer_index(name)]
+        heads = rt.layers[compat.layer_index(name)]
         group = module.num_heads // spec.num_kv_heads
         for j, pool in enumerate(heads.pool):
-            head_spec = replace(spec, num_kv_heads=1) if pool < 0 else CompressedPoolSpec(
+            head_spec = replace(spec, num_kv_heads=1) if pool == FULL_POOL else CompressedPoolSpec(
                 block_size=spec.block_size,
                 num_kv_heads=1,
                 head_size=spec.head_size,
@@ -139,6 +142,6 @@ def split_kv_cache_specs(
             )
             store = head_cache_name(name, j)
             if j and store not in forward_context:
-                forward_context[store] = HeadCacheLayer(store, head_spec, group)
+                forward_context[store] = HeadCacheLayer(store, head_spec, group, module.attn_backend)
             out[store] = head_spec
     return out

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-from vllm_heterocache.vllm_adapter import patches
-
-BACKEND_NAME = "HETEROCACHE"
-BACKEND_PATH = "vllm_heterocache.vllm_adapter.backend.HeteroCacheBackend"
-
-
-def register_backend_member(name: str = BACKEND_NAME, path: str = BACKEND_PATH):
-    """Create (once) and return ``AttentionBackendEnum.HETEROCACHE``; idempotent."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    member = AttentionBackendEnum._member_map_.get(name)
-    if member is None:
-        register_backend(name, path)
-        member = AttentionBackendEnum[name]
-        patches.pickle_member_by_name(member, name, path)
-    return member
+from vllm_heterocache.vllm_adapter import BACKEND_NAME, BACKEND_PATH, compat
 
 
 def register() -> None:
-    register_backend_member()
+    """``AttentionBackendEnum.HETEROCACHE``, the compressed pools' KV cache spec and, on CPU, the
+    platform patch that honours the selection (``compat``). Idempotent."""
+    compat.register_backend_member(BACKEND_NAME, BACKEND_PATH)
     from vllm.platforms import current_platform
 
+    from vllm_heterocache.vllm_adapter.pools import register_pool_spec
+
+    register_pool_spec()
     if current_platform.is_cpu():
-        patches.honour_backend_on_cpu(BACKEND_NAME, BACKEND_PATH)
+        compat.honour_backend_on_cpu(BACKEND_NAME, BACKEND_PATH)
+    from vllm_heterocache.runtime import timing
+
+    if timing.ENABLED:  # HETEROCACHE_STEP_TIMING=1: the benchmarks' per-step breakdown
+        compat.install_step_timing(timing.TIMER)

@@ -1,6 +1,8 @@
-"""What the model-runner patches (``patches.hook_model_runner``) do, on the runner's own data.
+"""What the model-runner hooks (``compat.hook_model_runner``) do, on the runner's own data.
 
-Each hook is a no-op for a runner whose model has no HeteroCache layer.
+Each hook is a no-op for a runner whose model has no HeteroCache layer. The step hook
+(:func:`step_begins`) runs before vLLM builds a step's attention metadata: it admits the step's
+requests and plans the step once (``HeteroCacheRuntime.begin_step``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import torch
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
-from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, split_kv_cache_specs
+from vllm_heterocache.runtime.timing import section
+from vllm_heterocache.vllm_adapter import compat
+from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, is_heterocache_layer, split_kv_cache_specs
 
 log = logging.getLogger("vllm.heterocache")
 
@@ -24,39 +28,45 @@ STATS_INTERVAL_S = float(os.environ.get("HETEROCACHE_STATS_INTERVAL_S", "10"))  
 GIB = 1 << 30
 
 
-def runtime_of(runner) -> HeteroCacheRuntime | None:
-    """The runtime of the runner's HeteroCache layers (cached on the runner), or None."""
-    if not hasattr(runner, "_heterocache"):
-        from vllm_heterocache.vllm_adapter.backend import HeteroCacheImpl
-
+def _state(runner) -> dict:
+    def build() -> dict:
         found = {
             id(m.impl.runtime): m.impl.runtime
-            for m in runner.compilation_config.static_forward_context.values()
-            if isinstance(getattr(m, "impl", None), HeteroCacheImpl)
+            for m in compat.static_forward_context(runner).values()
+            if is_heterocache_layer(m) and hasattr(m, "impl")
         }
         if len(found) > 1:
             raise RuntimeError("heterocache: the model's layers do not share one runtime")
-        runner._heterocache = next(iter(found.values()), None)
-        runner._heterocache_dummy = False
-        runner._heterocache_stats_at = time.monotonic()
-    return runner._heterocache
+        return {"runtime": next(iter(found.values()), None), "dummy": False, "stats_at": time.monotonic()}
+
+    return compat.runner_state(runner, build)
 
 
-def split_specs(runner, specs: dict, layer_index) -> dict:
+def runtime_of(runner) -> HeteroCacheRuntime | None:
+    """The runtime of the runner's HeteroCache layers, or None."""
+    return _state(runner)["runtime"]
+
+
+def _compressing(runner) -> HeteroCacheRuntime | None:
     rt = runtime_of(runner)
-    if rt is None or not rt.compresses:
+    return rt if rt is not None and rt.compresses else None
+
+
+def split_specs(runner, specs: dict) -> dict:
+    rt = _compressing(runner)
+    if rt is None:
         return specs
-    return split_kv_cache_specs(rt, specs, runner.compilation_config.static_forward_context, layer_index)
+    return split_kv_cache_specs(rt, specs, compat.static_forward_context(runner))
 
 
 def attach_host_tier(runner, kv_cache_config) -> None:
     """Size, check and allocate the host tier once vLLM has allocated the KV cache."""
-    rt = runtime_of(runner)
-    if rt is None or not rt.compresses or not rt.num_host_rows or rt.host is not None:
+    rt = _compressing(runner)
+    if rt is None or not rt.num_host_rows or rt.host is not None:
         return
     model = runner.vllm_config.model_config
     block_size = runner.vllm_config.cache_config.block_size
-    dtype = runner.kv_cache_dtype if isinstance(getattr(runner, "kv_cache_dtype", None), torch.dtype) else model.dtype
+    dtype = compat.kv_cache_dtype(runner)
     token_bytes = rt.num_host_rows * 2 * model.get_head_size() * torch.empty((), dtype=dtype).element_size()
     block_bytes = token_bytes * block_size
     available = psutil.virtual_memory().available
@@ -96,48 +106,46 @@ def _largest_block(kv_cache_config) -> int:
 
 
 def requests_ended(runner, scheduler_output) -> None:
-    rt = runtime_of(runner)
-    if rt is None or not rt.compresses:
+    rt = _compressing(runner)
+    if rt is None:
         return
     ended = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
     if ended:
         rt.finish(ended)
-    now = time.monotonic()
-    if now - runner._heterocache_stats_at >= STATS_INTERVAL_S:
-        runner._heterocache_stats_at = now
+    state, now = _state(runner), time.monotonic()
+    if now - state["stats_at"] >= STATS_INTERVAL_S:
+        state["stats_at"] = now
         log.info("%s", stats_line(rt, device_pool_usage(runner)))
 
 
 def step_begins(runner, num_reqs: int) -> None:
-    rt = runtime_of(runner)
-    if rt is None or not rt.compresses:
+    """The step hook: admit the step's requests and plan the step (dummy runs: no requests)."""
+    rt = _compressing(runner)
+    if rt is None:
         return
-    if runner._heterocache_dummy:
-        rt.begin_step([], [])
-        return
-    batch = runner.input_batch
-    rt.begin_step(batch.req_ids[:num_reqs], batch.num_prompt_tokens[:num_reqs].tolist())
+    with section("planning"):
+        if _state(runner)["dummy"]:
+            rt.dummy_step()
+        else:
+            rt.begin_step(*compat.step_batch(runner, num_reqs))
 
 
 @contextlib.contextmanager
 def dummy_step(runner):
     """vLLM's dummy runs (warm-up, profiling) have rows but no requests."""
-    runtime_of(runner)
-    runner._heterocache_dummy = True
+    state = _state(runner)
+    state["dummy"] = True
     try:
         yield
     finally:
-        runner._heterocache_dummy = False
+        state["dummy"] = False
 
 
 def device_pool_usage(runner) -> dict[str, tuple[int, int]]:
     """``{"full" | "compressed": (blocks, bytes)}`` held by the running requests, per pool kind."""
     usage = {"full": [0, 0], "compressed": [0, 0]}
-    n = runner.input_batch.num_reqs
-    for gid, group in enumerate(runner.kv_cache_config.kv_cache_groups):
-        table = runner.input_batch.block_table[gid]
-        ids = table.block_table.np[:n]
-        held = sum(int((ids[i, : table.num_blocks_per_row[i]] != 0).sum()) for i in range(n))
+    for gid, group in enumerate(compat.kv_cache_groups(runner)):
+        held = compat.blocks_held(runner, gid)
         kind = "compressed" if _is_compressed(group.kv_cache_spec) else "full"
         usage[kind][0] += held
         usage[kind][1] += held * group.kv_cache_spec.page_size_bytes

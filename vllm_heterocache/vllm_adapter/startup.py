@@ -13,6 +13,7 @@ from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.profile.resolve import resolve_profile
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.vllm_adapter import compat, runner_hooks
 
 # A child of vLLM's logger, so the line shows with vLLM's own logging setup in every process.
 log = logging.getLogger("vllm.heterocache")
@@ -55,9 +56,7 @@ def runtime_for(vllm_config) -> HeteroCacheRuntime:
     if entry is not None and entry[0]() is vllm_config:
         return entry[1]
     rt = _build(vllm_config)
-    from vllm_heterocache.vllm_adapter.patches import hook_model_runner
-
-    hook_model_runner()
+    compat.hook_model_runner(runner_hooks)
     _RUNTIMES[id(vllm_config)] = (weakref.ref(vllm_config), rt)
     log.info("%s", rt.describe())
     return rt

@@ -1,0 +1,53 @@
+"""The step plan (runtime.step): which kernel runs which head, and the gather kernel's items."""
+
+import torch
+
+from vllm_heterocache.runtime.requests import RequestState
+from vllm_heterocache.runtime.step import Row, empty_plan, plan_step, work_template
+
+FULL = torch.tensor([[True, False, False], [False, False, True]])  # 2 layers x 3 KV heads
+
+
+def state(key: str, prompt_len: int) -> RequestState:
+    budgets = torch.where(FULL, prompt_len, torch.tensor([[5, 7, 9], [4, 6, 8]]))
+    plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL})()
+    return RequestState(key, plan, work_template(budgets, FULL, prompt_len))
+
+
+def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layout():
+    a, b = state("a", 20), state("b", 30)
+    rows = (Row(0, 1, 25, 0, a), Row(1, 1, 31, 1, b))
+    plan = plan_step(rows, FULL, kernels_read_layout=True)
+    assert plan.fused and not plan.prefill and plan.decoding == rows and not plan.ends_prompt
+    # every head of every decoding token: compressed heads over budget + generated, full heads over all
+    assert plan.work[0].tolist() == [
+        [0, 0, 0, 0, 0, 25], [0, 1, 0, 7, 20, 25], [0, 2, 0, 9, 20, 25],
+        [1, 0, 1, 0, 0, 31], [1, 1, 1, 7, 30, 31], [1, 2, 1, 9, 30, 31],
+    ]
+    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 20, 25]
+    unfused = plan_step(rows, FULL, kernels_read_layout=False)  # full heads stay with vLLM's kernel
+    assert not unfused.fused and unfused.work[0][:, 1].tolist() == [1, 2, 1, 2]
+
+
+def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compressed_heads():
+    a, b = state("a", 20), state("b", 30)
+    rows = (Row(0, 3, 23, 0, a), Row(3, 10, 30, 1, b))  # a: 3 generated tokens at once; b: ends its prompt
+    plan = plan_step(rows, FULL, kernels_read_layout=True)
+    assert plan.prefill and not plan.fused and plan.ends_prompt == (rows[1],) and plan.decoding == (rows[0],)
+    # causal among a's tokens: token j sees positions up to 20 + j
+    assert plan.work[0].tolist() == [
+        [0, 1, 0, 7, 20, 21], [0, 2, 0, 9, 20, 21],
+        [1, 1, 0, 7, 20, 22], [1, 2, 0, 9, 20, 22],
+        [2, 1, 0, 7, 20, 23], [2, 2, 0, 9, 20, 23],
+    ]
+    assert plan.work[1][:, 1].tolist() == [0, 1, 0, 1, 0, 1]
+
+
+def test_templates_are_not_changed_by_a_step_and_dummy_steps_run_nothing_of_ours():
+    a = state("a", 20)
+    before = a.work_template.clone()
+    plan_step((Row(0, 1, 21, 0, a),), FULL, kernels_read_layout=True)
+    assert torch.equal(a.work_template, before)
+    dummy = empty_plan(2)
+    assert dummy.prefill and not dummy.fused and all(w.numel() == 0 for w in dummy.work)
+    assert plan_step((), FULL, kernels_read_layout=True).prefill

@@ -1,0 +1,120 @@
+"""Paged KV caches in the CPU backend's layout: the one place that turns positions into addresses.
+
+A KV cache (vLLM CPU_ATTN layout; HeteroCache keeps one per KV head, ``H = 1``)::
+
+    kv_cache  [num_blocks, H, block_size, 2 * D]
+
+whose last two dims hold, per (block, head), a K region then a V region of ``block_size * D``
+elements each. Inside a region the kernels pick their own order, which depends on the ISA: the
+AVX2 ``vec`` kernels store K transposed, ``[D, block_size]``, and V as ``[block_size, D]``.
+A :class:`BlockLayout` holds that order as index maps: measured by writing a probe with vLLM's
+own cache-write op (``vllm_adapter.layout``), or one of the two orders the compiled kernels read
+(:meth:`BlockLayout.for_kernels`). Blocks may be further apart than their size (vLLM pads the
+pages of layers whose pages do not divide the largest one): every view honours the block stride.
+
+A request's token at (pool) position ``p`` lives in block ``block_row[p // block_size]`` at
+offset ``p % block_size``. Used by the PyTorch reference ops (``ops.kernels``), the PyTorch
+paths of the runtime, and prefill selection.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where token ``t``, dim ``d`` of K (V) sits in a block's K (V) region of ``bs * D`` elements.
+
+    ``k_index[t * D + d]`` / ``v_index[t * D + d]``: int64 offsets into the region.
+    """
+
+    block_size: int
+    head_size: int
+    k_index: torch.Tensor
+    v_index: torch.Tensor
+    kernel_order: bool | None = field(init=False)
+    """For the compiled kernels (csrc/gather_attention.h): True if K is ``[D, block_size]`` and V
+    ``[block_size, D]``, False if both are ``[block_size, D]``, None if neither (no kernel)."""
+
+    def __post_init__(self) -> None:
+        token_major = _token_major(self.block_size, self.head_size)
+        order = None
+        if torch.equal(self.v_index, token_major):
+            if torch.equal(self.k_index, token_major):
+                order = False
+            elif torch.equal(self.k_index, _transposed(self.block_size, self.head_size)):
+                order = True
+        object.__setattr__(self, "kernel_order", order)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def for_kernels(block_size: int, head_size: int, k_transposed: bool) -> BlockLayout:
+        """The layout the compiled kernels read with ``k_transposed``."""
+        k = _transposed(block_size, head_size) if k_transposed else _token_major(block_size, head_size)
+        return BlockLayout(block_size, head_size, k, _token_major(block_size, head_size))
+
+
+def _token_major(bs: int, d: int) -> torch.Tensor:
+    return torch.arange(bs * d)
+
+
+def _transposed(bs: int, d: int) -> torch.Tensor:
+    return (torch.arange(d)[None, :] * bs + torch.arange(bs)[:, None]).reshape(-1)
+
+
+def _flat(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as one flat view (block stride honoured)."""
+    nb, h, bs, d2 = kv_cache.shape
+    s0, s1, s2, s3 = kv_cache.stride()
+    if (s1, s2, s3) != (bs * d2, d2, 1):
+        raise ValueError(f"KV cache with unexpected strides {kv_cache.stride()} for shape {tuple(kv_cache.shape)}")
+    return kv_cache.as_strided(((nb - 1) * s0 + h * bs * d2,), (1,))
+
+
+def _offsets(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, positions: torch.Tensor,
+             head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offsets ``[n, D]`` in :func:`_flat` of K and of V of ``head`` at ``positions``."""
+    _, _, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    blocks = block_row[positions // bs].long()
+    inside = (positions % bs)[:, None] * d + torch.arange(d)
+    region = blocks * kv_cache.stride(0) + head * bs * d2  # start of the (block, head) K region
+    return region[:, None] + layout.k_index[inside], (region + bs * d)[:, None] + layout.v_index[inside]
+
+
+def read_positions(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, positions: torch.Tensor,
+                   head: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[n, D]`` (copies) of one head at int64 ``positions`` ``[n]`` of a request whose
+    block ids are ``block_row``."""
+    k_at, v_at = _offsets(kv_cache, layout, block_row, positions, head)
+    flat = _flat(kv_cache)
+    return flat[k_at], flat[v_at]
+
+
+def write_positions(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, positions: torch.Tensor,
+                    k: torch.Tensor, v: torch.Tensor, head: int = 0) -> None:
+    """Write K and V ``[n, D]`` of one head at ``positions`` (in place)."""
+    k_at, v_at = _offsets(kv_cache, layout, block_row, positions, head)
+    flat = _flat(kv_cache)
+    flat[k_at] = k.to(flat.dtype)
+    flat[v_at] = v.to(flat.dtype)
+
+
+def read_prefix(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor,
+                length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of positions ``0 .. length-1`` of every head: two ``[length, H, D]`` copies
+    (reads whole blocks, cheaper than :func:`read_positions` for a prefix)."""
+    nb, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    nblk = -(-length // bs)
+    regions = kv_cache.view(nb, h, 2, bs * d)[block_row[:nblk].long()]  # [nblk, H, 2, bs*D]
+
+    def tokens(region: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        x = region[..., index].view(nblk, h, bs, d)  # token-major inside each block
+        return x.permute(0, 2, 1, 3).reshape(nblk * bs, h, d)[:length]
+
+    return tokens(regions[:, :, 0], layout.k_index), tokens(regions[:, :, 1], layout.v_index)

@@ -1,0 +1,152 @@
+"""One engine step, planned once before the layers run (the plan half of plan/run).
+
+The model runner's step hook admits the step's requests (``HeteroCacheRuntime.begin_step``,
+which has the side effects: request states, host-tier blocks) and then calls :func:`plan_step`,
+a pure function of the rows and the model's heads. Every layer of the step reads the same
+:class:`StepPlan`; nothing in it changes while the layers run.
+
+Rows and tokens. Row ``i`` of a step is one request's ``q_len`` new tokens at positions
+``first .. seq_len - 1`` (``first = seq_len - q_len``), stored at ``query[start : start + q_len]``
+of every layer. A row is
+
+- *prefilling* while ``first`` is inside the prompt (``first < prompt_len``); the row that holds
+  the last prompt token *ends the prompt*: after it, compressed heads select and compact;
+- *decoding* once ``first >= prompt_len`` (one token in steady state; several when vLLM
+  recomputes a preempted request's generated tokens in chunks).
+
+Attention of a step (``runtime.layer.LayerStep.attend``):
+
+- A step with any prefilling row runs vLLM's kernel for every head over every row (exact: a
+  prompt is whole in every pool until it ends), then the compiled gather kernel recomputes the
+  decoding rows' compressed heads over their kept tokens only.
+- A *fused* step -- every row decoding one token, and the compiled kernels read the cache
+  layout -- runs one gather-kernel call per layer for every head (full heads over all their
+  positions) and no vLLM kernel at all; vLLM's per-pool attention metadata is not built.
+- Otherwise (multi-token decoding rows, or a layout the kernels do not read), full heads run
+  vLLM's kernel and compressed heads the gather kernel (or its PyTorch reference).
+
+Work items (``StepPlan.work[layer]``, int64 ``[n, 6]``, contract of
+``ops.kernels.gather_attention``): ``(token, kv_head, row, n_front, gen_start, seq_len)``, one
+per decoding token and head that the gather kernel runs. A compressed head ``h`` of a request
+with prompt length ``L`` and budget ``B_h`` attends over pool positions ``0 .. B_h - 1`` (its
+kept prompt tokens) and ``L .. p`` (generated tokens, up to the token's own position ``p``); a
+full head over ``0 .. p``. The per-request columns are fixed when the request is admitted
+(:func:`work_template`); a step fills in token, row and ``p + 1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vllm_heterocache.runtime.requests import RequestState
+
+
+@dataclass(frozen=True)
+class Row:
+    """One request's part of a step: ``query[start : start + q_len]``, positions
+    ``seq_len - q_len .. seq_len - 1``; ``index`` is its row in the step's block tables."""
+
+    start: int
+    q_len: int
+    seq_len: int
+    index: int
+    state: RequestState
+
+    @property
+    def first(self) -> int:
+        return self.seq_len - self.q_len
+
+    @property
+    def ends_prompt(self) -> bool:
+        """The row holds the last prompt token: compressed heads select and compact after it."""
+        return self.first < self.state.prompt_len <= self.seq_len
+
+    @property
+    def decoding(self) -> bool:
+        return self.first >= self.state.prompt_len
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Everything about one step that the layers share (see the module docstring).
+
+    Attributes:
+        rows: the step's rows with a request (dummy runs have none).
+        ends_prompt: rows holding their last prompt token.
+        decoding: rows past their prompt.
+        prefill: some row is prefilling: vLLM's kernel runs every head over every row.
+        fused: every row decodes one token and the kernels read the layout: one gather call per
+            layer runs every head, vLLM's kernel none.
+        work: per layer, int64 ``[n, 6]`` gather-kernel work items (``n`` may be 0).
+        groups: KV cache group -> this step's attention metadata of the group (block table,
+            slot mapping, and vLLM's kernel plan unless the step is fused), added by the metadata
+            builders before any layer runs (``HeteroCacheRuntime.group_of`` says which group
+            holds which head's cache).
+    """
+
+    rows: tuple[Row, ...]
+    ends_prompt: tuple[Row, ...]
+    decoding: tuple[Row, ...]
+    prefill: bool
+    fused: bool
+    work: tuple[torch.Tensor, ...]
+    groups: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def vllm_metadata_needed(self) -> bool:
+        """Whether any layer reads vLLM's attention metadata (its scheduler plan) this step."""
+        return not self.fused
+
+
+def empty_plan(num_layers: int) -> StepPlan:
+    """A step without requests (vLLM's dummy runs): vLLM's kernel runs every head."""
+    none = torch.empty(0, 6, dtype=torch.int64)
+    return StepPlan((), (), (), prefill=True, fused=False, work=(none,) * num_layers)
+
+
+def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bool) -> StepPlan:
+    """The plan of a step of ``rows``.
+
+    Args:
+        rows: the step's rows, in batch order.
+        full: bool ``[num_layers, H_kv]``, the local heads that keep their full KV (every
+            request's ``BudgetPlan.full``).
+        kernels_read_layout: the compiled gather kernel reads this engine's cache layout (else
+            its PyTorch reference runs the work items, and full heads stay with vLLM's kernel).
+    """
+    num_layers, hkv = full.shape
+    decoding = tuple(r for r in rows if r.decoding)
+    prefill = len(decoding) < len(rows) or not rows
+    fused = not prefill and kernels_read_layout and all(r.q_len == 1 for r in decoding)
+    if not decoding:
+        return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), (), prefill, fused,
+                        empty_plan(num_layers).work)
+    # one entry per decoding token: [token, row, position + 1] and its request's item template
+    tokens = torch.tensor([(r.start + j, r.index, r.first + j + 1) for r in decoding for j in range(r.q_len)],
+                          dtype=torch.int64)
+    templates = [r.state.work_template for r in decoding for _ in range(r.q_len)]
+    items = torch.stack(templates, dim=1)  # [layers, n, H, 6]
+    items[..., 0] = tokens[:, 0, None]
+    items[..., 2] = tokens[:, 1, None]
+    items[..., 5] = tokens[:, 2, None]
+    if fused:
+        work = tuple(items.reshape(num_layers, -1, 6))
+    else:
+        compressed = ~full
+        work = tuple(items[layer][:, compressed[layer]].reshape(-1, 6) for layer in range(num_layers))
+    return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work)
+
+
+def work_template(budgets: torch.Tensor, full: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """A request's gather-kernel items, int64 ``[layers, H, 6]``, without the per-token columns
+    (token, row, seq_len): compressed heads attend over ``0 .. B_h - 1`` and ``L .. seq_len - 1``,
+    full heads over ``0 .. seq_len - 1`` (``n_front`` 0, ``gen_start`` 0)."""
+    num_layers, hkv = budgets.shape
+    items = torch.zeros(num_layers, hkv, 6, dtype=torch.int64)
+    items[..., 1] = torch.arange(hkv)
+    items[..., 3] = torch.where(full, 0, budgets)
+    items[..., 4] = torch.where(full, 0, prompt_len)
+    return items

@@ -1,0 +1,279 @@
+"""Every private vLLM name this plugin uses, and every change it makes to vLLM's code, in one place.
+
+The bottom of ``vllm_adapter``: it imports vLLM and nothing of ours above it. The other adapter
+modules use vLLM's public API directly (attention backend, metadata builder, KV cache specs and
+managers, forward context, config) and reach everything private through this module. Nothing
+here runs at import time: ``registration.register()`` applies the registrations and the CPU
+platform patch; ``startup.runtime_for`` applies the model-runner hooks when the first HeteroCache
+layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0.
+
+| name | why | remove when |
+|---|---|---|
+| ``CpuPlatform.get_attn_backend_cls`` (patched) | on CPU, vLLM returns CPU_ATTN for every decoder layer whatever backend was asked for (``platforms/cpu.py``), logging only "Cannot use ... backend on CPU": HETEROCACHE would be silently replaced by the stock backend | vLLM's CPU platform honours registered custom backends |
+| ``AttentionBackendEnum._member_map_``, the member's ``__reduce_ex__`` (patched) | a member created at run time pickles by value, and spawned engine/worker processes unpickle the config before plugins load: the lookup fails there; pickled by name, the unpickler registers it first | vLLM loads plugins before unpickling configs, or pickles members by name |
+| ``KVCacheSpecRegistry._ensure_registered`` | registering a spec before the built-in ones makes the registry skip the built-ins | vLLM registers its built-ins on import of the registry |
+| ``SingleTypeKVCacheManager._remove_blocks_in_range`` | the compressed pools' manager frees a middle range of a request's blocks, as vLLM's R-SWA manager does; there is no public method for it | vLLM exposes a public range-free on managers |
+| ``GPUModelRunner.get_kv_cache_spec`` (patched; the CPU runner inherits it) | a backend can reshape a layer's spec only uniformly (``customize_spec`` gets no layer), but HeteroCache keeps each layer's heads in caches of per-layer pools | vLLM lets a backend build per-layer specs and companion caches |
+| ``GPUModelRunner.initialize_kv_cache`` (patched) | the host tier is sized from the KV cache vLLM allocated | vLLM offers a post-allocation hook to backends |
+| ``GPUModelRunner._update_states``, ``_build_attention_metadata``, ``_dummy_run`` (patched) | attention backends get no request ids and no finish/preempt callbacks (model runner V1); HeteroCache keeps per-request state and host-tier blocks and plans each step once before the metadata builders run | backends receive request lifecycle events and a step hook (e.g. model runner V2's req_idx plus finish callbacks) |
+| runner internals: ``input_batch`` (``req_ids``, ``num_prompt_tokens``, ``block_table``), ``query_start_loc``, ``seq_lens``, ``kv_cache_config``, ``kv_cache_dtype``, ``compilation_config.static_forward_context`` | the step hook reads which request each row is and where its tokens are; companion cache layers are registered in the static forward context (precedent: DeepseekV32IndexerCache); the metrics line reads the blocks held per pool | the lifecycle hooks above pass these |
+| ``ForwardContext.no_compile_layers`` | the companion cache layers' bound KV caches | vLLM passes a layer's companion caches to its impl |
+| ``Attention._k_scale_float``, ``_v_scale_float`` | the cache-write and attention ops take the layer's KV scales (1.0: fp8 KV caches are refused) | the impl receives the scales |
+| ``vllm._custom_ops.cpu_attn_reshape_and_cache``, ``cpu_attention_with_kv_cache`` | the CPU backend's own cache-write and attention ops, run per head cache | (stable ops of the CPU backend; private module) |
+| ``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` | the ISA of the CPU kernels for a dtype / block size / head size (tests build caches in it) | |
+| ``GPUModelRunner.execute_model``, ``sample_tokens``, ``_build_attention_metadata``, ``CPUAttentionBackendImpl.forward``, ``do_kv_cache_update`` (patched only with ``HETEROCACHE_STEP_TIMING=1``) | the per-step time breakdown of the benchmarks (``runtime.timing``), for the stock backend as for HeteroCache | vLLM's own per-step profiling reports attention time |
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+import torch
+
+log = logging.getLogger("vllm.heterocache")
+
+_APPLIED: set[str] = set()
+
+
+# -- selection of the backend (registration.register) ---------------------------------------------
+
+
+def register_backend_member(name: str, path: str):
+    """Create (once) and return ``AttentionBackendEnum.<name>``, pickled by name; idempotent."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    member = AttentionBackendEnum._member_map_.get(name)
+    if member is None:
+        register_backend(name, path)
+        member = AttentionBackendEnum[name]
+        member.__reduce_ex__ = lambda protocol: (register_backend_member, (name, path))
+    return member
+
+
+def honour_backend_on_cpu(backend_name: str, backend_path: str) -> None:
+    """Make the CPU platform return our backend's class path when it is the selected one."""
+    if "cpu_platform" in _APPLIED:
+        return
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.get_attn_backend_cls.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        if selected_backend is not None and getattr(selected_backend, "name", None) == backend_name:
+            if attn_selector_config.use_mla or attn_selector_config.use_sparse:
+                raise ValueError(
+                    "heterocache supports standard multi-head / grouped-query attention only, not MLA "
+                    "or sparse attention: serve this model without --attention-backend heterocache"
+                )
+            return backend_path
+        return original(cls, selected_backend, attn_selector_config, num_heads)
+
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    _APPLIED.add("cpu_platform")
+
+
+def register_kv_cache_spec(spec_cls, manager_cls) -> None:
+    """Map a KV cache spec to its block manager (built-in specs first, or they are skipped)."""
+    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+
+    if spec_cls.__name__ in _APPLIED:
+        return
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(spec_cls, manager_cls, spec_cls)
+    _APPLIED.add(spec_cls.__name__)
+
+
+def remove_blocks_in_range(manager, request_id: str, start: int, end: int) -> None:
+    """Free blocks ``start .. end - 1`` of a request in a single-type manager (null blocks remain)."""
+    manager._remove_blocks_in_range(request_id, start, end)
+
+
+# -- the model runner ----------------------------------------------------------------------------
+
+
+def hook_model_runner(hooks) -> None:
+    """Route the runner's spec building, KV cache allocation, request lifecycle and step start
+    to ``hooks`` (``vllm_adapter.runner_hooks``: ``split_specs``, ``attach_host_tier``,
+    ``requests_ended``, ``step_begins``, ``dummy_step``)."""
+    if "model_runner" in _APPLIED:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    get_kv_cache_spec = GPUModelRunner.get_kv_cache_spec
+    initialize_kv_cache = GPUModelRunner.initialize_kv_cache
+    update_states = GPUModelRunner._update_states
+    build_attention_metadata = GPUModelRunner._build_attention_metadata
+    dummy_run = GPUModelRunner._dummy_run
+
+    def _get_kv_cache_spec(self):
+        return hooks.split_specs(self, get_kv_cache_spec(self))
+
+    def _initialize_kv_cache(self, kv_cache_config, *args, **kwargs):
+        result = initialize_kv_cache(self, kv_cache_config, *args, **kwargs)
+        hooks.attach_host_tier(self, kv_cache_config)
+        return result
+
+    def _update_states(self, scheduler_output):
+        hooks.requests_ended(self, scheduler_output)
+        return update_states(self, scheduler_output)
+
+    def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
+        hooks.step_begins(self, num_reqs)
+        return build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs)
+
+    def _dummy_run(self, *args, **kwargs):
+        with hooks.dummy_step(self):
+            return dummy_run(self, *args, **kwargs)
+
+    GPUModelRunner.get_kv_cache_spec = _get_kv_cache_spec
+    GPUModelRunner.initialize_kv_cache = _initialize_kv_cache
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    GPUModelRunner._dummy_run = _dummy_run
+    _APPLIED.add("model_runner")
+
+
+def install_step_timing(timer) -> None:
+    """Time every engine step and its attention and metadata building (``runtime.timing``)."""
+    if "step_timing" in _APPLIED:
+        return
+    import time
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def timed(cls, name: str, section: str) -> None:
+        method = getattr(cls, name)
+
+        def wrapper(self, *args, **kwargs):
+            with timer.section(section):
+                return method(self, *args, **kwargs)
+
+        setattr(cls, name, wrapper)
+
+    timed(CPUAttentionBackendImpl, "forward", "attention")
+    timed(CPUAttentionBackendImpl, "do_kv_cache_update", "attention")
+    timed(GPUModelRunner, "_build_attention_metadata", "planning")
+    execute_model, sample_tokens = GPUModelRunner.execute_model, GPUModelRunner.sample_tokens
+    step = {"start": 0.0, "decode": False}
+
+    def _execute_model(self, scheduler_output, *args, **kwargs):
+        step["start"] = time.perf_counter()
+        n = len(scheduler_output.num_scheduled_tokens)
+        step["decode"] = n > 0 and scheduler_output.total_num_scheduled_tokens == n
+        out = execute_model(self, scheduler_output, *args, **kwargs)
+        if out is not None:  # no separate sampling call
+            timer.end_step(time.perf_counter() - step["start"], step["decode"])
+        return out
+
+    def _sample_tokens(self, *args, **kwargs):
+        out = sample_tokens(self, *args, **kwargs)
+        timer.end_step(time.perf_counter() - step["start"], step["decode"])
+        return out
+
+    GPUModelRunner.execute_model = _execute_model
+    GPUModelRunner.sample_tokens = _sample_tokens
+    _APPLIED.add("step_timing")
+
+
+# Per-runner state of ours, kept beside the runner instead of in attributes set on it.
+_RUNNER_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def runner_state(runner, build) -> dict:
+    """Our state of ``runner``, made by ``build()`` on first use."""
+    state = _RUNNER_STATE.get(runner)
+    if state is None:
+        state = _RUNNER_STATE[runner] = build()
+    return state
+
+
+def static_forward_context(runner) -> dict:
+    """Layer name -> module of every attention (and companion cache) layer of the runner."""
+    return runner.compilation_config.static_forward_context
+
+
+def step_batch(runner, num_reqs: int) -> tuple[list[str], list[int], list[int], list[int]]:
+    """The rows of the step being prepared: request ids, prompt lengths, query start locations
+    (``num_reqs + 1``) and sequence lengths (after this step's tokens)."""
+    batch = runner.input_batch
+    return (
+        list(batch.req_ids[:num_reqs]),
+        batch.num_prompt_tokens[:num_reqs].tolist(),
+        runner.query_start_loc.cpu[: num_reqs + 1].tolist(),
+        runner.seq_lens[:num_reqs].tolist(),
+    )
+
+
+def kv_cache_groups(runner) -> list:
+    return list(runner.kv_cache_config.kv_cache_groups)
+
+
+def blocks_held(runner, group: int) -> int:
+    """Blocks (null blocks excluded) the running requests hold in KV cache group ``group``."""
+    n = runner.input_batch.num_reqs
+    table = runner.input_batch.block_table[group]
+    ids = table.block_table.np[:n]
+    return sum(int((ids[i, : table.num_blocks_per_row[i]] != 0).sum()) for i in range(n))
+
+
+def kv_cache_dtype(runner) -> torch.dtype:
+    dtype = getattr(runner, "kv_cache_dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else runner.vllm_config.model_config.dtype
+
+
+# -- the attention layer -------------------------------------------------------------------------
+
+
+def layer_index(layer_name: str) -> int:
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    return extract_layer_index(layer_name)
+
+
+def companion_caches(names) -> list[torch.Tensor]:
+    """The bound KV caches of the named companion cache layers in the current forward pass."""
+    from vllm.forward_context import get_forward_context
+
+    layers = get_forward_context().no_compile_layers
+    return [layers[name].kv_cache for name in names]
+
+
+def kv_scales(layer) -> tuple[float, float]:
+    return layer._k_scale_float, layer._v_scale_float
+
+
+def attn_isa(dtype: torch.dtype, block_size: int, head_size: int) -> str:
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size)
+
+
+def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, isa: str,
+             scales: tuple[float, float] = (1.0, 1.0), kv_cache_dtype: str = "auto") -> None:
+    """vLLM's CPU cache write: ``key``/``value`` ``[T, H, D]`` into ``kv_cache`` ``[num_blocks, H,
+    block_size, 2 * D]`` at ``slot_mapping`` ``[T]`` (block * block_size + offset)."""
+    from vllm import _custom_ops as ops
+
+    nb, h, bs, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+    ops.cpu_attn_reshape_and_cache(key.contiguous(), value.contiguous(), key_cache, value_cache, slot_mapping, isa,
+                                   k_scale=scales[0], v_scale=scales[1], kv_cache_dtype=kv_cache_dtype)
+
+
+def cpu_attention(query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor, meta, scale: float,
+                  sliding_window, softcap, scales: tuple[float, float], kv_cache_dtype: str) -> None:
+    """vLLM's CPU attention of ``query`` ``[T, Hq, D]`` (contiguous) over ``kv_cache`` with the
+    CPU backend's metadata ``meta``, into ``output`` ``[T, Hq, D]``."""
+    from vllm import _custom_ops as ops
+
+    nb, h, bs, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=key_cache, value_cache=value_cache, output=output,
+        query_start_loc=meta.query_start_loc, seq_lens=meta.seq_lens, scale=scale, causal=meta.causal,
+        alibi_slopes=None, sliding_window=sliding_window, block_table=meta.block_table, softcap=softcap,
+        scheduler_metadata=meta.scheduler_metadata, s_aux=None, dynamic_causal=meta.dynamic_causal,
+        k_scale=scales[0], v_scale=scales[1], kv_cache_dtype=kv_cache_dtype,
+    )
