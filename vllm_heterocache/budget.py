@@ -20,6 +20,7 @@ satellites must live on one rank, since refills move data from pivot to satellit
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 
@@ -268,8 +269,14 @@ class PoolCapacity:
         return _round_up(budgets, self.round_to).clamp(max=L) if self.round_to else budgets
 
     def max_budget(self, prompt_len: int) -> int:
-        """The budget of the class's largest ratio: what its pool keeps per head and request."""
-        return int(self.budgets(prompt_len, torch.tensor(self.max_ratio, dtype=torch.float64)))
+        """The budget of the class's largest ratio: what its pool keeps per head and request
+        (asked by the class's block manager every scheduler step: cached)."""
+        return _max_budget(self, prompt_len)
+
+
+@functools.lru_cache(maxsize=4096)
+def _max_budget(capacity: PoolCapacity, prompt_len: int) -> int:
+    return int(capacity.budgets(prompt_len, torch.tensor(capacity.max_ratio, dtype=torch.float64)))
 
 
 def plan_budgets(

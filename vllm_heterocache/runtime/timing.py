@@ -9,13 +9,15 @@ engine step is timed, and the sections inside it::
     drift       HeteroCache's drift checks (inside attention)
     refill_wait waits for pending refill copies (inside attention)
 
-Only decode steps (every row one token) are accumulated; every ``REPORT_EVERY`` of them a line
+Decode steps (every row one token) and all steps are accumulated apart; every ``REPORT_EVERY``
+decode steps a line
 
     heterocache step timing: decode steps N; ms per step: total T, model M, attention A,
     planning P, drift D, refill_wait W
 
-is logged (cumulative means; ``model`` = total - attention - planning, i.e. everything else vLLM
-does in the step; ``attention`` excludes drift and refill waits).
+is logged, and the same for ``all steps`` every ``REPORT_EVERY`` other steps (cumulative means;
+``model`` = total - attention - planning, i.e. everything else vLLM does in the step;
+``attention`` excludes drift and refill waits).
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ SECTIONS = ("attention", "planning", "drift", "refill_wait")
 
 class StepTimer:
     def __init__(self) -> None:
-        self.totals = dict.fromkeys(("total", *SECTIONS), 0.0)
-        self.steps = 0
+        self.totals = {kind: dict.fromkeys(("total", *SECTIONS), 0.0) for kind in ("decode", "all")}
+        self.steps = {"decode": 0, "all": 0}
         self._current = dict.fromkeys(SECTIONS, 0.0)
         self._depth: dict[str, int] = dict.fromkeys(SECTIONS, 0)
 
@@ -52,24 +54,26 @@ class StepTimer:
                 self._current[name] += time.perf_counter() - start
 
     def end_step(self, seconds: float, decode: bool) -> None:
-        """A step of ``seconds`` ended; accumulated when every row was decoding one token."""
+        """A step of ``seconds`` ended (``decode``: every row was decoding one token)."""
         current, self._current = self._current, dict.fromkeys(SECTIONS, 0.0)
-        if not decode:
-            return
-        self.steps += 1
-        self.totals["total"] += seconds
-        for name, value in current.items():
-            self.totals[name] += value
-        if self.steps % REPORT_EVERY == 0:
+        for kind in ("decode", "all") if decode else ("all",):
+            self.steps[kind] += 1
+            self.totals[kind]["total"] += seconds
+            for name, value in current.items():
+                self.totals[kind][name] += value
+        if decode and self.steps["decode"] % REPORT_EVERY == 0:
             log.info("%s", self.line())
+        elif not decode and self.steps["all"] % REPORT_EVERY == 0:
+            log.info("%s", self.line("all"))
 
-    def line(self) -> str:
-        n = max(1, self.steps)
-        ms = {k: 1e3 * v / n for k, v in self.totals.items()}
+    def line(self, kind: str = "decode") -> str:
+        n = max(1, self.steps[kind])
+        ms = {k: 1e3 * v / n for k, v in self.totals[kind].items()}
         model = ms["total"] - ms["attention"] - ms["planning"]
         own = ms["attention"] - ms["drift"] - ms["refill_wait"]
+        name = "decode steps" if kind == "decode" else "all steps"
         return (
-            f"heterocache step timing: decode steps {self.steps}; ms per step: total {ms['total']:.3f}, "
+            f"heterocache step timing: {name} {self.steps[kind]}; ms per step: total {ms['total']:.3f}, "
             f"model {model:.3f}, attention {own:.3f}, planning {ms['planning']:.3f}, drift {ms['drift']:.3f}, "
             f"refill_wait {ms['refill_wait']:.3f}"
         )
