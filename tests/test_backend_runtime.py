@@ -180,8 +180,7 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     assert bool(result.drift[0])
     for step in range(3):
         s.write(61 + step, ks[step : step + 1], vs[step : step + 1])
-        ls = s.step(1, 62 + step)
-        track_drift(ls, ls.plan.decoding[0], qs[step : step + 1])
+        track_drift(s.step(1, 62 + step), qs[step : step + 1])
     assert rt.counters.drift_checks == 1 and rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
     rt.refills.wait("r0", 0)
     count = int(plan.budgets[0, 1]) - plan.window

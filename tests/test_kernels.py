@@ -95,6 +95,10 @@ CASES = {
     "gqa4-many-tasks": (4, 2, 64, 16, [[0, 0, 0, 0, 0, 1000], [0, 1, 1, 500, 600, 900], [1, 1, 0, 3, 3, 4]]),
     # a head size that is not a multiple of the widest value slice (32): its tail runs 8 wide
     "gqa2-d80": (2, 1, 80, 16, [[0, 0, 0, 20, 30, 41]]),
+    # blocks wide enough for the widest logit tiles of one and two query heads (64 and 32 tokens
+    # of transposed K), with ranges that start and end inside blocks (narrower tiles, scalar tail)
+    "gqa1-bs128-wide-tiles": (1, 2, 64, 128, [[0, 0, 0, 200, 300, 333], [0, 1, 0, 0, 5, 262]]),
+    "gqa2-bs64-wide-tiles": (2, 1, 64, 64, [[0, 0, 0, 70, 100, 190]]),
 }
 
 

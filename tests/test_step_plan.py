@@ -10,7 +10,7 @@ FULL = torch.tensor([[True, False, False], [False, False, True]])  # 2 layers x 
 
 def state(key: str, prompt_len: int) -> RequestState:
     budgets = torch.where(FULL, prompt_len, torch.tensor([[5, 7, 9], [4, 6, 8]]))
-    plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL})()
+    plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL, "keeps_all": False})()
     return RequestState(key, plan, work_template(budgets, FULL, prompt_len))
 
 

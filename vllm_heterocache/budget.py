@@ -122,6 +122,12 @@ class BudgetPlan:
     budgets: torch.Tensor
     full: torch.Tensor
 
+    @functools.cached_property
+    def keeps_all(self) -> bool:
+        """Every head keeps every prompt token (ratio 1, or a prompt below ``min_prompt_len``):
+        nothing is selected, mirrored to the host tier or refilled for this request."""
+        return bool((self.budgets >= self.prompt_len).all())
+
     def kept_fraction(self) -> float:
         """Fraction of this rank's prompt KV entries kept."""
         if self.prompt_len == 0:

@@ -87,10 +87,9 @@ def attend(ls: LayerStep, query: torch.Tensor, output: torch.Tensor, stock: Call
         for row in plan.decoding:
             rt.refills.wait(row.state.key, ls.layer)
     gather_decode(ls, query, output)
-    if rt.config.refill and heads.pivots:
+    if rt.config.refill and heads.pivots and plan.decoding:
         with section("drift"):
-            for row in plan.decoding:
-                track_drift(ls, row, query)
+            track_drift(ls, query)
 
 
 def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
@@ -164,41 +163,46 @@ def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> N
                              list(pools.caches), list(pools.tables), work, pools.layout, ls.scale)
 
 
-def track_drift(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
-    """Buffer the pivots' queries; every ``drift_interval`` of them check drift and, on drift,
-    start the refill of the pivot's satellites from the host tier (asynchronous; it is waited
-    for when the layer next reads them, see ``RefillQueue``)."""
-    rt, heads, layer = ls.rt, ls.heads, ls.layer
-    state, plan = row.state, row.state.plan
-    ring = state.query_ring.get(layer)
-    if ring is None:
-        return
+def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
+    """Buffer the pivots' queries of the step's decoding rows; every ``drift_interval`` of a
+    row's queries check its drift and, on drift, start the refill of the pivot's satellites from
+    the host tier (asynchronous; it is waited for when the layer next reads them, see
+    ``RefillQueue``).
+
+    A row's ring ``[P, N, G, D]`` fills from slot 0 and is checked when full, so it always holds
+    the last N queries oldest first.
+    """
+    rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
     n_steps = rt.config.drift_interval
-    g = query.shape[1] // ls.num_kv_heads
-    p = list(heads.pivots)
-    for j in range(row.q_len):
-        slot = state.buffered[layer] % n_steps
-        ring[:, slot] = query[row.start + j].view(ls.num_kv_heads, g, -1)[p].float()
-        state.buffered[layer] += 1
-        if state.buffered[layer] < n_steps:
+    pivot_queries = None
+    for row in ls.plan.decoding:
+        state = row.state
+        ring = state.query_ring.get(layer)
+        if ring is None:  # the request keeps every token, or has not ended its prompt here
             continue
-        state.buffered[layer] = 0
-        visible = row.seq_len - (row.q_len - 1 - j)
-        pools = ls.pools
-        result = kernels.drift_check(
-            ring.roll(-(slot + 1), dims=1), [pools.caches[h] for h in p], [pools.tables[h] for h in p], row.index,
-            visible, plan.prompt_len - plan.window, state.references[layer], plan.reference_topk, rt.threshold,
-            rt.config.pool_kernel, pools.layout,
-        )
-        rt.counters.drift_checks += 1
-        for i, pivot in enumerate(p):
-            if not bool(result.drift[i]):
+        if pivot_queries is None:  # once per layer: [T, P, G, D] float32
+            t, _, d = query.shape
+            p = list(heads.pivots)
+            pivot_queries = query.view(t, ls.num_kv_heads, -1, d)[:, p].float()
+            caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
+        plan = state.plan
+        for j in range(row.q_len):
+            n = state.buffered[layer]
+            ring[:, n] = pivot_queries[row.start + j]
+            state.buffered[layer] = (n + 1) % n_steps
+            if n + 1 < n_steps:
                 continue
-            rt.counters.drifts += 1
-            state.references[layer][i] = result.latest_topk[i]
-            sats = heads.satellites.get(pivot, ())
-            if sats and state.host:
-                _refill(ls, row, sats, result.latest_scores[i], result.latest_topk[i])
+            result = kernels.drift_check(
+                ring, caches, tables, row.index, row.seq_len - (row.q_len - 1 - j), plan.prompt_len - plan.window,
+                state.references[layer], plan.reference_topk, rt.threshold, rt.config.pool_kernel, pools.layout,
+            )
+            rt.counters.drift_checks += 1
+            for i in torch.nonzero(result.drift)[:, 0].tolist():
+                rt.counters.drifts += 1
+                state.references[layer][i] = result.latest_topk[i]
+                sats = heads.satellites.get(heads.pivots[i], ())
+                if sats and state.host:
+                    _refill(ls, row, sats, result.latest_scores[i], result.latest_topk[i])
 
 
 def _refill(ls: LayerStep, row: Row, sats, pivot_scores: torch.Tensor, pivot_top: torch.Tensor) -> None:

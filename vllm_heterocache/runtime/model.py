@@ -172,7 +172,7 @@ class HeteroCacheRuntime:
         self.finish([key])
         plan = self.planner.plan(prompt_len)
         state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len))
-        if self.host is not None and self.num_host_rows:
+        if self.host is not None and self.num_host_rows and not plan.keeps_all:
             state.host = self.host.allocate(key, prompt_len)
             if not state.host:
                 log.warning(

@@ -61,8 +61,9 @@ class Row:
 
     @property
     def ends_prompt(self) -> bool:
-        """The row holds the last prompt token: compressed heads select and compact after it."""
-        return self.first < self.state.prompt_len <= self.seq_len
+        """The row holds the last prompt token of a request that compresses: its compressed
+        heads select and compact after it (a request that keeps every token selects nothing)."""
+        return self.first < self.state.prompt_len <= self.seq_len and not self.state.plan.keeps_all
 
     @property
     def decoding(self) -> bool:

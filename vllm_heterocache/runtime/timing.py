@@ -15,7 +15,7 @@ decode steps a line
     heterocache step timing: decode steps N; ms per step: total T, model M, attention A,
     planning P, drift D, refill_wait W
 
-is logged, and the same for ``all steps`` every ``REPORT_EVERY`` other steps (cumulative means;
+is logged, and the same for ``all steps`` every ``REPORT_EVERY`` steps (cumulative means;
 ``model`` = total - attention - planning, i.e. everything else vLLM does in the step;
 ``attention`` excludes drift and refill waits).
 """
@@ -63,7 +63,7 @@ class StepTimer:
                 self.totals[kind][name] += value
         if decode and self.steps["decode"] % REPORT_EVERY == 0:
             log.info("%s", self.line())
-        elif not decode and self.steps["all"] % REPORT_EVERY == 0:
+        if self.steps["all"] % REPORT_EVERY == 0:
             log.info("%s", self.line("all"))
 
     def line(self, kind: str = "decode") -> str:
