@@ -51,12 +51,11 @@ def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5)
     w, hq, d = query.shape
     length, hkv, _ = key.shape
     g = hq // hkv
-    k = key.float().repeat_interleave(g, dim=1)  # [L, Hq, D]
-    logits = torch.einsum("whd,lhd->hwl", query.float(), k) / d**0.5  # [Hq, W, L]
-    pos = torch.arange(length)
-    qpos = torch.arange(length - w, length)
-    logits = logits.masked_fill(pos[None, :] > qpos[:, None], float("-inf"))
-    probs = logits.softmax(dim=-1).mean(dim=1)  # [Hq, L]
+    q = query.float().view(w, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * w, d)  # [Hkv, G*W, D]
+    logits = torch.bmm(q, key.float().permute(1, 2, 0)).view(hkv, g, w, length) / d**0.5  # [Hkv, G, W, L]
+    # query i (position L-W+i) sees keys <= L-W+i: only the last W columns are masked
+    logits[..., length - w :].masked_fill_(torch.ones(w, w, dtype=torch.bool).triu(1), float("-inf"))
+    probs = logits.softmax(dim=-1).mean(dim=2).reshape(hq, length)  # [Hq, L]
     return gqa_max(pool_scores(probs, pool_kernel), hkv)
 
 
