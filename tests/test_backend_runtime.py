@@ -84,13 +84,21 @@ class Setup:
         self.write(self.length, kn, vn)
         return kn, vn, qn
 
-    def prefill(self):
-        select_and_compact(self.prefill_step, self.prefill_row, self.q)
+    def prefill(self, from_cache=False):
+        """Select and compact, with the prompt's K/V from the step (the whole prompt is in it),
+        or, as after a chunked prefill, read back from the caches."""
+        if from_cache:  # the same row as the last chunk of a prompt that started earlier
+            row = self.prefill_row
+            row = type(row)(row.start, row.q_len - 1, row.seq_len, row.index, row.state)
+            select_and_compact(self.prefill_step, row, self.q[1:], self.k[1:], self.v[1:])
+        else:
+            select_and_compact(self.prefill_step, self.prefill_row, self.q, self.k, self.v)
 
 
-def test_prefill_selection_is_compacted_in_position_order(isa):
+@pytest.mark.parametrize("from_cache", [False, True], ids=["prompt-in-step", "prompt-chunked"])
+def test_prefill_selection_is_compacted_in_position_order(isa, from_cache):
     s = Setup(isa, pattern="PS")
-    s.prefill()
+    s.prefill(from_cache)
     plan, L = s.state.plan, s.length
     scores = ref.prefill_scores(s.q[-4:], s.k, 3)
     want = ref.select_tokens(scores[[1]], plan.budgets[0, [1]], plan.window)[0]

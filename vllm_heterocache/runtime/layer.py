@@ -71,7 +71,8 @@ class LayerStep:
         return len(self.heads.pool)
 
 
-def attend(ls: LayerStep, query: torch.Tensor, output: torch.Tensor, stock: Callable[[int], None]) -> None:
+def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
+           stock: Callable[[int], None]) -> None:
     """The layer's attention in this step, as its plan says (``runtime.step``); ``stock(h)`` runs
     vLLM's kernel for the query heads of KV head ``h`` over every row of the step."""
     rt, plan, heads = ls.rt, ls.plan, ls.heads
@@ -82,7 +83,7 @@ def attend(ls: LayerStep, query: torch.Tensor, output: torch.Tensor, stock: Call
         for h in heads.full:
             stock(h)
     for row in plan.ends_prompt:
-        select_and_compact(ls, row, query)
+        select_and_compact(ls, row, query, key, value)
     with section("refill_wait"):
         for row in plan.decoding:
             rt.refills.wait(row.state.key, ls.layer)
@@ -115,12 +116,14 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
 
-def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
+def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """After the last prompt token: compressed heads choose their budget and compact it to
     positions ``0 .. B_c - 1`` of their cache; pivots record their reference top-K.
 
     Scoring uses the queries of the last ``window`` prompt positions that are in this row (a
-    chunk boundary inside the window leaves fewer).
+    chunk boundary inside the window leaves fewer). When the whole prompt is in this step, its
+    K/V are the step's own ``key``/``value`` (the values just written to the caches), else they
+    are read from the caches.
     """
     rt, heads, pools, layer = ls.rt, ls.heads, ls.pools, ls.layer
     state = row.state
@@ -128,22 +131,26 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
     L, W = plan.prompt_len, plan.window
     lo = max(L - max(1, rt.config.window), row.first)
     q = query[row.start + lo - row.first : row.start + L - row.first]
-    if heads.compressed:
-        c = heads.compressed
-        k = pools.keys(c, row.index, L)
-        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, c), k, rt.config.pool_kernel)
-        chosen = ref.select_tokens(scores, plan.budgets[layer, list(c)], W)
+    scored = heads.compressed + heads.pivots
+    whole = row.first == 0
+    if whole:
+        k_prompt, v_prompt = key[row.start : row.start + L], value[row.start : row.start + L]
+        k = k_prompt[:, list(scored)]
+    else:
+        k = pools.keys(scored, row.index, L)
+    scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, rt.config.pool_kernel)
+    c = heads.compressed
+    if c:
+        chosen = ref.select_tokens(scores[: len(c)], plan.budgets[layer, list(c)], W)
         for i, h in enumerate(c):
             keep = chosen[i][chosen[i] >= 0]
-            pools.write(h, row.index, torch.arange(keep.numel()), *pools.read(h, row.index, keep))
+            kept_kv = (k_prompt[keep, h], v_prompt[keep, h]) if whole else pools.read(h, row.index, keep)
+            pools.write(h, row.index, torch.arange(keep.numel()), *kept_kv)
         state.kept[layer] = chosen
     if heads.pivots:
-        p = heads.pivots
-        k = pools.keys(p, row.index, L)
-        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, p), k, rt.config.pool_kernel)
-        n = len(p)
+        n = len(heads.pivots)
         state.references[layer] = ref.topk_positions(
-            scores, torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
+            scores[len(c) :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
         )
         g = query.shape[1] // ls.num_kv_heads
         state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])

@@ -185,7 +185,7 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
                                    output_block_scale)
         bound = self._layer(layer, kv_cache)
         step = self._step(bound)
-        attend(step, query, output, lambda h: self._stock(bound, step, query, h, output))
+        attend(step, query, key, value, output, lambda h: self._stock(bound, step, query, h, output))
         return output
 
     def _stock(self, bound: _Layer, step: LayerStep, query, head: int, output) -> None:
