@@ -151,6 +151,9 @@ DRIFT_CASES = {
     "gqa8-single-block": (1, 3, 8, 64, 128, 40, 33, 5),
     "gqa4-many-blocks": (1, 5, 4, 64, 16, 1000, 968, 200),
     "keys-fewer-than-pool-kernel": (2, 3, 2, 64, 16, 3, 3, 2),
+    # a head size that is not a multiple of 8: the token-major logit tiles add the last D % 8
+    # products one at a time
+    "d36-head-size-tail": (2, 3, 2, 36, 16, 50, 45, 7),
 }
 
 

@@ -4,9 +4,13 @@
 // becomes several, so that one request still uses every core); each task leaves a partial
 // softmax state (running max m, sum l, unnormalized output acc per query head) and a second
 // pass merges each item's partials into its output (as flash-decoding's split-K).
-// Per block: scores of 8 tokens x up to 8 queries are held in registers over the head dim
-// (scores.h); the values are accumulated with G x R registers per 8*R-wide slice of the head dim.
-// bf16 / fp16 K and V are converted to float32 as they are loaded into registers.
+// Per block: scores of 16 (or more) tokens x up to 6 queries are held in registers over the head
+// dim, reading whole rows of a transposed K region (scores.h); the values are accumulated with
+// G x R registers per 8*R-wide slice of the head dim. bf16 / fp16 K and V are converted to
+// float32 as they are loaded into registers. Blocks are in scrambled order, so each task lists
+// its blocks first and prefetches the next block's K and V lines while the current one is
+// computed, one line per step of the inner loops (Prefetcher): with one thread the kernel then
+// streams at about the machine's single-core read bandwidth instead of stalling at each block.
 #include "../gather_attention.h"
 
 #include <omp.h>
@@ -27,13 +31,15 @@ constexpr int kMaxHeadSize = 256;
 
 // acc[g * kMaxHeadSize + d] += sum_i p[g * bs + i] * v[i * D + d] for d in [d0, d0 + 8R) (V
 // token-major, elements E::T converted as loaded).
-template <class E, int G, int R>
+template <class E, int G, int R, class Hook>
 inline void accumulate_slice(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, int64_t d0,
-                             float* acc) {
+                             float* acc, Hook& hook) {
+  Hook h = hook;  // a local copy: its state stays in registers over the loop
   __m256 a[G][R];
   for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r) a[g][r] = _mm256_loadu_ps(acc + g * kMaxHeadSize + d0 + 8 * r);
   for (int64_t i = 0; i < n; ++i) {
+    h();
     __m256 vv[R];
     for (int r = 0; r < R; ++r) vv[r] = E::load8(v + i * D + d0 + 8 * r);
     for (int g = 0; g < G; ++g) {
@@ -43,31 +49,33 @@ inline void accumulate_slice(const float* p, int64_t bs, const typename E::T* v,
   }
   for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + g * kMaxHeadSize + d0 + 8 * r, a[g][r]);
+  hook = h;
 }
 
-template <class E, int G>
-inline void accumulate(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, float* acc) {
+template <class E, int G, class Hook>
+inline void accumulate(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, float* acc,
+                       Hook& hook) {
   constexpr int R = G <= 2 ? 4 : (G <= 4 ? 2 : 1);  // at most 8 accumulator registers
   int64_t d0 = 0;
-  for (; d0 + 8 * R <= D; d0 += 8 * R) accumulate_slice<E, G, R>(p, bs, v, n, D, d0, acc);
-  for (; d0 < D; d0 += 8) accumulate_slice<E, G, 1>(p, bs, v, n, D, d0, acc);  // D % 8 == 0
+  for (; d0 + 8 * R <= D; d0 += 8 * R) accumulate_slice<E, G, R>(p, bs, v, n, D, d0, acc, hook);
+  for (; d0 < D; d0 += 8) accumulate_slice<E, G, 1>(p, bs, v, n, D, d0, acc, hook);  // D % 8 == 0
 }
 
-template <class E>
+template <class E, class Hook>
 void accumulate_any(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t G, int64_t D,
-                    float* acc) {
+                    float* acc, Hook& hook) {
   switch (G) {
-    case 1: return accumulate<E, 1>(p, bs, v, n, D, acc);
-    case 2: return accumulate<E, 2>(p, bs, v, n, D, acc);
-    case 3: return accumulate<E, 3>(p, bs, v, n, D, acc);
-    case 4: return accumulate<E, 4>(p, bs, v, n, D, acc);
-    case 5: return accumulate<E, 5>(p, bs, v, n, D, acc);
-    case 6: return accumulate<E, 6>(p, bs, v, n, D, acc);
-    case 7: return accumulate<E, 7>(p, bs, v, n, D, acc);
-    case 8: return accumulate<E, 8>(p, bs, v, n, D, acc);
+    case 1: return accumulate<E, 1>(p, bs, v, n, D, acc, hook);
+    case 2: return accumulate<E, 2>(p, bs, v, n, D, acc, hook);
+    case 3: return accumulate<E, 3>(p, bs, v, n, D, acc, hook);
+    case 4: return accumulate<E, 4>(p, bs, v, n, D, acc, hook);
+    case 5: return accumulate<E, 5>(p, bs, v, n, D, acc, hook);
+    case 6: return accumulate<E, 6>(p, bs, v, n, D, acc, hook);
+    case 7: return accumulate<E, 7>(p, bs, v, n, D, acc, hook);
+    case 8: return accumulate<E, 8>(p, bs, v, n, D, acc, hook);
     default:
       for (int64_t g0 = 0; g0 < G; g0 += 8) {
-        accumulate_any<E>(p + g0 * bs, bs, v, n, std::min<int64_t>(8, G - g0), D, acc + g0 * kMaxHeadSize);
+        accumulate_any<E>(p + g0 * bs, bs, v, n, std::min<int64_t>(8, G - g0), D, acc + g0 * kMaxHeadSize, hook);
       }
   }
 }
@@ -107,38 +115,62 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
   if (kbuf.size() < static_cast<size_t>(D * bs)) kbuf.resize(D * bs);
   float* scores = scores_buf.data();
 
-  // the task's positions as (up to) two physical ranges
+  // the task's positions as (up to) two physical ranges, cut at block boundaries into segments
   const int64_t f1 = std::min(task.v1, n_front);
   const int64_t ranges[2][2] = {{std::min(task.v0, n_front), f1},
                                 {gen_start + std::max<int64_t>(0, task.v0 - n_front),
                                  gen_start + std::max<int64_t>(0, task.v1 - n_front)}};
+  struct Segment {
+    const T* kregion;
+    int64_t off, n;
+  };
+  thread_local std::vector<Segment> segments;
+  segments.clear();
   for (const auto& range : ranges) {
     for (int64_t p = range[0]; p < range[1];) {
       const int64_t off = p % bs, n = std::min(bs - off, range[1] - p);
-      const T* kregion = cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h];
-      const T* vregion = kregion + bs * D;
-      if (a.k_transposed) {  // K is [D, bs]
-        scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs);
-      } else {
-        const float* kf = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
-        scores_token_major(&q[0][0], kMaxHeadSize, G, D, kf, n, scores, bs);
-      }
-      // online softmax: rescale what was accumulated, then add this block's values
-      for (int64_t g = 0; g < G; ++g) {
-        float* s = &scores[g * bs];
-        const float m_new = std::max(out.m[g], max_of(s, n));
-        const float correction = std::exp(out.m[g] - m_new);
-        if (correction != 1.f) {
+      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n});
+      p += n;
+    }
+  }
+  const int64_t num_segments = static_cast<int64_t>(segments.size());
+  for (int64_t si = 0; si < num_segments; ++si) {
+    const Segment& seg = segments[si];
+    const int64_t off = seg.off, n = seg.n;
+    const T* kregion = seg.kregion;
+    const T* vregion = kregion + bs * D;
+    Prefetcher pf;  // the next segment's K and V, while this one is computed
+    if (si + 1 < num_segments) {
+      const Segment& nx = segments[si + 1];
+      // K: the whole region when transposed (rows of bs), else the segment's tokens
+      pf.ranges[0] = a.k_transposed ? Range{nx.kregion, nx.kregion + D * bs}
+                                    : Range{nx.kregion + nx.off * D, nx.kregion + (nx.off + nx.n) * D};
+      pf.ranges[1] = Range{nx.kregion + bs * D + nx.off * D, nx.kregion + bs * D + (nx.off + nx.n) * D};
+      pf.start();
+    }
+    if (a.k_transposed) {  // K is [D, bs]
+      scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs, pf);
+    } else {
+      const float* kf = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
+      scores_token_major(&q[0][0], kMaxHeadSize, G, D, kf, n, scores, bs, pf);
+    }
+    // online softmax: rescale what was accumulated, then add this block's values
+    for (int64_t g = 0; g < G; ++g) {
+      float* s = &scores[g * bs];
+      const float block_max = max_of(s, n);
+      if (block_max > out.m[g]) {  // a new running max (else the correction would be exp(0) = 1)
+        const float correction = std::exp(out.m[g] - block_max);
+        if (out.l[g] > 0.f && correction != 1.f) {
           out.l[g] *= correction;
           float* acc = out.acc + g * kMaxHeadSize;
           for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
         }
-        out.l[g] += exp_shifted(s, n, m_new);
-        out.m[g] = m_new;
+        out.m[g] = block_max;
       }
-      accumulate_any<E>(scores, bs, vregion + off * D, n, G, D, out.acc);  // V is [bs, D]
-      p += n;
+      out.l[g] += exp_shifted(s, n, out.m[g]);
     }
+    accumulate_any<E>(scores, bs, vregion + off * D, n, G, D, out.acc, pf);  // V is [bs, D]
+    pf.finish();
   }
 }
 

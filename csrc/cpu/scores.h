@@ -11,57 +11,200 @@
 
 namespace heterocache {
 
-// out[i * out_stride + j] = q[i * q_stride .. +D] . k[.. j], i < NQ, j < 8, for K transposed
-// ([D, k_stride] elements E::T: element d of token j at k[d * k_stride + j]), q float32. NQ
-// accumulators of 8 tokens stay in registers over d; K is converted to float32 as it is loaded.
-template <class E, int NQ>
-inline void scores8_transposed(const float* q, int64_t q_stride, int64_t D, const typename E::T* k, int64_t k_stride,
-                               float* out, int64_t out_stride) {
-  __m256 s[NQ];
-  for (int i = 0; i < NQ; ++i) s[i] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m256 kv = E::load8(k + d * k_stride);
-    for (int i = 0; i < NQ; ++i) s[i] = _mm256_fmadd_ps(_mm256_set1_ps(q[i * q_stride + d]), kv, s[i]);
+// A callable run once per step of the kernels' inner loops (the kernels issue their prefetches
+// of the next block through it); NoHook does nothing.
+struct NoHook {
+  void operator()() const {}
+};
+
+// Software prefetch of up to two byte ranges (a later block's K and V regions: blocks are in
+// scrambled order, so the hardware prefetchers cannot run ahead across them), one cache line per
+// call: passed as the Hook of the current block's inner loops, it spreads the prefetches over
+// their steps; finish() issues what is left.
+struct Range {
+  const void* begin;
+  const void* end;
+};
+struct Prefetcher {
+  Range ranges[2] = {{nullptr, nullptr}, {nullptr, nullptr}};
+  const char* p = nullptr;
+  const char* e = nullptr;
+  int r = 2;
+  void start() {
+    r = 0;
+    next();
   }
-  for (int i = 0; i < NQ; ++i) _mm256_storeu_ps(out + i * out_stride, s[i]);
+  void next() {
+    for (; r < 2; ++r) {
+      p = static_cast<const char*>(ranges[r].begin);
+      e = static_cast<const char*>(ranges[r].end);
+      if (p < e) return;
+    }
+  }
+  void operator()() {
+    if (p < e) {
+      _mm_prefetch(p, _MM_HINT_T0);
+      p += 64;
+      if (p >= e) {
+        ++r;
+        next();
+      }
+    }
+  }
+  void finish() {
+    while (p < e) (*this)();
+  }
+};
+
+// out[i * out_stride + 8 * v + j] = q[i * q_stride .. +D] . k[.. 8 * v + j], i < NQ, v < NV,
+// j < 8, for K transposed ([D, k_stride] elements E::T: element d of token t at
+// k[d * k_stride + t]), q float32. The NQ x NV accumulators stay in registers over d; each d
+// reads NV * 8 contiguous elements of K's row d (whole cache lines for NV = 2 in float32),
+// converted to float32 as they are loaded.
+template <class E, int NQ, int NV, class Hook>
+inline void scores_tile_transposed(const float* q, int64_t q_stride, int64_t D, const typename E::T* k,
+                                   int64_t k_stride, float* out, int64_t out_stride, Hook& hook) {
+  Hook h = hook;  // a local copy: its state stays in registers over the loop
+  __m256 s[NQ][NV];
+  for (int i = 0; i < NQ; ++i)
+    for (int v = 0; v < NV; ++v) s[i][v] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    h();
+    __m256 kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = E::load8(k + d * k_stride + 8 * v);
+    for (int i = 0; i < NQ; ++i) {
+      const __m256 qb = _mm256_set1_ps(q[i * q_stride + d]);
+      for (int v = 0; v < NV; ++v) s[i][v] = _mm256_fmadd_ps(qb, kv[v], s[i][v]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + i * out_stride + 8 * v, s[i][v]);
+  hook = h;
 }
 
-// out[i * out_stride + j] = q_i . k_j for i < nq, j < n; K transposed as above.
-template <class E>
+// Tokens per register tile for NQ queries: 6 to 12 accumulators (8 independent FMA chains hide
+// the FMA latency; accumulators + K vectors + one broadcast <= 16 registers).
+constexpr int tile_vectors(int nq) { return nq == 1 ? 8 : nq == 2 ? 4 : 2; }
+
+// Queries [i0, i0 + NQ) against tokens [j0, n): full tiles of 8 * tile_vectors(NQ) tokens, then
+// 8 tokens at a time; returns the first token not done (n rounded down to a multiple of 8 from j0).
+template <class E, int NQ, class Hook>
+inline int64_t scores_queries_transposed(const float* q, int64_t q_stride, int64_t D, const typename E::T* k,
+                                         int64_t k_stride, int64_t j0, int64_t j1, float* out, int64_t out_stride,
+                                         Hook& hook) {
+  constexpr int NV = tile_vectors(NQ);
+  int64_t j = j0;
+  for (; j + 8 * NV <= j1; j += 8 * NV) {
+    scores_tile_transposed<E, NQ, NV>(q, q_stride, D, k + j, k_stride, out + j, out_stride, hook);
+  }
+  for (; j + 8 <= j1; j += 8) {
+    scores_tile_transposed<E, NQ, 1>(q, q_stride, D, k + j, k_stride, out + j, out_stride, hook);
+  }
+  return j;
+}
+
+template <class E, class Hook>
+inline int64_t scores_queries_transposed_any(int64_t nq, const float* q, int64_t q_stride, int64_t D,
+                                             const typename E::T* k, int64_t k_stride, int64_t j0, int64_t j1,
+                                             float* out, int64_t out_stride, Hook& hook) {
+  switch (nq) {
+    case 1: return scores_queries_transposed<E, 1>(q, q_stride, D, k, k_stride, j0, j1, out, out_stride, hook);
+    case 2: return scores_queries_transposed<E, 2>(q, q_stride, D, k, k_stride, j0, j1, out, out_stride, hook);
+    case 3: return scores_queries_transposed<E, 3>(q, q_stride, D, k, k_stride, j0, j1, out, out_stride, hook);
+    case 4: return scores_queries_transposed<E, 4>(q, q_stride, D, k, k_stride, j0, j1, out, out_stride, hook);
+    case 5: return scores_queries_transposed<E, 5>(q, q_stride, D, k, k_stride, j0, j1, out, out_stride, hook);
+    default: return scores_queries_transposed<E, 6>(q, q_stride, D, k, k_stride, j0, j1, out, out_stride, hook);
+  }
+}
+
+// out[i * out_stride + j] = q_i . k_j for i < nq, j < n; K transposed as above. The queries go in
+// balanced groups of at most 6; with several groups, the tokens go in spans of 64, each span's K
+// (64 x D elements) read from memory once and reused from L1 by every group.
+template <class E, class Hook = NoHook>
 inline void scores_transposed(const float* q, int64_t q_stride, int64_t nq, int64_t D, const typename E::T* k,
-                              int64_t k_stride, int64_t n, float* out, int64_t out_stride) {
-  for (int64_t i0 = 0; i0 < nq; i0 += 8) {
-    const int64_t m = std::min<int64_t>(8, nq - i0);
-    const float* qi = q + i0 * q_stride;
-    float* oi = out + i0 * out_stride;
+                              int64_t k_stride, int64_t n, float* out, int64_t out_stride, Hook&& hook = {}) {
+  const int64_t groups = (nq + 5) / 6;
+  const int64_t span = groups == 1 ? std::max<int64_t>(n, 1) : 64;  // several groups: 16-token tiles
+  int64_t done = 0;  // tokens [0, done) have all their logits (a multiple of 8)
+  for (int64_t j0 = 0; j0 < n; j0 += span) {
+    const int64_t j1 = std::min(n, j0 + span);
+    for (int64_t c = 0, i0 = 0; c < groups; ++c) {
+      const int64_t i1 = nq * (c + 1) / groups;
+      done = scores_queries_transposed_any<E>(i1 - i0, q + i0 * q_stride, q_stride, D, k, k_stride, j0, j1,
+                                              out + i0 * out_stride, out_stride, hook);
+      i0 = i1;
+    }
+  }
+  for (int64_t j = done; j < n; ++j) {  // the last n % 8 tokens
+    for (int64_t i = 0; i < nq; ++i) {
+      float s = 0.f;
+      for (int64_t d = 0; d < D; ++d) s += q[i * q_stride + d] * E::load(k + d * k_stride + j);
+      out[i * out_stride + j] = s;
+    }
+  }
+}
+
+// Lane c of the result = the sum of the 8 lanes of a[c].
+inline __m256 sum_lanes8(const __m256* a) {
+  const __m256 s0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 s1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
+}
+
+// out[i * out_stride + t] = q_i . k_t, i < NQ, t < NT (NQ * NT = 8), token-major float K: eight
+// accumulators over 8-wide chunks of d, reduced together at the end.
+template <int NQ, int NT, class Hook>
+inline void scores_tile_token_major(const float* q, int64_t q_stride, int64_t D, const float* k, float* out,
+                                    int64_t out_stride, Hook& hook) {
+  static_assert(NQ * NT == 8, "eight accumulators");
+  Hook h = hook;
+  __m256 acc[8];
+  for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    h();
+    __m256 kv[NT];
+    for (int t = 0; t < NT; ++t) kv[t] = _mm256_loadu_ps(k + t * D + d);
+    for (int i = 0; i < NQ; ++i) {
+      const __m256 qv = _mm256_loadu_ps(q + i * q_stride + d);
+      for (int t = 0; t < NT; ++t) acc[i * NT + t] = _mm256_fmadd_ps(qv, kv[t], acc[i * NT + t]);
+    }
+  }
+  hook = h;
+  alignas(32) float sums[8];
+  _mm256_store_ps(sums, sum_lanes8(acc));
+  for (int i = 0; i < NQ; ++i) {
+    for (int t = 0; t < NT; ++t) {
+      float x = sums[i * NT + t];
+      for (int64_t e = d; e < D; ++e) x += q[i * q_stride + e] * k[t * D + e];  // D % 8 elements
+      out[i * out_stride + t] = x;
+    }
+  }
+}
+
+// The same for token-major K (token j's D elements at k + j * D, float): tiles of 2 queries x 4
+// tokens (then 1 x 8), the last tokens one at a time.
+template <class Hook = NoHook>
+inline void scores_token_major(const float* q, int64_t q_stride, int64_t nq, int64_t D, const float* k, int64_t n,
+                               float* out, int64_t out_stride, Hook&& hook = {}) {
+  int64_t i = 0;
+  for (; i + 2 <= nq; i += 2) {
     int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      switch (m) {
-        case 1: scores8_transposed<E, 1>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        case 2: scores8_transposed<E, 2>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        case 3: scores8_transposed<E, 3>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        case 4: scores8_transposed<E, 4>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        case 5: scores8_transposed<E, 5>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        case 6: scores8_transposed<E, 6>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        case 7: scores8_transposed<E, 7>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-        default: scores8_transposed<E, 8>(qi, q_stride, D, k + j, k_stride, oi + j, out_stride); break;
-      }
+    for (; j + 4 <= n; j += 4) {
+      scores_tile_token_major<2, 4>(q + i * q_stride, q_stride, D, k + j * D, out + i * out_stride + j, out_stride,
+                                    hook);
     }
     for (; j < n; ++j) {
-      for (int64_t i = 0; i < m; ++i) {
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qi[i * q_stride + d] * E::load(k + d * k_stride + j);
-        oi[i * out_stride + j] = s;
-      }
+      for (int64_t ii = i; ii < i + 2; ++ii) out[ii * out_stride + j] = dot(q + ii * q_stride, k + j * D, D);
     }
   }
-}
-
-// The same for token-major K (token j's D elements at k + j * D, float).
-inline void scores_token_major(const float* q, int64_t q_stride, int64_t nq, int64_t D, const float* k, int64_t n,
-                               float* out, int64_t out_stride) {
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t i = 0; i < nq; ++i) out[i * out_stride + j] = dot(q + i * q_stride, k + j * D, D);
+  for (; i < nq; ++i) {
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      scores_tile_token_major<1, 8>(q + i * q_stride, q_stride, D, k + j * D, out + i * out_stride + j, out_stride,
+                                    hook);
+    }
+    for (; j < n; ++j) out[i * out_stride + j] = dot(q + i * q_stride, k + j * D, D);
   }
 }
 

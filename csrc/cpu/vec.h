@@ -99,22 +99,23 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// x[i] = exp(x[i] - shift) for i < n; returns the sum.
-inline float exp_shifted(float* x, int64_t n, float shift) {
+// y[i] = exp(x[i] - shift) for i < n (y may be x); returns the sum.
+inline float exp_shifted(const float* x, float* y, int64_t n, float shift) {
   const __m256 vs = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(x + i), vs));
-    _mm256_storeu_ps(x + i, e);
+    _mm256_storeu_ps(y + i, e);
     acc = _mm256_add_ps(acc, e);
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, acc);
   float sum = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
-  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - shift));
+  for (; i < n; ++i) sum += (y[i] = std::exp(x[i] - shift));
   return sum;
 }
+inline float exp_shifted(float* x, int64_t n, float shift) { return exp_shifted(x, x, n, shift); }
 
 inline float max_of(const float* x, int64_t n) {
   __m256 m = _mm256_set1_ps(-INFINITY);
