@@ -81,7 +81,7 @@ def run(model: str, length: int, new: int, extra: dict) -> dict:
     if out.returncode or not lines:
         raise RuntimeError(out.stderr[-4000:])
     result = json.loads(lines[-1][7:])
-    timings = TIMING.findall(out.stderr)
+    timings = TIMING.findall(out.stdout + out.stderr)  # vLLM logs to stdout
     if not timings:
         raise RuntimeError("no step timing line in the engine's log (HETEROCACHE_STEP_TIMING)")
     parts = dict(part.split(" ") for part in timings[-1][1].split(", "))
