@@ -71,10 +71,7 @@ class HeteroCacheRuntime:
         self.capacities, class_of = self.planner.capacity_classes(config.budget_classes)
 
         def pool_of(layer: int, head: int) -> int:
-            if self.planner.keep_all or (layer, head) not in class_of:
-                return FULL_POOL
-            # classes of equal capacity have equal KV cache specs: vLLM gives them one group
-            return self.capacities.index(self.capacities[class_of[layer, head]])
+            return FULL_POOL if self.planner.keep_all else class_of.get((layer, head), FULL_POOL)
 
         check_pools_uniform(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         self.threshold = (
