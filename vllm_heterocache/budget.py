@@ -219,14 +219,14 @@ class BudgetPlanner:
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
         L = prompt_len
-        budgets = torch.where(self.full, L, self.rule.budgets(L, self.ratios))
+        base = self.rule.base(L)
         return BudgetPlan(
             prompt_len=L,
             window=min(L, self.config.window),
-            base=self.rule.base(L),
-            reference_topk=min(L, max(1, math.floor(self.rule.base(L)))),
+            base=base,
+            reference_topk=min(L, max(1, math.floor(base))),
             global_heads=self.heads,
-            budgets=budgets,
+            budgets=torch.where(self.full, L, self.rule.budgets(L, self.ratios)),
             full=self.full,
         )
 

@@ -96,16 +96,14 @@ class StepPlan:
     work: tuple[torch.Tensor, ...]
     groups: dict[int, Any] = field(default_factory=dict)
 
-    @property
-    def vllm_metadata_needed(self) -> bool:
-        """Whether any layer reads vLLM's attention metadata (its scheduler plan) this step."""
-        return not self.fused
+
+def _no_work(num_layers: int) -> tuple[torch.Tensor, ...]:
+    return (torch.empty(0, 6, dtype=torch.int64),) * num_layers
 
 
 def empty_plan(num_layers: int) -> StepPlan:
     """A step without requests (vLLM's dummy runs): vLLM's kernel runs every head."""
-    none = torch.empty(0, 6, dtype=torch.int64)
-    return StepPlan((), (), (), prefill=True, fused=False, work=(none,) * num_layers)
+    return StepPlan((), (), (), prefill=True, fused=False, work=_no_work(num_layers))
 
 
 def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bool) -> StepPlan:
@@ -123,8 +121,7 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     prefill = len(decoding) < len(rows) or not rows
     fused = not prefill and kernels_read_layout and all(r.q_len == 1 for r in decoding)
     if not decoding:
-        return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), (), prefill, fused,
-                        empty_plan(num_layers).work)
+        return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), (), prefill, fused, _no_work(num_layers))
     # one entry per decoding token: [token, row, position + 1] and its request's item template
     tokens = torch.tensor([(r.start + j, r.index, r.first + j + 1) for r in decoding for j in range(r.q_len)],
                           dtype=torch.int64)
