@@ -73,6 +73,11 @@ def main():
         results["stock"] = generate(model, lengths, 24)
         results["ratio1"] = generate(model, lengths, 24, **heterocache(profile, compression_ratio=1.0))
         results["keep_all_budget"] = generate(model, lengths, 24, **heterocache(profile, token_budget=100_000))
+        # 128-token chunks: later prompts are prefilled in steps where earlier ones decode
+        chunked = {"max_num_batched_tokens": 128, "max_num_seqs": 4}
+        results["stock_chunked"] = generate(model, lengths, 24, **chunked)
+        results["keep_all_chunked"] = generate(model, lengths, 24, **chunked,
+                                               **heterocache(profile, token_budget=100_000))
     elif scenario == "serving":
         many = [40 + 90 * (i % 9) for i in range(24)]
         results["compressed"] = generate(

@@ -49,6 +49,9 @@ def test_identity_with_the_stock_backend_on_the_tiny_model(tiny, tiny_profile):
     assert results["keep_all_budget"]["compresses"] is True
     assert results["keep_all_budget"]["counters"]["prefill_selections"] == 0
     assert results["keep_all_budget"]["tokens"] == stock
+    # the same in mixed steps (prefilling rows run vLLM's kernel over those rows only, decoding
+    # rows the gather kernel), against the stock backend given the same chunks
+    assert results["keep_all_chunked"]["tokens"] == results["stock_chunked"]["tokens"]
     assert "HeteroCache attention backend: profile" in log
     assert "Cannot use" not in log  # the CPU platform did not replace the selection
 
@@ -89,3 +92,4 @@ def test_identity_with_the_stock_backend_on_smollm2():
     stock = results["stock"]["tokens"]
     assert results["ratio1"]["tokens"] == stock
     assert results["keep_all_budget"]["tokens"] == stock
+    assert results["keep_all_chunked"]["tokens"] == results["stock_chunked"]["tokens"]

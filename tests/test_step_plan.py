@@ -41,6 +41,21 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
         [2, 1, 0, 7, 20, 23], [2, 2, 0, 9, 20, 23],
     ]
     assert plan.work[1][:, 1].tolist() == [0, 1, 0, 1, 0, 1]
+    # vLLM's kernel runs compressed heads over the prefilling row only: b's 10 tokens, re-based
+    sub = plan.prefilling
+    assert sub.rows == (rows[1],) and sub.tokens == slice(3, 13) and sub.index.tolist() == [1]
+    assert sub.query_start_loc.tolist() == [0, 10] and sub.seq_lens.tolist() == [30]
+    assert (sub.num_tokens, sub.max_query_len, sub.max_seq_len) == (10, 10, 30)
+
+
+def test_prefilling_rows_between_decoding_rows_take_their_tokens_by_index():
+    a, b, c, d = state("a", 20), state("b", 30), state("c", 20), state("d", 40)
+    rows = (Row(0, 4, 4, 0, a), Row(4, 1, 31, 1, b), Row(5, 6, 16, 2, c), Row(11, 1, 41, 3, d))
+    sub = plan_step(rows, FULL, kernels_read_layout=True).prefilling
+    assert sub.tokens.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10] and sub.index.tolist() == [0, 2]
+    assert sub.query_start_loc.tolist() == [0, 4, 10] and sub.seq_lens.tolist() == [4, 16]
+    # a step without decoding rows runs every row through vLLM's kernel: no subset
+    assert plan_step(rows[:1], FULL, kernels_read_layout=True).prefilling is None
 
 
 def test_templates_are_not_changed_by_a_step_and_dummy_steps_run_nothing_of_ours():

@@ -72,16 +72,17 @@ class LayerStep:
 
 
 def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
-           stock: Callable[[int], None]) -> None:
-    """The layer's attention in this step, as its plan says (``runtime.step``); ``stock(h)`` runs
-    vLLM's kernel for the query heads of KV head ``h`` over every row of the step."""
+           stock: Callable[[int, bool], None]) -> None:
+    """The layer's attention in this step, as its plan says (``runtime.step``); ``stock(h,
+    prefilling)`` runs vLLM's kernel for the query heads of KV head ``h`` over every row of the
+    step, or over the plan's prefilling rows only."""
     rt, plan, heads = ls.rt, ls.plan, ls.heads
-    if plan.prefill:
-        for h in range(ls.num_kv_heads):
-            stock(h)
-    elif not plan.fused:
+    if plan.prefill or not plan.fused:
         for h in heads.full:
-            stock(h)
+            stock(h, False)
+    if plan.prefill:
+        for h in heads.compressed:
+            stock(h, plan.prefilling is not None)
     for row in plan.ends_prompt:
         select_and_compact(ls, row, query, key, value)
     with section("refill_wait"):

@@ -16,9 +16,11 @@ of every layer. A row is
 
 Attention of a step (``runtime.layer.LayerStep.attend``):
 
-- A step with any prefilling row runs vLLM's kernel for every head over every row (exact: a
-  prompt is whole in every pool until it ends), then the compiled gather kernel recomputes the
-  decoding rows' compressed heads over their kept tokens only.
+- A step with any prefilling row runs vLLM's kernel for every head over its prefilling rows
+  (exact: a prompt is whole in every pool until it ends) and for full heads over every row; the
+  gather kernel runs the decoding rows' compressed heads over their kept tokens only. When the
+  step also has decoding rows (a *mixed* step), vLLM's kernel runs compressed heads over
+  :attr:`StepPlan.prefilling` only, with metadata of its own.
 - A *fused* step -- every row decoding one token, and the compiled kernels read the cache
   layout -- runs one gather-kernel call per layer for every head (full heads over all their
   positions) and no vLLM kernel at all; vLLM's per-pool attention metadata is not built.
@@ -71,6 +73,44 @@ class Row:
 
 
 @dataclass(frozen=True)
+class RowSubset:
+    """Some rows of a step as vLLM's kernel takes them: their tokens of the step's ``query``
+    (a slice when they are consecutive), their rows of the step's block tables, and their
+    int32 ``query_start_loc`` ``[n + 1]`` (re-based to 0) and ``seq_lens`` ``[n]``."""
+
+    rows: tuple[Row, ...]
+    tokens: slice | torch.Tensor
+    index: torch.Tensor  # int64 [n]
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.query_start_loc[-1])
+
+    @property
+    def max_query_len(self) -> int:
+        return max(r.q_len for r in self.rows)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(r.seq_len for r in self.rows)
+
+    @classmethod
+    def of(cls, rows: tuple[Row, ...]) -> RowSubset:
+        q_lens = torch.tensor([r.q_len for r in rows], dtype=torch.int32)
+        query_start_loc = torch.zeros(len(rows) + 1, dtype=torch.int32)
+        torch.cumsum(q_lens, 0, out=query_start_loc[1:])
+        consecutive = all(a.start + a.q_len == b.start for a, b in zip(rows, rows[1:]))
+        if consecutive:
+            tokens = slice(rows[0].start, rows[-1].start + rows[-1].q_len)
+        else:
+            tokens = torch.cat([torch.arange(r.start, r.start + r.q_len) for r in rows])
+        return cls(rows, tokens, torch.tensor([r.index for r in rows], dtype=torch.int64), query_start_loc,
+                   torch.tensor([r.seq_len for r in rows], dtype=torch.int32))
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """Everything about one step that the layers share (see the module docstring).
 
@@ -78,7 +118,9 @@ class StepPlan:
         rows: the step's rows with a request (dummy runs have none).
         ends_prompt: rows holding their last prompt token.
         decoding: rows past their prompt.
-        prefill: some row is prefilling: vLLM's kernel runs every head over every row.
+        prefill: some row is prefilling: vLLM's kernel runs every head (full heads over every
+            row, compressed heads over ``prefilling`` when it is set, else over every row).
+        prefilling: in a mixed step (prefilling and decoding rows), the prefilling rows; else None.
         fused: every row decodes one token and the kernels read the layout: one gather call per
             layer runs every head, vLLM's kernel none.
         work: per layer, int64 ``[n, 6]`` gather-kernel work items (``n`` may be 0).
@@ -86,6 +128,7 @@ class StepPlan:
             slot mapping, and vLLM's kernel plan unless the step is fused), added by the metadata
             builders before any layer runs (``HeteroCacheRuntime.group_of`` says which group
             holds which head's cache).
+        prefilling_groups: the same for ``prefilling`` in a mixed step.
     """
 
     rows: tuple[Row, ...]
@@ -94,7 +137,9 @@ class StepPlan:
     prefill: bool
     fused: bool
     work: tuple[torch.Tensor, ...]
+    prefilling: RowSubset | None = None
     groups: dict[int, Any] = field(default_factory=dict)
+    prefilling_groups: dict[int, Any] = field(default_factory=dict)
 
 
 def _no_work(num_layers: int) -> tuple[torch.Tensor, ...]:
@@ -135,7 +180,8 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     else:
         compressed = ~full
         work = tuple(items[layer][:, compressed[layer]].reshape(-1, 6) for layer in range(num_layers))
-    return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work)
+    prefilling = RowSubset.of(tuple(r for r in rows if not r.decoding)) if prefill else None
+    return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work, prefilling)
 
 
 def work_template(budgets: torch.Tensor, full: torch.Tensor, prompt_len: int) -> torch.Tensor:

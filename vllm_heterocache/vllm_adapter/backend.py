@@ -109,7 +109,24 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
             meta = HeteroCacheMetadata(**vars(super().build(common_prefix_len, common_attn_metadata, fast_build)),
                                        isa=self.isa)
         plan.groups[self.group] = meta
+        if plan.prefilling is not None:
+            plan.prefilling_groups[self.group] = self._prefilling(plan, meta)
         return meta
+
+    def _prefilling(self, plan, meta: HeteroCacheMetadata) -> HeteroCacheMetadata:
+        """The group's metadata for the prefilling rows of a mixed step; vLLM's kernel plan of
+        those rows is built once, by the first group (it does not depend on the block table)."""
+        sub = plan.prefilling
+        block_table = meta.block_table[sub.index]
+        first = next(iter(plan.prefilling_groups.values()), None)
+        if first is not None:
+            return replace(first, block_table=block_table)
+        return replace(
+            meta, num_actual_tokens=sub.num_tokens, max_query_len=sub.max_query_len,
+            query_start_loc=sub.query_start_loc, max_seq_len=sub.max_seq_len, seq_lens=sub.seq_lens,
+            block_table=block_table,
+            scheduler_metadata=compat.cpu_kernel_plan(self, sub.query_start_loc, sub.seq_lens, meta.causal),
+        )
 
 
 @dataclass(frozen=True)
@@ -185,16 +202,23 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
                                    output_block_scale)
         bound = self._layer(layer, kv_cache)
         step = self._step(bound)
-        attend(step, query, key, value, output, lambda h: self._stock(bound, step, query, h, output))
+        attend(step, query, key, value, output, lambda h, prefilling: self._stock(bound, step, query, h, output,
+                                                                                  prefilling))
         return output
 
-    def _stock(self, bound: _Layer, step: LayerStep, query, head: int, output) -> None:
-        """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache."""
-        meta = step.plan.groups[bound.groups[head]]
-        n = meta.num_actual_tokens
+    def _stock(self, bound: _Layer, step: LayerStep, query, head: int, output, prefilling: bool) -> None:
+        """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache, for every row
+        of the step or for the plan's prefilling rows only."""
+        plan = step.plan
+        if prefilling:
+            meta, tokens = plan.prefilling_groups[bound.groups[head]], plan.prefilling.tokens
+        else:
+            meta = plan.groups[bound.groups[head]]
+            tokens = slice(0, meta.num_actual_tokens)
         hkv, d = self.num_kv_heads, self.head_size
         g = self.num_heads // hkv
-        out = torch.empty(n, g, d, dtype=output.dtype)
-        compat.cpu_attention(query[:n].view(n, hkv, g, d)[:, head].contiguous(), bound.caches[head], out, meta,
-                             self.scale, self.sliding_window, self.logits_soft_cap, bound.scales, self.kv_cache_dtype)
-        output[:n].view(n, hkv, g, -1)[:, head] = out
+        out = torch.empty(meta.num_actual_tokens, g, d, dtype=output.dtype)
+        q = query.view(query.shape[0], hkv, g, d)[tokens, head].contiguous()
+        compat.cpu_attention(q, bound.caches[head], out, meta, self.scale, self.sliding_window, self.logits_soft_cap,
+                             bound.scales, self.kv_cache_dtype)
+        output.view(output.shape[0], hkv, g, d)[tokens, head] = out

@@ -19,7 +19,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | runner internals: ``input_batch`` (``req_ids``, ``num_prompt_tokens``, ``block_table``), ``query_start_loc``, ``seq_lens``, ``kv_cache_config``, ``kv_cache_dtype``, ``compilation_config.static_forward_context`` | the step hook reads which request each row is and where its tokens are; companion cache layers are registered in the static forward context (precedent: DeepseekV32IndexerCache); the metrics line reads the blocks held per pool | the lifecycle hooks above pass these |
 | ``ForwardContext.no_compile_layers`` | the companion cache layers' bound KV caches | vLLM passes a layer's companion caches to its impl |
 | ``Attention._k_scale_float``, ``_v_scale_float`` | the cache-write and attention ops take the layer's KV scales (1.0: fp8 KV caches are refused) | the impl receives the scales |
-| ``vllm._custom_ops.cpu_attn_reshape_and_cache``, ``cpu_attention_with_kv_cache`` | the CPU backend's own cache-write and attention ops, run per head cache | (stable ops of the CPU backend; private module) |
+| ``vllm._custom_ops.cpu_attn_reshape_and_cache``, ``cpu_attention_with_kv_cache``, ``cpu_attn_get_scheduler_metadata`` | the CPU backend's own cache-write and attention ops, run per head cache, and its kernel plan, built for the prefilling rows of a mixed step as ``CPUAttentionMetadataBuilder.build`` builds it for all rows | (stable ops of the CPU backend; private module) |
 | ``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` | the ISA of the CPU kernels for a dtype / block size / head size (tests build caches in it) | |
 | ``GPUModelRunner.execute_model``, ``sample_tokens``, ``_build_attention_metadata``, ``CPUAttentionBackendImpl.forward``, ``do_kv_cache_update`` (patched only with ``HETEROCACHE_STEP_TIMING=1``) | the per-step time breakdown of the benchmarks (``runtime.timing``), for the stock backend as for HeteroCache | vLLM's own per-step profiling reports attention time |
 """
@@ -260,6 +260,20 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     key_cache, value_cache = kv_cache.view(nb, h, bs * 2, -1).chunk(2, dim=2)
     ops.cpu_attn_reshape_and_cache(key.contiguous(), value.contiguous(), key_cache, value_cache, slot_mapping, isa,
                                    k_scale=scales[0], v_scale=scales[1], kv_cache_dtype=kv_cache_dtype)
+
+
+def cpu_kernel_plan(builder, query_start_loc: torch.Tensor, seq_lens: torch.Tensor, causal: bool) -> torch.Tensor:
+    """vLLM's CPU kernel plan (scheduler metadata) of ``builder``'s caches for the given rows, as
+    ``CPUAttentionMetadataBuilder.build`` computes it for all of a step's rows."""
+    from vllm import _custom_ops as ops
+    from vllm import envs
+
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=seq_lens.numel(), num_heads=builder.num_heads, num_kv_heads=builder.num_kv_heads,
+        head_dim=builder.head_dim, seq_lens=seq_lens, dtype=builder.dtype, query_start_loc=query_start_loc,
+        causal=causal, sliding_window_size=builder.window_size, isa=builder.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=builder.kv_cache_dtype,
+    )
 
 
 def cpu_attention(query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor, meta, scale: float,
