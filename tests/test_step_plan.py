@@ -1,5 +1,6 @@
 """The step plan (runtime.step): which kernel runs which head, and the gather kernel's items."""
 
+import pytest
 import torch
 
 from vllm_heterocache.runtime.requests import RequestState
@@ -17,7 +18,7 @@ def state(key: str, prompt_len: int) -> RequestState:
 def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layout():
     a, b = state("a", 20), state("b", 30)
     rows = (Row(0, 1, 25, 0, a), Row(1, 1, 31, 1, b))
-    plan = plan_step(rows, FULL, kernels_read_layout=True)
+    plan = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4)
     assert plan.fused and not plan.prefill and plan.decoding == rows and not plan.ends_prompt
     # every head of every decoding token: compressed heads over budget + generated, full heads over all
     assert plan.work[0].tolist() == [
@@ -25,14 +26,14 @@ def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layou
         [1, 0, 1, 0, 0, 31], [1, 1, 1, 7, 30, 31], [1, 2, 1, 9, 30, 31],
     ]
     assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 20, 25]
-    unfused = plan_step(rows, FULL, kernels_read_layout=False)  # full heads stay with vLLM's kernel
+    unfused = plan_step(rows, FULL, kernels_read_layout=False, drift_interval=4)  # full heads stay with vLLM's kernel
     assert not unfused.fused and unfused.work[0][:, 1].tolist() == [1, 2, 1, 2]
 
 
 def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compressed_heads():
     a, b = state("a", 20), state("b", 30)
     rows = (Row(0, 3, 23, 0, a), Row(3, 10, 30, 1, b))  # a: 3 generated tokens at once; b: ends its prompt
-    plan = plan_step(rows, FULL, kernels_read_layout=True)
+    plan = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4)
     assert plan.prefill and not plan.fused and plan.ends_prompt == (rows[1],) and plan.decoding == (rows[0],)
     # causal among a's tokens: token j sees positions up to 20 + j
     assert plan.work[0].tolist() == [
@@ -51,18 +52,50 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
 def test_prefilling_rows_between_decoding_rows_take_their_tokens_by_index():
     a, b, c, d = state("a", 20), state("b", 30), state("c", 20), state("d", 40)
     rows = (Row(0, 4, 4, 0, a), Row(4, 1, 31, 1, b), Row(5, 6, 16, 2, c), Row(11, 1, 41, 3, d))
-    sub = plan_step(rows, FULL, kernels_read_layout=True).prefilling
+    sub = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4).prefilling
     assert sub.tokens.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10] and sub.index.tolist() == [0, 2]
     assert sub.query_start_loc.tolist() == [0, 4, 10] and sub.seq_lens.tolist() == [4, 16]
     # a step without decoding rows runs every row through vLLM's kernel: no subset
-    assert plan_step(rows[:1], FULL, kernels_read_layout=True).prefilling is None
+    assert plan_step(rows[:1], FULL, kernels_read_layout=True, drift_interval=4).prefilling is None
 
 
 def test_templates_are_not_changed_by_a_step_and_dummy_steps_run_nothing_of_ours():
     a = state("a", 20)
     before = a.work_template.clone()
-    plan_step((Row(0, 1, 21, 0, a),), FULL, kernels_read_layout=True)
+    plan_step((Row(0, 1, 21, 0, a),), FULL, kernels_read_layout=True, drift_interval=4)
     assert torch.equal(a.work_template, before)
     dummy = empty_plan(2)
     assert dummy.prefill and not dummy.fused and all(w.numel() == 0 for w in dummy.work)
-    assert plan_step((), FULL, kernels_read_layout=True).prefill
+    assert plan_step((), FULL, kernels_read_layout=True, drift_interval=4).prefill
+
+
+def test_drift_phases_buffer_one_token_per_row_and_check_full_rings():
+    a, b, c = state("a", 20), state("b", 30), state("c", 20)
+    a.ring, a.buffered = 2, 3  # a's next query fills its ring (N = 4): a checks
+    b.ring, b.buffered = 0, 1  # b's 3 tokens go to places 1, 2, 3: b checks after its third
+    rows = (Row(0, 1, 25, 0, a), Row(1, 3, 40, 1, b), Row(4, 1, 22, 2, c))  # c: no ring, not tracked
+    phases = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4).drift
+    assert [p.tokens.tolist() for p in phases] == [[0, 1], [2], [3]]
+    assert [p.slots.tolist() for p in phases] == [[2, 0], [0], [0]]
+    assert [p.places.tolist() for p in phases] == [[3, 1], [2], [3]]
+    assert [[(ch.row, ch.key_len) for ch in p.checks] for p in phases] == [[(rows[0], 25)], [], [(rows[1], 40)]]
+    prefill_only = (Row(0, 5, 5, 0, a),)
+    assert plan_step(prefill_only, FULL, kernels_read_layout=True, drift_interval=4).drift == ()
+
+
+def test_query_rings_hand_out_lowest_slots_and_keep_contents_when_they_grow():
+    from vllm_heterocache.runtime.rings import QueryRings
+
+    rings = QueryRings([2, 0], interval=3)
+    assert [rings.acquire(f"r{i}") for i in range(3)] == [0, 1, 2]
+    layer0 = rings.of_layer(0, 4, 8)
+    assert layer0.shape == (8, 2, 3, 4, 8) and rings.of_layer(1, 4, 8).shape == (8, 0, 3, 4, 8)
+    layer0[2] = 5.0
+    rings.release("r1")
+    assert rings.acquire("r9") == 1 and len(rings) == 3
+    for i in range(3, 9):  # slots 3..7, then the tensors double
+        rings.acquire(f"r{i}")
+    grown = rings.of_layer(0, 4, 8)
+    assert grown.shape[0] == 16 and bool((grown[2] == 5.0).all()) and bool((grown[:2] == 0).all())
+    with pytest.raises(RuntimeError, match="already holds"):
+        rings.acquire("r9")

@@ -89,7 +89,7 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
         for row in plan.decoding:
             rt.refills.wait(row.state.key, ls.layer)
     gather_decode(ls, query, output)
-    if rt.config.refill and heads.pivots and plan.decoding:
+    if heads.pivots and plan.drift:
         with section("drift"):
             track_drift(ls, query)
 
@@ -153,9 +153,6 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
         state.references[layer] = ref.topk_positions(
             scores[len(c) :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
         )
-        g = query.shape[1] // ls.num_kv_heads
-        state.query_ring[layer] = torch.zeros(n, rt.config.drift_interval, g, query.shape[2])
-        state.buffered[layer] = 0
     rt.counters.prefill_selections += 1
 
 
@@ -172,36 +169,23 @@ def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> N
 
 
 def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
-    """Buffer the pivots' queries of the step's decoding rows; every ``drift_interval`` of a
-    row's queries check its drift and, on drift, start the refill of the pivot's satellites from
-    the host tier (asynchronous; it is waited for when the layer next reads them, see
-    ``RefillQueue``).
-
-    A row's ring ``[P, N, G, D]`` fills from slot 0 and is checked when full, so it always holds
-    the last N queries oldest first.
-    """
+    """Buffer the pivots' queries of the step's decoding rows in their query rings
+    (``runtime.rings``), one indexed copy per phase of the plan; a row whose ring is full checks
+    its drift and, on drift, starts the refill of the pivot's satellites from the host tier
+    (asynchronous; it is waited for when the layer next reads them, see ``RefillQueue``)."""
     rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
-    n_steps = rt.config.drift_interval
-    pivot_queries = None
-    for row in ls.plan.decoding:
-        state = row.state
-        ring = state.query_ring.get(layer)
-        if ring is None:  # the request keeps every token, or has not ended its prompt here
-            continue
-        if pivot_queries is None:  # once per layer: [T, P, G, D] float32
-            t, _, d = query.shape
-            p = list(heads.pivots)
-            pivot_queries = query.view(t, ls.num_kv_heads, -1, d)[:, p].float()
-            caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
-        plan = state.plan
-        for j in range(row.q_len):
-            n = state.buffered[layer]
-            ring[:, n] = pivot_queries[row.start + j]
-            state.buffered[layer] = (n + 1) % n_steps
-            if n + 1 < n_steps:
-                continue
+    t, _, d = query.shape
+    p = list(heads.pivots)
+    pivot_queries = query.view(t, ls.num_kv_heads, -1, d)[:, p]  # [T, P, G, D]
+    rings = rt.rings.of_layer(layer, pivot_queries.shape[2], d)
+    caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
+    for phase in ls.plan.drift:
+        rings[phase.slots, :, phase.places] = pivot_queries[phase.tokens].float()
+        for check in phase.checks:
+            row, state = check.row, check.row.state
+            plan = state.plan
             result = kernels.drift_check(
-                ring, caches, tables, row.index, row.seq_len - (row.q_len - 1 - j), plan.prompt_len - plan.window,
+                rings[state.ring], caches, tables, row.index, check.key_len, plan.prompt_len - plan.window,
                 state.references[layer], plan.reference_topk, rt.threshold, rt.config.pool_kernel, pools.layout,
             )
             rt.counters.drift_checks += 1

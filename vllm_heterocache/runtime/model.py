@@ -22,6 +22,7 @@ from vllm_heterocache.ops.paged import BlockLayout
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
+from vllm_heterocache.runtime.rings import QueryRings
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
 from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
 
@@ -111,6 +112,8 @@ class HeteroCacheRuntime:
                 )
             )
         self.num_host_rows = rows
+        self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
+        self._tracks_drift = config.refill and any(lh.pivots for lh in self.layers)
 
     @property
     def compresses(self) -> bool:
@@ -148,7 +151,9 @@ class HeteroCacheRuntime:
             state = self._admit(key, prompt_lens[i]) if seq_len == q_len else self.requests.get(key)
             rows.append(Row(query_start_loc[i], q_len, seq_len, i, state))
         kernels_read = self.layout is not None and kernels.compiled(self.layout)
-        self.step = plan_step(tuple(rows), self.planner.full, kernels_read)
+        self.step = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval)
+        for row in self.step.decoding:  # the step buffers these queries in every layer with pivots
+            row.state.buffered = (row.state.buffered + row.q_len) % self.config.drift_interval
         return self.step
 
     def dummy_step(self) -> None:
@@ -162,6 +167,7 @@ class HeteroCacheRuntime:
             if state is None:
                 continue
             self.refills.wait_request(key)
+            self.rings.release(key)
             if self.host is not None:
                 self.host.free(key)
 
@@ -169,6 +175,8 @@ class HeteroCacheRuntime:
         self.finish([key])
         plan = self.planner.plan(prompt_len)
         state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len))
+        if self._tracks_drift and not plan.keeps_all:
+            state.ring = self.rings.acquire(key)
         if self.host is not None and self.num_host_rows and not plan.keeps_all:
             state.host = self.host.allocate(key, prompt_len)
             if not state.host:

@@ -24,8 +24,8 @@ class RequestState:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (ascending, -1 padded)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, K] int64, -1 pad
-    query_ring: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, N, G, D] float32
-    buffered: dict[int, int] = field(default_factory=dict)  # layer -> queries buffered since last check
+    ring: int | None = None  # its slot in the pivots' query rings (runtime.rings); None: no drift checks
+    buffered: int = 0  # decode queries in its rings since the last check (the same in every layer)
 
     @property
     def prompt_len(self) -> int:

@@ -111,6 +111,29 @@ class RowSubset:
 
 
 @dataclass(frozen=True)
+class DriftCheck:
+    """A decoding row whose pivots check for drift after a phase: their ring is full, and the
+    keys are the row's positions ``0 .. key_len - 1``."""
+
+    row: Row
+    key_len: int
+
+
+@dataclass(frozen=True)
+class DriftPhase:
+    """The decoding tokens whose pivot queries go into the query rings (``runtime.rings``) at
+    once: token ``tokens[i]`` of the step (int64 ``[n]``) at place ``places[i]`` of ring slot
+    ``slots[i]``; then the rows in ``checks`` check for drift. A step has one phase per token
+    of its longest decoding row (one in steady state): phase ``j`` holds token ``j`` of every
+    row, so a row's checks see its queries in order."""
+
+    tokens: torch.Tensor
+    slots: torch.Tensor
+    places: torch.Tensor
+    checks: tuple[DriftCheck, ...]
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """Everything about one step that the layers share (see the module docstring).
 
@@ -124,6 +147,8 @@ class StepPlan:
         fused: every row decodes one token and the kernels read the layout: one gather call per
             layer runs every head, vLLM's kernel none.
         work: per layer, int64 ``[n, 6]`` gather-kernel work items (``n`` may be 0).
+        drift: the drift tracking of the decoding rows of requests that hold a query ring, in
+            phases (the same in every layer with pivots).
         groups: KV cache group -> this step's attention metadata of the group (block table,
             slot mapping, and vLLM's kernel plan unless the step is fused), added by the metadata
             builders before any layer runs (``HeteroCacheRuntime.group_of`` says which group
@@ -137,6 +162,7 @@ class StepPlan:
     prefill: bool
     fused: bool
     work: tuple[torch.Tensor, ...]
+    drift: tuple[DriftPhase, ...] = ()
     prefilling: RowSubset | None = None
     groups: dict[int, Any] = field(default_factory=dict)
     prefilling_groups: dict[int, Any] = field(default_factory=dict)
@@ -151,7 +177,7 @@ def empty_plan(num_layers: int) -> StepPlan:
     return StepPlan((), (), (), prefill=True, fused=False, work=_no_work(num_layers))
 
 
-def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bool) -> StepPlan:
+def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bool, drift_interval: int) -> StepPlan:
     """The plan of a step of ``rows``.
 
     Args:
@@ -160,6 +186,7 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
             request's ``BudgetPlan.full``).
         kernels_read_layout: the compiled gather kernel reads this engine's cache layout (else
             its PyTorch reference runs the work items, and full heads stay with vLLM's kernel).
+        drift_interval: N, the queries a ring holds (``runtime.rings``).
     """
     num_layers, hkv = full.shape
     decoding = tuple(r for r in rows if r.decoding)
@@ -181,7 +208,23 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
         compressed = ~full
         work = tuple(items[layer][:, compressed[layer]].reshape(-1, 6) for layer in range(num_layers))
     prefilling = RowSubset.of(tuple(r for r in rows if not r.decoding)) if prefill else None
-    return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work, prefilling)
+    return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work,
+                    _drift_phases(decoding, drift_interval), prefilling)
+
+
+def _drift_phases(decoding: tuple[Row, ...], interval: int) -> tuple[DriftPhase, ...]:
+    tracked = [r for r in decoding if r.state.ring is not None]
+    phases = []
+    for j in range(max((r.q_len for r in tracked), default=0)):
+        rows = [r for r in tracked if r.q_len > j]
+        places = [(r.state.buffered + j) % interval for r in rows]
+        phases.append(DriftPhase(
+            tokens=torch.tensor([r.start + j for r in rows], dtype=torch.int64),
+            slots=torch.tensor([r.state.ring for r in rows], dtype=torch.int64),
+            places=torch.tensor(places, dtype=torch.int64),
+            checks=tuple(DriftCheck(r, r.first + j + 1) for r, n in zip(rows, places) if n == interval - 1),
+        ))
+    return tuple(phases)
 
 
 def work_template(budgets: torch.Tensor, full: torch.Tensor, prompt_len: int) -> torch.Tensor:
