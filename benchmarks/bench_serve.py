@@ -1,7 +1,7 @@
 """Serving throughput and latency: HeteroCache against vLLM's own CPU backend, same KV space.
 
     python benchmarks/bench_serve.py --preset short            # smollm2, 1024-token prompts, r0.5
-    python benchmarks/bench_serve.py --preset long             # tiny model, 8K prompts, r0.25
+    python benchmarks/bench_serve.py --preset long             # tiny model, 8K prompts, 1K answers, r0.25
     python benchmarks/bench_serve.py --cases tiny:512:r0.5 --num-prompts 8 --concurrency 4 \\
         --output-len 8 --repeats 1                             # a quick smoke run
 
@@ -25,8 +25,11 @@ medians are compared: ratio = HeteroCache / stock for request and output-token t
 
 Presets: ``short`` is the load where compression does not pay and HeteroCache must not be
 slower (smollm2, 1024-token prompts, 32 output tokens, 128 prompts, concurrency 64, 1 GiB);
-``long`` is serving throughput at equal KV space (tiny model, 8192-token prompts, 64 output
-tokens, 32 prompts, concurrency 32, 0.25 GiB: stock holds about 7 full requests at once). The
+``long`` is serving throughput at equal KV space (tiny model, 8192-token prompts, 1024 output
+tokens, 32 prompts, concurrency 32, 0.25 GiB: stock holds about 7 full requests at once). It is
+the load where holding more requests pays: long prompts and long answers. With short answers
+(``--preset long --output-len 64``) the time goes to prefill, which compression does not make
+cheaper, and both backends serve about the same throughput (README, "Performance"). The
 script prints how many full requests the KV space holds for stock and, roughly, for
 HeteroCache's kept fraction while decoding (a prompt still needs all of its KV while it is
 prefilled), and vLLM's own startup estimate from each server's log.
@@ -62,7 +65,7 @@ HERE = Path(__file__).resolve().parent
 MARGIN = 16  # max-model-len = input + output + MARGIN (special tokens the server may add)
 PRESETS = {
     "short": {"cases": "smollm2:1024:r0.5", "output_len": 32, "num_prompts": 128, "concurrency": 64, "kv_gib": 1.0},
-    "long": {"cases": "tiny:8192:r0.25", "output_len": 64, "num_prompts": 32, "concurrency": 32, "kv_gib": 0.25},
+    "long": {"cases": "tiny:8192:r0.25", "output_len": 1024, "num_prompts": 32, "concurrency": 32, "kv_gib": 0.25},
 }
 DEFAULTS = {"cases": PRESETS["short"]["cases"], "output_len": 32, "num_prompts": 128, "concurrency": 64, "kv_gib": 1.0}
 # (label, key in vllm bench serve's JSON, higher is better)
