@@ -140,8 +140,10 @@ class HeteroCacheRuntime:
         is request ``req_ids[i]``, its tokens ``query_start_loc[i] .. query_start_loc[i + 1] - 1``
         up to position ``seq_lens[i] - 1``.
 
-        Admits the requests whose prefill starts (a fresh state, and host-tier blocks for their
-        satellites), then plans the step once (:attr:`step`).
+        Admits the requests whose prefill starts (a fresh state, host-tier blocks for their
+        satellites, a query-ring slot for their pivots), plans the step once (:attr:`step`), and
+        counts the decoding rows' queries as buffered: every layer with pivots buffers them in
+        this step's forward (exactly one forward follows each call).
         """
         rows = []
         for i, key in enumerate(req_ids):
@@ -166,8 +168,8 @@ class HeteroCacheRuntime:
             state = self.requests.pop(key)
             if state is None:
                 continue
-            self.refills.wait_request(key)
             self.rings.release(key)
+            self.refills.wait_request(key)
             if self.host is not None:
                 self.host.free(key)
 

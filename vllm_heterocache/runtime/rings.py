@@ -4,14 +4,16 @@ One tensor per layer holds every tracked request's ring::
 
     ring[layer]  float32 [slots, P_l, N, G, D]
 
-``P_l``: the layer's local pivots; ``N``: ``drift_interval``; ``G``: query heads per KV head. A
-request that compresses holds one slot from its admission until it finishes; its decode queries
+``P_l``: the layer's local pivots; ``N``: ``drift_interval``; ``G``: query heads per KV head. When
+refills are on and some layer has pivots, a request that compresses holds one slot from its
+admission until it finishes; its decode queries
 fill places ``0 .. N - 1`` in order (``RequestState.buffered`` counts them, the same in every
 layer), and the check runs when place ``N - 1`` is written, so a full ring holds the last N
 queries oldest first. One tensor per layer lets a step buffer the queries of all its decoding
 rows with one indexed copy per layer (``runtime.step.DriftPhase``).
 
-Slots are handed out lowest first and the tensors grow (doubling) when every slot is taken;
+Free slots are handed out last released first (fresh ones lowest first); the tensors grow
+(doubling) when every slot is taken;
 a layer's tensor is (re)allocated when the layer next asks for it, keeping what it held.
 """
 
@@ -26,7 +28,7 @@ class QueryRings:
         self._pivots = pivots_per_layer
         self._rings: list[torch.Tensor | None] = [None] * len(pivots_per_layer)
         self._capacity = 0
-        self._free: list[int] = []  # a stack, lowest slot on top
+        self._free: list[int] = []  # a stack: released slots on top, fresh ones lowest first
         self._slots: dict[str, int] = {}
 
     def __len__(self) -> int:

@@ -14,7 +14,7 @@ of every layer. A row is
 - *decoding* once ``first >= prompt_len`` (one token in steady state; several when vLLM
   recomputes a preempted request's generated tokens in chunks).
 
-Attention of a step (``runtime.layer.LayerStep.attend``):
+Attention of a step (``runtime.layer.attend``):
 
 - A step with any prefilling row runs vLLM's kernel for every head over its prefilling rows
   (exact: a prompt is whole in every pool until it ends) and for full heads over every row; the
@@ -124,7 +124,7 @@ class DriftPhase:
     """The decoding tokens whose pivot queries go into the query rings (``runtime.rings``) at
     once: token ``tokens[i]`` of the step (int64 ``[n]``) at place ``places[i]`` of ring slot
     ``slots[i]``; then the rows in ``checks`` check for drift. A step has one phase per token
-    of its longest decoding row (one in steady state): phase ``j`` holds token ``j`` of every
+    of its longest tracked decoding row (one in steady state): phase ``j`` holds token ``j`` of every
     row, so a row's checks see its queries in order."""
 
     tokens: torch.Tensor

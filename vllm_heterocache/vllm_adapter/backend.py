@@ -117,6 +117,7 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         """The group's metadata for the prefilling rows of a mixed step; vLLM's kernel plan of
         those rows is built once, by the first group (it does not depend on the block table)."""
         sub = plan.prefilling
+        assert meta.dynamic_causal is None, "decoder attention: causal masks are static"
         block_table = meta.block_table[sub.index]
         first = next(iter(plan.prefilling_groups.values()), None)
         if first is not None:
@@ -124,7 +125,7 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         return replace(
             meta, num_actual_tokens=sub.num_tokens, max_query_len=sub.max_query_len,
             query_start_loc=sub.query_start_loc, max_seq_len=sub.max_seq_len, seq_lens=sub.seq_lens,
-            block_table=block_table,
+            block_table=block_table, slot_mapping=None,  # the cache write uses the whole step's
             scheduler_metadata=compat.cpu_kernel_plan(self, sub.query_start_loc, sub.seq_lens, meta.causal),
         )
 
