@@ -6,15 +6,15 @@ One tensor per layer holds every tracked request's ring::
 
 ``P_l``: the layer's local pivots; ``N``: ``drift_interval``; ``G``: query heads per KV head. When
 refills are on and some layer has pivots, a request that compresses holds one slot from its
-admission until it finishes; its decode queries
-fill places ``0 .. N - 1`` in order (``RequestState.buffered`` counts them, the same in every
-layer), and the check runs when place ``N - 1`` is written, so a full ring holds the last N
-queries oldest first. One tensor per layer lets a step buffer the queries of all its decoding
-rows with one indexed copy per layer (``runtime.step.DriftPhase``).
+admission until it finishes; its decode queries fill places ``0 .. N - 1`` in order
+(``RequestState.buffered`` counts them, the same in every layer), and the check runs when place
+``N - 1`` is written, so a full ring holds the last N queries oldest first. One tensor per layer
+lets a step buffer the queries of all its decoding rows with one indexed copy per layer
+(``runtime.step.DriftPhase``).
 
 Free slots are handed out last released first (fresh ones lowest first); the tensors grow
-(doubling) when every slot is taken;
-a layer's tensor is (re)allocated when the layer next asks for it, keeping what it held.
+(doubling) when every slot is taken; a layer's tensor is (re)allocated when the layer next asks
+for it, keeping what it held.
 """
 
 from __future__ import annotations

@@ -124,8 +124,8 @@ class DriftPhase:
     """The decoding tokens whose pivot queries go into the query rings (``runtime.rings``) at
     once: token ``tokens[i]`` of the step (int64 ``[n]``) at place ``places[i]`` of ring slot
     ``slots[i]``; then the rows in ``checks`` check for drift. A step has one phase per token
-    of its longest tracked decoding row (one in steady state): phase ``j`` holds token ``j`` of every
-    row, so a row's checks see its queries in order."""
+    of its longest tracked decoding row (one in steady state): phase ``j`` holds token ``j`` of
+    every row, so a row's checks see its queries in order."""
 
     tokens: torch.Tensor
     slots: torch.Tensor
