@@ -125,7 +125,7 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         return replace(
             meta, num_actual_tokens=sub.num_tokens, max_query_len=sub.max_query_len,
             query_start_loc=sub.query_start_loc, max_seq_len=sub.max_seq_len, seq_lens=sub.seq_lens,
-            block_table=block_table, slot_mapping=None,  # the cache write uses the whole step's
+            block_table=block_table, slot_mapping=None,  # unused: the cache write takes the whole step's
             scheduler_metadata=compat.cpu_kernel_plan(self, sub.query_start_loc, sub.seq_lens, meta.causal),
         )
 
@@ -203,8 +203,11 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
                                    output_block_scale)
         bound = self._layer(layer, kv_cache)
         step = self._step(bound)
-        attend(step, query, key, value, output, lambda h, prefilling: self._stock(bound, step, query, h, output,
-                                                                                  prefilling))
+
+        def stock(head: int, prefilling: bool) -> None:
+            self._stock(bound, step, query, head, output, prefilling)
+
+        attend(step, query, key, value, output, stock)
         return output
 
     def _stock(self, bound: _Layer, step: LayerStep, query, head: int, output, prefilling: bool) -> None:
