@@ -77,7 +77,7 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
     prefilling)`` runs vLLM's kernel for the query heads of KV head ``h`` over every row of the
     step, or over the plan's prefilling rows only."""
     rt, plan, heads = ls.rt, ls.plan, ls.heads
-    if plan.prefill or not plan.fused:
+    if not plan.fused:  # (a step with a prefilling row is never fused)
         for h in heads.full:
             stock(h, False)
     if plan.prefill:
@@ -176,11 +176,11 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
     rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
     t, _, d = query.shape
     p = list(heads.pivots)
-    pivot_queries = query.view(t, ls.num_kv_heads, -1, d)[:, p]  # [T, P, G, D]
-    rings = rt.rings.of_layer(layer, pivot_queries.shape[2], d)
+    per_head = query.view(t, ls.num_kv_heads, -1, d)  # [T, H_kv, G, D]
+    rings = rt.rings.of_layer(layer, per_head.shape[2], d)
     caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
-    for phase in ls.plan.drift:
-        rings[phase.slots, :, phase.places] = pivot_queries[phase.tokens].float()
+    for phase in ls.plan.drift:  # the phase's tokens first: a mixed step's prefill tokens are not copied
+        rings[phase.slots, :, phase.places] = per_head[phase.tokens][:, p].float()
         for check in phase.checks:
             row, state = check.row, check.row.state
             plan = state.plan
