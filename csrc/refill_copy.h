@@ -1,8 +1,10 @@
 // Refill copies: satellites' budget slots <- their full prompt K/V in the host tier (no torch).
 //
-// Reference: vllm_heterocache/ops/kernels.py::refill_copy_reference. For satellite s and
-// i < count_s (the leading non-negative entries of positions[s]):
+// Reference: vllm_heterocache/ops/kernels.py::refill_copy_reference. For satellite s and every
+// slot i with positions[s, i] >= 0:
 //   slot i of (cache s, table s)  <-  K/V of prompt position positions[s, i] in host row host_rows[s]
+// A slot whose entry is -1 is left as it is (a refill rewrites only the slots whose position
+// changed, runtime/layer.py).
 // Layouts:
 //   host storage  [num_blocks, rows, host_block_size, 2, D]  (runtime/host.py): position p of the
 //                 request is in block host_blocks[p / host_block_size], offset p % host_block_size
@@ -22,7 +24,7 @@ struct RefillCopyArgs {
   const int64_t* host_blocks;    // the request's host blocks
   int64_t num_sats;
   const int64_t* host_rows;      // [S]
-  const int64_t* positions;      // [S, width], -1 padded
+  const int64_t* positions;      // [S, width], -1: leave the slot
   int64_t width;
   void* const* caches;           // [S] single-head caches
   const int64_t* block_strides;  // [S] elements between blocks

@@ -213,10 +213,11 @@ def test_drift_check_kernel_matches_reference(name, k_transposed, dtype, device)
 
 
 REFILL_CASES = {
-    # name: (D, cache block size, host block size, counts per satellite)
-    "d64-odd-counts": (64, 16, 8, [37, 5]),
-    "d128-one-satellite-empty": (128, 32, 16, [0, 70, 33]),
-    "d64-single-slot": (64, 16, 32, [1]),
+    # name: (D, cache block size, host block size, counts per satellite, some slots left (-1))
+    "d64-odd-counts": (64, 16, 8, [37, 5], False),
+    "d128-one-satellite-empty": (128, 32, 16, [0, 70, 33], False),
+    "d64-single-slot": (64, 16, 32, [1], False),
+    "d64-slots-left-between": (64, 16, 8, [45, 20], True),
 }
 REFILL_NB, REFILL_PAD = 12, 8  # cache blocks per satellite, elements of padding between blocks
 
@@ -229,7 +230,7 @@ def refill_caches_of(flats, bs, d):
 
 def make_refill_case(name, dtype):
     """Host tier, request and satellites of a refill; ``before`` are the satellites' flat buffers."""
-    d, bs, hbs, counts = REFILL_CASES[name]
+    d, bs, hbs, counts, holes = REFILL_CASES[name]
     gen = torch.Generator().manual_seed(5)
     prompt, rows, s = 150, 4, len(counts)
     storage = torch.randn(40, rows, hbs, 2, d, generator=gen).to(dtype)
@@ -239,6 +240,8 @@ def make_refill_case(name, dtype):
     positions = torch.full((s, width), -1, dtype=torch.int64)
     for i, c in enumerate(counts):
         positions[i, :c] = torch.randperm(prompt, generator=gen)[:c].sort().values
+        if holes:  # a refill that rewrites only the slots whose position changed
+            positions[i, :c][torch.rand(c, generator=gen) < 0.4] = -1
     page = bs * 2 * d
     before = [torch.randn(REFILL_NB, page + REFILL_PAD, generator=torch.Generator().manual_seed(i)).to(dtype)
               for i in range(s)]
@@ -252,15 +255,16 @@ def make_refill_case(name, dtype):
 def test_refill_copy_reference_matches_hand_addressing(name, k_transposed, dtype):
     """Oracle: slot ``i`` of a satellite lives in block ``table[i // bs]`` at offset ``i % bs``; its K
     is column ``i % bs`` of a ``[D, bs]`` region (k-transposed) or row ``i % bs`` of ``[bs, D]``, its
-    V row ``i % bs`` of the ``[bs, D]`` region after it. Every other element is left as it was."""
-    d, bs, hbs, counts = REFILL_CASES[name]
+    V row ``i % bs`` of the ``[bs, D]`` region after it. Every other element, and every slot whose
+    position is -1, is left as it was."""
+    d, bs, hbs, counts, _ = REFILL_CASES[name]
     storage, host_blocks, host_rows, positions, before, tables = make_refill_case(name, dtype)
     got = [f.clone() for f in before]
     kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, refill_caches_of(got, bs, d), tables,
                                   layout_of(k_transposed, bs, d))
-    for s, count in enumerate(counts):
+    for s in range(len(counts)):
         want = before[s].clone()
-        for i in range(count):
+        for i in torch.nonzero(positions[s] >= 0)[:, 0].tolist():
             pos = int(positions[s, i])
             src = storage[int(host_blocks[pos // hbs]), int(host_rows[s]), pos % hbs]  # [2, D]
             region = want[int(tables[s][i // bs]), : bs * 2 * d]
@@ -280,8 +284,9 @@ def test_refill_copy_reference_matches_hand_addressing(name, k_transposed, dtype
 @pytest.mark.parametrize("name", list(REFILL_CASES))
 def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device):
     """Exact copies: the kernel's caches equal the reference's, bit for bit, and slots beyond
-    each satellite's count (and other blocks, and the padding between blocks) are untouched."""
-    d, bs, hbs, counts = REFILL_CASES[name]
+    each satellite's count, slots whose position is -1, other blocks and the padding between
+    blocks are untouched."""
+    d, bs, hbs, counts, _ = REFILL_CASES[name]
     storage, host_blocks, host_rows, positions, before, tables = make_refill_case(name, dtype)
     s, nb, page, pad = len(counts), REFILL_NB, bs * 2 * d, REFILL_PAD
 
@@ -297,12 +302,13 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
     kernels.refill_copy_reference(storage, host_blocks, host_rows, positions, caches_of(want), tables, layout)
     for i in range(s):
         assert torch.equal(got[i], want[i])
-        k, v = read_positions(caches_of(got)[i], layout, tables[i], torch.arange(counts[i]))
-        pos = positions[i, : counts[i]]
+        slots = torch.nonzero(positions[i] >= 0)[:, 0]
+        k, v = read_positions(caches_of(got)[i], layout, tables[i], slots)
+        pos = positions[i, slots]
         src = storage[host_blocks[pos // hbs], int(host_rows[i]), pos % hbs]
         assert torch.equal(k, src[:, 0]) and torch.equal(v, src[:, 1])
         written = torch.zeros(nb, page + pad, dtype=torch.bool)
-        slots = torch.arange(counts[i])  # slot i: block table[i // bs], offset i % bs (hand addressing)
+        # slot i: block table[i // bs], offset i % bs (hand addressing)
         blocks, off, dims = tables[i][slots // bs].long(), (slots % bs)[:, None], torch.arange(d)[None]
         written[blocks[:, None], dims * bs + off if k_transposed else off * d + dims] = True
         written[blocks[:, None], bs * d + off * d + dims] = True
@@ -331,7 +337,7 @@ def op_args(qualname, device):
                    torch.empty(p, key_len))
         return (*on(device, queries, caches, tables), 0, key_len, cand, *on(device, reference), topk, 0.6, 5, True,
                 *on(device, *outputs))
-    d, bs, hbs, counts = REFILL_CASES["d64-odd-counts"]
+    d, bs, hbs, counts, _ = REFILL_CASES["d64-odd-counts"]
     storage, host_blocks, host_rows, positions, before, tables = make_refill_case("d64-odd-counts", torch.float32)
     flats = on(device, [f.clone() for f in before])[0]
     return (*on(device, storage, host_blocks, host_rows, positions), refill_caches_of(flats, bs, d),

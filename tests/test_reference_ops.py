@@ -117,6 +117,38 @@ def test_refill_indices_are_the_pivots_top_positions():
     assert out.tolist() == [[1, 3, -1], [1, 3, 5]]
 
 
+def test_refill_slots_move_only_the_positions_a_satellite_lacks():
+    held = torch.tensor([[2, 5, 7, 9], [4, 6, -1, 11], [1, 2, 20, 21]])
+    chosen = torch.tensor([[5, 6, 9, 12], [3, 4, 6, 8], [2, 3, -1, -1]])
+    counts = torch.tensor([4, 4, 2])  # slots from counts[s] on (the window) are never rewritten
+    moves = ref.refill_slots(held, chosen, counts)
+    assert moves.tolist() == [[6, -1, 12, -1], [-1, -1, 3, 8], [3, -1, -1, -1]]
+
+
+def test_refill_slots_leave_every_chosen_position_in_one_slot():
+    """Oracle on random cases: after the moves the refillable slots hold exactly the chosen set
+    (plus old positions in slots left over when fewer are chosen), the rest is untouched, and
+    only positions not held before are moved."""
+    g = _gen(3)
+    for _ in range(50):
+        s, w, span = 3, 12, 40
+        counts = torch.randint(0, w + 1, (s,), generator=g)
+        held = torch.stack([torch.randperm(span, generator=g)[:w] for _ in range(s)])
+        chosen = torch.full((s, w), -1)
+        for i in range(s):
+            n = int(torch.randint(0, int(counts[i]) + 1, (1,), generator=g))
+            chosen[i, :n] = torch.randperm(span, generator=g)[:n].sort().values
+        moves = ref.refill_slots(held, chosen, counts)
+        after = torch.where(moves >= 0, moves, held)
+        for i in range(s):
+            c, want = int(counts[i]), set(chosen[i][chosen[i] >= 0].tolist())
+            slots = after[i, :c].tolist()
+            assert len(set(slots)) == c and want <= set(slots)
+            assert set(slots) - want <= set(held[i, :c].tolist())
+            assert torch.equal(after[i, c:], held[i, c:])
+            assert set(moves[i][moves[i] >= 0].tolist()) == want - set(held[i, :c].tolist())
+
+
 def _dense(q, k, v, mask):
     """Standard attention with a boolean mask, through torch's SDPA."""
     b, hq, d = q.shape

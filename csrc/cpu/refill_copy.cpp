@@ -4,22 +4,23 @@
 // K is transposed (then D strided stores).
 #include "../refill_copy.h"
 
-#include <algorithm>
 #include <cstring>
 
 namespace heterocache {
 namespace {
 
 template <typename T>
-void copy_block(const RefillCopyArgs& a, int64_t s, int64_t b, int64_t count) {
+void copy_slots(const RefillCopyArgs& a, int64_t s) {
   const int64_t D = a.head_size, bs = a.block_size, hbs = a.host_block_size;
   const T* storage = static_cast<const T*>(a.storage);
-  T* kregion = static_cast<T*>(a.caches[s]) + static_cast<int64_t>(a.tables[s][b]) * a.block_strides[s];
-  T* vregion = kregion + bs * D;
+  T* cache = static_cast<T*>(a.caches[s]);
   const int64_t* pos = a.positions + s * a.width;
-  for (int64_t i = b * bs; i < std::min(count, (b + 1) * bs); ++i) {
+  for (int64_t i = 0; i < a.width; ++i) {
     const int64_t p = pos[i], off = i % bs;
+    if (p < 0) continue;  // the slot keeps what it holds
     const T* src = storage + ((a.host_blocks[p / hbs] * a.rows + a.host_rows[s]) * hbs + p % hbs) * 2 * D;
+    T* kregion = cache + static_cast<int64_t>(a.tables[s][i / bs]) * a.block_strides[s];
+    T* vregion = kregion + bs * D;
     if (a.k_transposed) {
       for (int64_t d = 0; d < D; ++d) kregion[d * bs + off] = src[d];
     } else {
@@ -33,14 +34,10 @@ void copy_block(const RefillCopyArgs& a, int64_t s, int64_t b, int64_t count) {
 
 void refill_copy_cpu(const RefillCopyArgs& a) {
   for (int64_t s = 0; s < a.num_sats; ++s) {
-    const int64_t* pos = a.positions + s * a.width;
-    const int64_t count = std::find_if(pos, pos + a.width, [](int64_t p) { return p < 0; }) - pos;
-    for (int64_t b = 0; b * a.block_size < count; ++b) {
-      if (a.elem_size == 4) {
-        copy_block<uint32_t>(a, s, b, count);
-      } else {
-        copy_block<uint16_t>(a, s, b, count);
-      }
+    if (a.elem_size == 4) {
+      copy_slots<uint32_t>(a, s);
+    } else {
+      copy_slots<uint16_t>(a, s);
     }
   }
 }

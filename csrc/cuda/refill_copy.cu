@@ -1,8 +1,8 @@
 // CUDA refill copies (contract in csrc/refill_copy.h), for sm_80 and sm_90.
 //
 // One thread block per (satellite, slot); its threads copy the head dimension of K and of V as
-// raw elements (2 or 4 bytes). The argument arrays must be device-readable; -1 ends a
-// satellite's positions. Compiled as a build check on machines without a GPU.
+// raw elements (2 or 4 bytes). The argument arrays must be device-readable; a slot whose
+// position is -1 is skipped. Compiled as a build check on machines without a GPU.
 #include <cuda_runtime.h>
 
 #include <cstdint>

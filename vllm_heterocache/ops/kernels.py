@@ -108,8 +108,8 @@ def refill_copy(
         storage: the host tier ``[num_blocks, rows, host_block_size, 2, D]``.
         host_blocks: int64 ``[n]``, the request's host blocks.
         host_rows: int64 ``[S]``, each satellite's host row.
-        positions: int64 ``[S, width]``, -1 padded: slot ``i`` of satellite ``s`` gets prompt
-            position ``positions[s, i]``.
+        positions: int64 ``[S, width]``: slot ``i`` of satellite ``s`` gets prompt position
+            ``positions[s, i]``; a slot whose entry is -1 keeps what it holds.
         caches, tables: per satellite its single-head cache and the request's int32 block-table row.
     """
     if compiled(layout):
@@ -123,9 +123,10 @@ def refill_copy_reference(storage, host_blocks, host_rows, positions, caches, ta
     """PyTorch version of :func:`refill_copy`."""
     hbs = storage.shape[2]
     for s, (cache, table) in enumerate(zip(caches, tables)):
-        pos = positions[s][positions[s] >= 0]
+        slots = torch.nonzero(positions[s] >= 0)[:, 0]
+        pos = positions[s, slots]
         kv = storage[host_blocks[pos // hbs], int(host_rows[s]), pos % hbs]  # [n, 2, D]
-        write_positions(cache, layout, table, torch.arange(pos.numel()), kv[:, 0], kv[:, 1])
+        write_positions(cache, layout, table, slots, kv[:, 0], kv[:, 1])
 
 
 def drift_check(

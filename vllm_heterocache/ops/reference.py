@@ -197,6 +197,40 @@ def refill_indices(pivot_scores: torch.Tensor, counts: torch.Tensor, candidates:
     return topk_positions(pivot_scores, counts, candidates)
 
 
+def refill_slots(held: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Which budget slots a refill rewrites: a satellite keeps the chosen positions it already
+    holds where they are, and writes the others into the slots of the positions it drops.
+
+    Args:
+        held: int64 ``[S, W]``: the position each slot of a satellite holds (-1: none); only
+            slots ``i < counts[s]`` are refillable (the window and beyond are not).
+        chosen: int64 ``[S, W]``: the new selection (:func:`refill_indices`), -1 padded.
+        counts: int64 ``[S]``: refillable slots of each satellite.
+
+    Returns:
+        int64 ``[S, W]``: the position slot ``i`` gets, or -1 where the slot keeps what it holds.
+        Afterwards the refillable slots hold every chosen position once; when fewer are chosen
+        than there are slots, the slots left over keep positions of the old selection.
+    """
+    s, w = chosen.shape
+    refillable = torch.arange(w) < counts[:, None]
+    old = torch.where(refillable, held, -1)
+    span = int(max(old.max(), chosen.max())) + 2
+
+    def members(positions: torch.Tensor) -> torch.Tensor:  # [S, span]: column p + 1 set when p is in the row
+        return torch.zeros(s, span, dtype=torch.bool).scatter_(1, positions + 1, True)
+
+    stays = members(chosen).gather(1, old + 1) & (old >= 0)
+    new = ~members(old).gather(1, chosen + 1) & (chosen >= 0)
+    free = refillable & ~stays
+    # the k-th new position goes to the k-th free slot (there are at least as many free slots)
+    free_first = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    new_first = torch.sort(new.to(torch.uint8), dim=1, descending=True, stable=True).indices
+    placed = torch.arange(w) < new.sum(1, keepdim=True)
+    moves = torch.where(placed, chosen.gather(1, new_first), -1)
+    return torch.full_like(chosen, -1).scatter_(1, free_first, moves)
+
+
 def subset_attention(
     query: torch.Tensor,
     key: torch.Tensor,

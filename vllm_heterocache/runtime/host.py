@@ -118,7 +118,7 @@ class HostTier:
                  tables: list[torch.Tensor], layout: BlockLayout) -> None:
         """Refill copies straight into paged single-head caches (``kernels.refill_copy``): slot
         ``i`` of ``caches[s]`` (int32 block-table row ``tables[s]``) gets position
-        ``positions[s, i]`` of row ``rows[s]`` (int64 ``[S, width]``, -1 padded)."""
+        ``positions[s, i]`` of row ``rows[s]`` (int64 ``[S, width]``; -1 leaves the slot)."""
         blocks = self._table(key, int(positions.max()) if positions.numel() else -1)
         kernels.refill_copy(self.storage, blocks, torch.tensor(rows, dtype=torch.int64), positions.contiguous(),
                             caches, tables, layout)

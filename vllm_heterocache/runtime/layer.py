@@ -7,9 +7,9 @@ request's prompt blocks beyond the class's largest budget once the prompt is don
 (``vllm_adapter.pools``). Per request and compressed head ``c`` with budget ``B_c``, its cache
 holds::
 
-    positions 0 .. B_c - 1      its kept prompt tokens, compacted in position order (the
-                                selection, ending with the window); refills rewrite the first
-                                B_c - window of them
+    positions 0 .. B_c - 1      its kept prompt tokens (the selection in position order,
+                                ending with the window); a refill rewrites those of the first
+                                B_c - window slots whose tokens left the selection
     positions L .. seq_len - 1  generated tokens, at their own positions
 
 Shapes: ``query`` is the step's ``[num_tokens, H_q, D]`` (H_q = H_kv * G, this rank's heads);
@@ -204,15 +204,23 @@ def _refill(ls: LayerStep, row: Row, sats, pivot_scores: torch.Tensor, pivot_top
     cut = plan.prompt_len - plan.window
     counts = torch.tensor([int(plan.budgets[layer, s]) - plan.window for s in sats])
     chosen = _refill_positions(pivot_scores, pivot_top[pivot_top >= 0], counts, cut)
-    kept = state.kept[layer]
-    for n, s in enumerate(sats):
-        positions = chosen[n][chosen[n] >= 0]
-        kept[heads.compressed.index(s), : positions.numel()] = positions
-    host, key = rt.host, state.key
+    kept, compressed = state.kept[layer], [heads.compressed.index(s) for s in sats]
+    host, key, width = rt.host, state.key, chosen.shape[1]
     host_rows = [heads.host_rows[s] for s in sats]
     caches = [pools.caches[s] for s in sats]
     tables = [pools.tables[s][row.index].clone() for s in sats]  # this step's; the copy runs later
-    rt.refills.submit(key, layer, lambda: host.copy_out(key, host_rows, chosen, caches, tables, pools.layout))
+
+    def copy() -> None:
+        """On the refill thread, after this request's and layer's earlier refills: only the
+        positions a satellite does not hold yet are copied. (Inference mode is per thread, and
+        ``kept`` was made in the engine's.)"""
+        with torch.inference_mode():
+            held = kept[compressed, :width]
+            moves = ref.refill_slots(held, chosen, counts)
+            kept[compressed, :width] = torch.where(moves >= 0, moves, held)
+            host.copy_out(key, host_rows, moves, caches, tables, pools.layout)
+
+    rt.refills.submit(key, layer, copy)
     rt.counters.refilled_heads += len(sats)
 
 

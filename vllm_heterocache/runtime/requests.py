@@ -22,7 +22,8 @@ class RequestState:
     work_template: torch.Tensor  # int64 [layers, H, 6]: its gather-kernel items (runtime.step.work_template)
     host: bool = False  # the host tier holds this request's satellites (else: no refills)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
-    # compressed slots 0.. (ascending, -1 padded)
+    # compressed slots 0.. (-1 padded; ascending at prefill, refills rewrite slots in place on the
+    # refill thread: read it after RefillQueue.wait)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, K] int64, -1 pad
     ring: int | None = None  # its slot in the pivots' query rings (runtime.rings); None: no drift checks
     buffered: int = 0  # decode queries in its rings since the last check (the same in every layer)
