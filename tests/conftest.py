@@ -19,3 +19,19 @@ def llama_profile():
 
     name = "meta-llama/Llama-3.1-8B-Instruct"
     return convert_reference(REFERENCE_FILES[name], model_name=name)
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """The tiny random-weight model (2 KV heads, 4 layers)."""
+    from vllm_heterocache.models.tiny import build_tiny_model
+
+    return build_tiny_model()  # the shared cached copy: vLLM's compile cache is keyed by path
+
+
+@pytest.fixture(scope="session")
+def tiny_profile(tiny, tmp_path_factory):
+    """Every layer has compressed heads; pivots with satellites in layers 0, 1 and 3."""
+    from backend_support import save_synthetic_profile
+
+    return save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp_path_factory.mktemp("p") / "tiny.json")

@@ -48,6 +48,8 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
             llm.llm_engine.step()
         pool = core.scheduler.kv_cache_manager.block_pool
         result["free_blocks"], result["num_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks
+    if kw.get("tensor_parallel_size", 1) > 1:  # every rank's runtime, from inside its worker process
+        result["ranks"] = llm.collective_rpc(runtime_summary)
     worker = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
     if worker is not None:
         impl = worker.worker.model_runner.model.model.layers[0].self_attn.attn.impl
@@ -59,6 +61,20 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
             result["host_used_blocks"] = rt.host.used_blocks if rt.host is not None else None
     del llm
     return result
+
+
+def runtime_summary(worker):
+    """On a worker (``LLM.collective_rpc``): its rank's runtime counters and host tier."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    impl = worker.model_runner.model.model.layers[0].self_attn.attn.impl
+    rt = getattr(impl, "runtime", None)
+    if rt is None:
+        return {"rank": get_tensor_model_parallel_rank()}
+    return {"rank": get_tensor_model_parallel_rank(), "counters": vars(rt.counters), "states": len(rt.requests),
+            "host_rows": rt.num_host_rows, "host_blocks": rt.host.num_blocks if rt.host is not None else 0,
+            "host_used_blocks": rt.host.used_blocks if rt.host is not None else None,
+            "cache_of": [list(lh.cache_of) for lh in rt.layers], "cache_pools": [list(lh.cache_pools) for lh in rt.layers]}
 
 
 def heterocache(profile, **options):
@@ -85,8 +101,15 @@ def main():
             max_num_batched_tokens=256,  # chunked prefill: prompts longer than this come in chunks
             max_num_seqs=8,
             num_gpu_blocks_override=16,  # 16 blocks of 128 tokens for both pools: requests wait, get preempted
-            **heterocache(profile, compression_ratio=0.6, window=8, drift_interval=3),
+            **heterocache(profile, compression_ratio=0.6, window=8, drift_interval=3, stats_interval_s=1),
         )
+    elif scenario == "tp2":  # two tensor-parallel ranks, one core each
+        tp = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+        results["stock"] = generate(model, lengths, 24, **tp)
+        results["keep_all"] = generate(model, lengths, 24, **tp, **heterocache(profile, token_budget=100_000))
+        options = {"compression_ratio": 0.6, "window": 8, "drift_interval": 3}
+        results["compressed_tp1"] = generate(model, lengths, 48, **heterocache(profile, **options))
+        results["compressed"] = generate(model, lengths, 48, **tp, **heterocache(profile, **options))
     elif scenario == "multiprocess":
         results["compressed"] = generate(model, lengths[:2], 12, **heterocache(profile, compression_ratio=0.6))
     print("RESULT " + json.dumps(results))

@@ -239,14 +239,19 @@ def test_pool_views_honour_padded_block_strides(isa):
     assert torch.equal(read_prefix(padded, layout, table, 50)[0], read_prefix(dense, layout, table, 50)[0])
 
 
-@pytest.mark.parametrize("counts", [[5, 9], [9, 14]], ids=["within-top-k", "beyond-top-k"])
-def test_refill_positions_from_the_pivot_top_k_equal_the_full_selection(counts):
-    from vllm_heterocache.runtime.layer import _refill_positions
+@pytest.mark.parametrize("counts", [[5, 9], [9, 14], [0, 60]], ids=["within-top-k", "beyond-top-k", "all"])
+def test_each_satellite_selection_is_a_prefix_of_the_pivots_ranking(counts):
+    """A refill's selections come from one ranking of the pivot's positions (taken among its
+    top-K when they are enough; a cluster across ranks sends it): the first ``c`` of it, sorted,
+    are exactly ``ref.refill_indices`` with count ``c``."""
+    from vllm_heterocache.runtime.layer import _ranked
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 6, (60,), generator=g).float()  # many ties
     cut, k = 50, 10
     top = ref.topk_positions(scores[None], torch.tensor([k]), torch.tensor([cut]))[0]
-    counts = torch.tensor(counts)
-    want = ref.refill_indices(scores[None].expand(2, -1), counts, torch.full((2,), cut))
-    assert torch.equal(_refill_positions(scores, top, counts, cut), want)
+    ranked = _ranked(scores, top, max(counts), cut)
+    assert ranked.numel() == min(max(counts), cut)
+    for c in counts:
+        want = ref.refill_indices(scores[None], torch.tensor([c]), torch.tensor([cut]))[0]
+        assert torch.equal(ranked[:c].sort().values, want[want >= 0])

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, check_tp_compatible, local_kv_heads, min_feasible_ratio, plan_budgets
+from vllm_heterocache.budget import BudgetPlanner, min_feasible_ratio, plan_budgets
+from vllm_heterocache.sharding import crossing_clusters, local_kv_heads
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ProfileError
 from vllm_heterocache.profile import HeadProfile
@@ -96,14 +97,11 @@ def test_tp_slicing_maps_local_heads_to_global_ones():
     assert plan.global_heads == (0, 1, 2, 3) and plan.full[0].tolist() == [True, False, False, False]
 
 
-def test_clusters_crossing_ranks_are_refused_with_names():
+def test_clusters_crossing_ranks_are_named_and_planned():
     profile = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1, 3]}])
-    with pytest.raises(ProfileError) as e:
-        plan_budgets(profile, HeteroCacheConfig(), 100, tp_rank=1, tp_size=2)
-    assert "layer 0 pivot 0 -> satellites [3]" in str(e.value) and "--tp-size 2" in str(e.value)
-    ok = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1]}], ("pivot", "satellite", "anchor", "anchor"))
-    check_tp_compatible(ok, 2)
-    plan = plan_budgets(ok, HeteroCacheConfig(compression_ratio=0.5, window=0), 100, tp_rank=1, tp_size=2)
+    assert crossing_clusters(profile, 2) == ["layer 0 pivot 0 -> satellites [3]"]
+    assert crossing_clusters(profile, 1) == []
+    plan = plan_budgets(profile, HeteroCacheConfig(compression_ratio=0.5, window=0), 100, tp_rank=1, tp_size=2)
     assert plan.global_heads == (2, 3) and plan.budgets.shape == (2, 2)
 
 

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from backend_support import save_synthetic_profile
 from conftest import PROFILES, ROOT
 
 RUNNER = ROOT / "tests" / "engine_runner.py"
@@ -22,19 +21,6 @@ def run_engines(scenario, model, profile, multiprocess=False, timeout=900, **env
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stdout[-3000:] + out.stderr[-6000:]
     return json.loads(lines[-1][len("RESULT "):]), out.stdout + out.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from vllm_heterocache.models.tiny import build_tiny_model
-
-    return build_tiny_model()  # the shared cached copy: vLLM's compile cache is keyed by path
-
-
-@pytest.fixture(scope="module")
-def tiny_profile(tiny, tmp_path_factory):
-    # every layer has compressed heads; pivots with satellites in layers 0, 1 and 3
-    return save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp_path_factory.mktemp("p") / "tiny.json")
 
 
 def test_identity_with_the_stock_backend_on_the_tiny_model(tiny, tiny_profile):
@@ -57,7 +43,7 @@ def test_identity_with_the_stock_backend_on_the_tiny_model(tiny, tiny_profile):
 
 
 def test_serving_conditions_with_compression(tiny, tiny_profile):
-    results, log = run_engines("serving", tiny, tiny_profile, HETEROCACHE_STATS_INTERVAL_S="1")
+    results, log = run_engines("serving", tiny, tiny_profile)
     r = results["compressed"]
     assert [len(t) for t in r["tokens"]] == [100] * 24
     c = r["counters"]
@@ -82,6 +68,29 @@ def test_multiprocess_engine_selects_heterocache(tiny, tiny_profile):
     assert [len(t) for t in results["compressed"]["tokens"]] == [12, 12]
     assert "HeteroCache attention backend: profile" in log  # logged by the spawned engine core
     assert "Cannot use" not in log
+
+
+def test_tensor_parallel_two_ranks(tiny, tiny_profile):
+    """TP=2, one core per rank. The tiny model has 2 KV heads, so rank r holds head r: every
+    pivot cluster of the profile crosses ranks (its drift decisions and refill positions are
+    exchanged) and every layer holds a full head on one rank and a compressed one on the other
+    (one cache layout for both: the compressed head sits in a full cache)."""
+    results, log = run_engines("tp2", tiny, tiny_profile, timeout=1500, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    assert results["keep_all"]["tokens"] == results["stock"]["tokens"]
+    tp1, tp2 = results["compressed_tp1"]["tokens"], results["compressed"]["tokens"]
+    assert [len(t) for t in tp2] == [48] * 4
+    assert tp2 == tp1  # the same decisions as one rank (float32 model, 48 greedy tokens)
+    ranks = results["compressed"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["cache_pools"] == ranks[1]["cache_pools"]  # vLLM's one layout
+    one = results["compressed_tp1"]["counters"]
+    for r in ranks:  # each rank decides for its pivots and refills its satellites
+        assert r["counters"]["drift_checks"] > 0 and r["counters"]["drifts"] > 0 and r["counters"]["refilled_heads"] > 0
+        assert r["states"] == 0 and r["host_used_blocks"] == 0 and r["host_blocks"] > 0  # all freed
+    assert sum(r["counters"]["drifts"] for r in ranks) == one["drifts"]
+    assert sum(r["counters"]["refilled_heads"] for r in ranks) == one["refilled_heads"]
+    assert [r["host_rows"] for r in ranks] == [1, 2]  # satellites: layer 1 on rank 0; layers 0 and 3 on rank 1
+    assert "tensor_parallel_size=2: of the" in log  # how the ranks share the cache layout
 
 
 @pytest.mark.model

@@ -22,13 +22,6 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    from vllm_heterocache.models.tiny import build_tiny_model
-
-    return build_tiny_model()
-
-
 def start(model, **kwargs):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1",
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))

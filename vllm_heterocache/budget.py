@@ -13,90 +13,22 @@ and a budget never drops below it). Prompts shorter than ``min_prompt_len`` keep
 multiple of the KV block size (capped at L). Full heads keep all L tokens; r = 1 keeps every
 token of every head. Pivots track a reference top-K of K = min(L, max(1, floor(base))) tokens.
 
-Tensor parallelism: each rank holds a contiguous slice of the KV heads (or, when there are more
-ranks than KV heads, one replicated head, as vLLM's QKVParallelLinear does). A pivot and its
-satellites must live on one rank, since refills move data from pivot to satellites.
+Tensor parallelism: each rank plans the budgets of its own KV heads (``sharding``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
 from vllm_heterocache.config import HeteroCacheConfig
-from vllm_heterocache.errors import BudgetError, ProfileError
+from vllm_heterocache.errors import BudgetError
 from vllm_heterocache.profile.schema import HeadProfile
-
-
-def local_kv_heads(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, ...]:
-    """Global indices of the KV heads held by ``tp_rank`` of ``tp_size`` ranks."""
-    if tp_size < 1 or not 0 <= tp_rank < tp_size:
-        raise ValueError(f"bad tensor-parallel position: rank {tp_rank} of {tp_size}")
-    if tp_size <= num_kv_heads:
-        if num_kv_heads % tp_size:
-            raise ProfileError(
-                f"{num_kv_heads} KV heads cannot be split evenly over tensor_parallel_size={tp_size}"
-            )
-        n = num_kv_heads // tp_size
-        return tuple(range(tp_rank * n, (tp_rank + 1) * n))
-    if tp_size % num_kv_heads:
-        raise ProfileError(
-            f"tensor_parallel_size={tp_size} is not a multiple of the model's {num_kv_heads} KV heads"
-        )
-    return (tp_rank // (tp_size // num_kv_heads),)
-
-
-def rank_of_heads(num_kv_heads: int, tp_size: int) -> list[set[int]]:
-    """For each global KV head, the set of ranks that hold it."""
-    ranks: list[set[int]] = [set() for _ in range(num_kv_heads)]
-    for rank in range(tp_size):
-        for h in local_kv_heads(num_kv_heads, rank, tp_size):
-            ranks[h].add(rank)
-    return ranks
-
-
-def check_tp_compatible(profile: HeadProfile, tp_size: int) -> None:
-    """Refuse a profile whose pivot clusters cross tensor-parallel rank boundaries."""
-    if tp_size == 1:
-        return
-    ranks = rank_of_heads(profile.num_kv_heads, tp_size)
-    crossing = []
-    for c in profile.clusters:
-        held = ranks[c.pivot]
-        away = [s for s in c.satellites if ranks[s] != held]
-        if away:
-            crossing.append(f"layer {c.layer} pivot {c.pivot} -> satellites {away}")
-    if crossing:
-        shown = "; ".join(crossing[:8]) + (f"; and {len(crossing) - 8} more" if len(crossing) > 8 else "")
-        raise ProfileError(
-            f"profile {profile.source} cannot be split over tensor_parallel_size={tp_size}: "
-            f"{len(crossing)} pivot cluster(s) cross rank boundaries ({shown}). Re-profile with "
-            f"`python -m vllm_heterocache.profiler ... --tp-size {tp_size}` (keeps clusters inside "
-            "a rank) or serve with a smaller tensor_parallel_size."
-        )
-
-
-def check_pools_uniform(pool_of, num_layers: int, num_kv_heads: int, tp_size: int) -> None:
-    """Refuse a split in which ranks would give the same local head different KV pools:
-    ``pool_of(layer, global_head)`` names a head's pool; vLLM lays out one KV cache for all ranks."""
-    if tp_size == 1:
-        return
-    uneven = []
-    for layer in range(num_layers):
-        per_rank = {
-            tuple(pool_of(layer, h) for h in local_kv_heads(num_kv_heads, r, tp_size)) for r in range(tp_size)
-        }
-        if len(per_rank) > 1:
-            uneven.append(layer)
-    if uneven:
-        raise ProfileError(
-            f"with tensor_parallel_size={tp_size} the ranks would keep different KV pools in layers "
-            f"{uneven[:8]}{' ...' if len(uneven) > 8 else ''} (head types or budget classes differ by rank). "
-            "Serve with tensor_parallel_size 1, or set heterocache.budget_classes to 1."
-        )
+from vllm_heterocache.sharding import FULL_POOL, local_kv_heads
 
 
 @dataclass(frozen=True)
@@ -122,11 +54,10 @@ class BudgetPlan:
     budgets: torch.Tensor
     full: torch.Tensor
 
-    @functools.cached_property
-    def keeps_all(self) -> bool:
-        """Every head keeps every prompt token (ratio 1, or a prompt below ``min_prompt_len``):
-        nothing is selected, mirrored to the host tier or refilled for this request."""
-        return bool((self.budgets >= self.prompt_len).all())
+    every_budgets: torch.Tensor  # int64 [num_layers, num_kv_heads]: the budgets of every rank's heads
+    keeps_all: bool  # every head of every rank keeps every prompt token (ratio 1, a prompt below
+    # min_prompt_len): nothing is selected, mirrored to the host tier or refilled for this request
+    # (decided for all ranks at once: they take part in the same drift checks)
 
     def kept_fraction(self) -> float:
         """Fraction of this rank's prompt KV entries kept."""
@@ -155,16 +86,17 @@ class BudgetPlanner:
     ):
         if config.round_to_block and not block_size:
             raise ValueError("round_to_block needs the KV block size (block_size)")
-        check_tp_compatible(profile, tp_size)
         self.profile, self.config, self.block_size = profile, config, block_size
         self.heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
         layers = range(profile.num_layers)
-        self.full = torch.tensor(
-            [[profile.head_types[l][h].is_full for h in self.heads] for l in layers], dtype=torch.bool
+        every = range(profile.num_kv_heads)
+        self._every_full = torch.tensor(
+            [[profile.head_types[l][h].is_full for h in every] for l in layers], dtype=torch.bool
         )
-        self.ratios = torch.tensor(
-            [[profile.budget_ratios[l][h] or 0.0 for h in self.heads] for l in layers], dtype=torch.float64
+        self._every_ratios = torch.tensor(
+            [[profile.budget_ratios[l][h] or 0.0 for h in every] for l in layers], dtype=torch.float64
         )
+        self.full, self.ratios = self._every_full[:, list(self.heads)], self._every_ratios[:, list(self.heads)]
         self.total = profile.num_layers * profile.num_kv_heads
         self.n_full = profile.num_full_heads()
         r = config.compression_ratio
@@ -212,6 +144,17 @@ class BudgetPlanner:
         capacities = tuple(self._capacity(max(r for r, _, _ in cls)) for cls in classes)
         return capacities, {(l, h): c for c, cls in enumerate(classes) for _, l, h in cls}
 
+    def pools(self) -> tuple[tuple[PoolCapacity, ...], Callable[[int, int], int]]:
+        """The KV pools: the capacities of ``config.budget_classes`` classes, and the pool of a
+        ``(layer, global KV head)``: ``FULL_POOL`` (full heads, and every head when nothing is
+        compressed) or its class."""
+        capacities, class_of = self.capacity_classes(self.config.budget_classes)
+
+        def pool_of(layer: int, head: int) -> int:
+            return FULL_POOL if self.keep_all else class_of.get((layer, head), FULL_POOL)
+
+        return capacities, pool_of
+
     def _capacity(self, max_ratio: float) -> PoolCapacity:
         return replace(self.rule, max_ratio=max_ratio)
 
@@ -220,14 +163,17 @@ class BudgetPlanner:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
         L = prompt_len
         base = self.rule.base(L)
+        every = torch.where(self._every_full, L, self.rule.budgets(L, self._every_ratios))  # [layers, all KV heads]
         return BudgetPlan(
             prompt_len=L,
             window=min(L, self.config.window),
             base=base,
             reference_topk=min(L, max(1, math.floor(base))),
             global_heads=self.heads,
-            budgets=torch.where(self.full, L, self.rule.budgets(L, self.ratios)),
+            budgets=every[:, list(self.heads)],
             full=self.full,
+            every_budgets=every,
+            keeps_all=bool((every >= L).all()),
         )
 
 

@@ -6,7 +6,8 @@
     heterocache tiny-model           build the tiny random-weight test model
     heterocache profile ...          the offline profiler (= python -m vllm_heterocache.profiler)
     heterocache import-reference F   convert a reference-code profile to schema_version 1
-    heterocache show PROFILE         validate a profile, print its summary, optionally check a model
+    heterocache show PROFILE         validate a profile, print its summary, optionally check a model,
+                                     and with --tp-size N how N ranks share one cache layout
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ def _show(args: argparse.Namespace) -> int:
 
     profile = load_profile(args.profile)
     print(summary_table(profile))
+    if args.tp_size:
+        print(_sharding(profile, args.tp_size))
     if args.model:
         config = json.loads((Path(args.model) / "config.json").read_text(encoding="utf-8"))
         profile.model.check_matches(ModelFingerprint.from_hf_config(config, name=str(args.model)), profile_path=str(args.profile))
@@ -85,6 +88,25 @@ def _show(args: argparse.Namespace) -> int:
         render_heatmap(profile, args.heatmap)
         print(f"heatmap: {args.heatmap}")
     return 0
+
+
+def _sharding(profile, tp_size: int) -> str:
+    """How ``tensor_parallel_size=tp_size`` ranks share one KV cache layout (default configuration)."""
+    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.config import HeteroCacheConfig
+    from vllm_heterocache.sharding import crossing_clusters, local_kv_heads, model_caches, sharing_summary
+
+    local_kv_heads(profile.num_kv_heads, 0, tp_size)  # a clear error for a TP size that does not split the heads
+    lines = []
+    for classes in sorted({1, HeteroCacheConfig().budget_classes}):
+        _, pool_of = BudgetPlanner(profile, HeteroCacheConfig(budget_classes=classes), block_size=16).pools()
+        caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
+        lines.append(f"heterocache.budget_classes={classes}: "
+                     + sharing_summary(pool_of, caches, profile.num_kv_heads, tp_size))
+    crossing = crossing_clusters(profile, tp_size)
+    lines.append(f"tensor_parallel_size={tp_size}: {len(crossing)} of {len(profile.clusters)} pivot clusters "
+                 "have satellites on other ranks than their pivot")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("profile", type=Path)
     s.add_argument("--model", type=Path, help="model folder to check the profile's fingerprint against")
     s.add_argument("--heatmap", type=Path, help="also write its heatmap PNG here")
+    s.add_argument("--tp-size", type=int, help="also print how this many tensor-parallel ranks share one KV cache layout")
     return p
 
 

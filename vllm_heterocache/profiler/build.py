@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from vllm_heterocache import taxonomy
-from vllm_heterocache.budget import rank_of_heads
+from vllm_heterocache.sharding import rank_of_heads
 from vllm_heterocache.profile.fingerprint import ModelFingerprint
 from vllm_heterocache.profile.schema import SCHEMA_VERSION, HeadProfile
 from vllm_heterocache.profiler.collect import PromptTopK

@@ -89,7 +89,7 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
         for row in plan.decoding:
             rt.refills.wait(row.state.key, ls.layer)
     gather_decode(ls, query, output)
-    if heads.pivots and plan.drift:
+    if (heads.pivots or heads.shared) and plan.drift:
         with section("drift"):
             track_drift(ls, query)
 
@@ -133,6 +133,8 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     lo = max(L - max(1, rt.config.window), row.first)
     q = query[row.start + lo - row.first : row.start + L - row.first]
     scored = heads.compressed + heads.pivots
+    if not scored:  # (this rank's heads of the layer are all volatile)
+        return
     whole = row.first == 0
     if whole:
         k_prompt, v_prompt = key[row.start : row.start + L], value[row.start : row.start + L]
@@ -172,40 +174,100 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
     """Buffer the pivots' queries of the step's decoding rows in their query rings
     (``runtime.rings``), one indexed copy per phase of the plan; a row whose ring is full checks
     its drift and, on drift, starts the refill of the pivot's satellites from the host tier
-    (asynchronous; it is waited for when the layer next reads them, see ``RefillQueue``)."""
+    (asynchronous; it is waited for when the layer next reads them, see ``RefillQueue``).
+
+    Pivot clusters across tensor-parallel ranks: every rank runs this for every check of a
+    layer that has one (the plans are the same on every rank), the rank that decides for a
+    pivot puts its decision and ranked positions in a message, and one exchange per layer and
+    step (a sum over the ranks) gives every rank the messages of all; each refills its own
+    satellites from them, exactly as if the pivot were local.
+    """
     rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
     t, _, d = query.shape
     p = list(heads.pivots)
     per_head = query.view(t, ls.num_kv_heads, -1, d)  # [T, H_kv, G, D]
     rings = rt.rings.of_layer(layer, per_head.shape[2], d)
     caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
+    sent: list[tuple[Row, torch.Tensor]] = []  # clusters across ranks: per check, its message (_message)
     for phase in ls.plan.drift:  # the phase's tokens first: a mixed step's prefill tokens are not copied
-        rings[phase.slots, :, phase.places] = per_head[phase.tokens][:, p].float()
+        if p:
+            rings[phase.slots, :, phase.places] = per_head[phase.tokens][:, p].float()
         for check in phase.checks:
             row, state = check.row, check.row.state
             plan = state.plan
-            result = kernels.drift_check(
-                rings[state.ring], caches, tables, row.index, check.key_len, plan.prompt_len - plan.window,
-                state.references[layer], plan.reference_topk, rt.threshold, rt.config.pool_kernel, pools.layout,
-            )
-            rt.counters.drift_checks += 1
-            for i in torch.nonzero(result.drift)[:, 0].tolist():
-                rt.counters.drifts += 1
-                state.references[layer][i] = result.latest_topk[i]
-                sats = heads.satellites.get(heads.pivots[i], ())
-                if sats and state.host:
-                    _refill(ls, row, sats, result.latest_scores[i], result.latest_topk[i])
+            cut = plan.prompt_len - plan.window
+            result = None
+            if p:
+                result = kernels.drift_check(
+                    rings[state.ring], caches, tables, row.index, check.key_len, cut, state.references[layer],
+                    plan.reference_topk, rt.threshold, rt.config.pool_kernel, pools.layout,
+                )
+                rt.counters.drift_checks += 1
+                for i in torch.nonzero(result.drift)[:, 0].tolist():
+                    rt.counters.drifts += 1
+                    state.references[layer][i] = result.latest_topk[i]
+                    sats = heads.satellites.get(heads.pivots[i], ())
+                    if sats and state.host:
+                        width = max(_refill_counts(ls, row, sats))
+                        _refill(ls, row, sats, _ranked(result.latest_scores[i], result.latest_topk[i], width, cut))
+            if heads.shared:
+                sent.append((row, _message(heads.shared, result, state.shared_width[layer], cut)))
+    if sent:
+        width = max(m.shape[1] for _, m in sent)
+        messages = torch.zeros(len(sent), len(heads.shared), width, dtype=torch.int64)
+        for n, (_, m) in enumerate(sent):
+            messages[n, :, : m.shape[1]] = m
+        received = rt.exchange(messages)
+        for (row, _), got in zip(sent, received):
+            for x, sats in enumerate(heads.shared_satellites):
+                if sats and got[x, 0] and row.state.host:
+                    _refill(ls, row, sats, got[x, 1:] - 1)
 
 
-def _refill(ls: LayerStep, row: Row, sats, pivot_scores: torch.Tensor, pivot_top: torch.Tensor) -> None:
-    """Queue the copies of the satellites' new selection from the host tier into their slots."""
+def _message(shared: tuple[int, ...], result: ref.DriftResult | None, width: int, cut: int) -> torch.Tensor:
+    """int64 ``[X, 1 + width]``: for each cluster across ranks whose pivot this rank decides
+    (``LayerHeads.shared``), 1 if it drifted and then its ``width`` best positions plus one
+    (:func:`_ranked`; 0 pads); zeros for the others (they come from their ranks: the exchange sums)."""
+    out = torch.zeros(len(shared), 1 + width, dtype=torch.int64)
+    for x, i in enumerate(shared):
+        if i >= 0 and bool(result.drift[i]):
+            ranked = _ranked(result.latest_scores[i], result.latest_topk[i], width, cut)
+            out[x, 0] = 1
+            out[x, 1 : 1 + ranked.numel()] = ranked + 1
+    return out
+
+
+def _ranked(scores: torch.Tensor, top: torch.Tensor, width: int, cut: int) -> torch.Tensor:
+    """A pivot's ``width`` best positions below ``cut``, best first (equal scores: lower position
+    first, as ``ref.topk_positions``), so that any satellite's selection is a prefix of them.
+    Taken among its top-K (``top``, ascending, -1 padded) when they are enough."""
+    top = top[top >= 0]
+    width = max(0, min(width, cut))
+    candidates = top if top.numel() >= width else torch.arange(cut)
+    return candidates[torch.sort(-scores[candidates], stable=True).indices[:width]]
+
+
+def _refill_counts(ls: LayerStep, row: Row, sats) -> list[int]:
+    """The refillable slots of each satellite: its budget minus the window."""
+    plan = row.state.plan
+    return [int(plan.budgets[ls.layer, s]) - plan.window for s in sats]
+
+
+def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
+    """Queue the copies of the satellites' new selection (each the best of its pivot's ``ranked``
+    positions its budget holds, ``ref.refill_indices``) from the host tier into their slots."""
     rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
-    state, plan = row.state, row.state.plan
-    cut = plan.prompt_len - plan.window
-    counts = torch.tensor([int(plan.budgets[layer, s]) - plan.window for s in sats])
-    chosen = _refill_positions(pivot_scores, pivot_top[pivot_top >= 0], counts, cut)
+    state = row.state
+    ranked = ranked[ranked >= 0]
+    counts = torch.tensor(_refill_counts(ls, row, sats)).clamp(0, ranked.numel())
+    width = int(counts.max())
+    if width == 0:
+        return
+    chosen = torch.full((len(sats), width), -1, dtype=torch.int64)
+    for n, c in enumerate(counts.tolist()):
+        chosen[n, :c] = ranked[:c].sort().values
     kept, compressed = state.kept[layer], [heads.compressed.index(s) for s in sats]
-    host, key, width = rt.host, state.key, chosen.shape[1]
+    host, key = rt.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
     caches = [pools.caches[s] for s in sats]
     tables = [pools.tables[s][row.index].clone() for s in sats]  # this step's; the copy runs later
@@ -222,14 +284,3 @@ def _refill(ls: LayerStep, row: Row, sats, pivot_scores: torch.Tensor, pivot_top
 
     rt.refills.submit(key, layer, copy)
     rt.counters.refilled_heads += len(sats)
-
-
-def _refill_positions(scores: torch.Tensor, top: torch.Tensor, counts: torch.Tensor, cut: int) -> torch.Tensor:
-    """``ref.refill_indices`` of one pivot's scores for its satellites. The top ``c`` positions
-    are a prefix of the pivot's top-K order (score descending, position ascending), so when every
-    count fits in its top-K (ascending positions ``top``) they are chosen among those K only."""
-    n = len(counts)
-    if top.numel() < min(cut, int(counts.max())):
-        return ref.refill_indices(scores[None].expand(n, -1), counts, torch.full((n,), cut))
-    picks = ref.refill_indices(scores[top][None].expand(n, -1), counts, torch.full((n,), top.numel()))
-    return torch.where(picks >= 0, top[picks.clamp_min(0)], picks)

@@ -11,11 +11,12 @@ plans the step once (``runtime.step``); the layers only execute that plan.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, check_pools_uniform
+from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
@@ -25,11 +26,9 @@ from vllm_heterocache.runtime.refill import RefillQueue
 from vllm_heterocache.runtime.rings import QueryRings
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
 from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
+from vllm_heterocache.sharding import FULL_POOL, model_caches, rank_of_heads, sharing_summary
 
 log = logging.getLogger("vllm.heterocache")
-
-
-FULL_POOL = -1
 
 
 @dataclass(frozen=True)
@@ -37,15 +36,26 @@ class LayerHeads:
     """The local KV heads of one layer by role (indices are local to this TP rank).
 
     ``pool[j]``: the KV pool of local head ``j``: ``FULL_POOL``, or the budget class of a
-    compressed head (``HeteroCacheRuntime.capacities``).
+    compressed head (``HeteroCacheRuntime.capacities``). ``cache_of[j]``: the layer's KV cache
+    that holds it, of ``cache_pools`` (the layer's caches, the same on every rank: on a rank
+    whose mix of pools differs from another's, a compressed head may sit in a cache with more
+    room than its pool, ``sharding``).
     """
 
     full: tuple[int, ...]
     compressed: tuple[int, ...]
     pivots: tuple[int, ...]
-    satellites: dict[int, tuple[int, ...]]  # local pivot -> its local satellites
+    satellites: dict[int, tuple[int, ...]]  # local pivot -> its satellites (clusters inside this rank)
     host_rows: dict[int, int]  # local satellite -> its row in the host tier
     pool: tuple[int, ...]
+    cache_of: tuple[int, ...]
+    cache_pools: tuple[int, ...]
+    # Clusters across ranks (the same list on every rank, by pivot): their drift decisions and
+    # refill positions are exchanged (``runtime.layer.track_drift``). ``shared[x]``: the index in
+    # ``pivots`` of cluster x's pivot if this rank decides for it (the lowest rank holding it),
+    # else -1; ``shared_satellites[x]``: cluster x's satellites on this rank.
+    shared: tuple[int, ...] = ()
+    shared_satellites: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass
@@ -65,16 +75,18 @@ class HeteroCacheRuntime:
         tp_rank: int,
         tp_size: int,
         block_size: int,
+        exchange: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
+        """``exchange(t)``: ``t`` summed over the tensor-parallel ranks (every rank calls it with
+        the same shape, in the same order); needed when pivot clusters cross ranks."""
         self.profile = profile
         self.config = config
         self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
-        self.capacities, class_of = self.planner.capacity_classes(config.budget_classes)
-
-        def pool_of(layer: int, head: int) -> int:
-            return FULL_POOL if self.planner.keep_all else class_of.get((layer, head), FULL_POOL)
-
-        check_pools_uniform(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
+        self.capacities, pool_of = self.planner.pools()
+        self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
+        self._compresses = any(pool_of(layer, h) != FULL_POOL
+                               for layer in range(profile.num_layers) for h in range(profile.num_kv_heads))
+        self.sharing = sharing_summary(pool_of, self.caches, profile.num_kv_heads, tp_size) if tp_size > 1 else ""
         self.threshold = (
             config.stability_threshold
             if config.stability_threshold is not None
@@ -88,38 +100,53 @@ class HeteroCacheRuntime:
         self.step: StepPlan = empty_plan(profile.num_layers)  # the current step (begin_step)
         self.group_of: dict[str, int] = {}  # KV cache (layer) name -> its KV cache group (adapter)
         local = {g: j for j, g in enumerate(self.planner.heads)}
+        holders = rank_of_heads(profile.num_kv_heads, tp_size)
         self.layers: list[LayerHeads] = []
+        across_satellites = []  # per layer, per cluster across ranks: its satellites (global KV heads)
         rows = 0
         for layer, types in enumerate(profile.head_types):
             heads = [types[g] for g in self.planner.heads]
             pool = tuple(pool_of(layer, g) for g in self.planner.heads)
-            sats = {
-                local[c.pivot]: tuple(local[s] for s in c.satellites)
-                for c in profile.clusters_of_layer(layer)
-                if c.pivot in local
-            }
+            pivots = tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT)
+            clusters = profile.clusters_of_layer(layer)
+            inside = [c for c in clusters if all(holders[s] == holders[c.pivot] for s in c.satellites)]
+            across = sorted((c for c in clusters if c not in inside), key=lambda c: c.pivot)
+            sats = {local[c.pivot]: tuple(local[s] for s in c.satellites) for c in inside if c.pivot in local}
+            shared_sats = tuple(tuple(local[s] for s in c.satellites if s in local) for c in across)
+            across_satellites.append(tuple(c.satellites for c in across))
             host_rows = {}  # only refills read the host tier
-            for s in sorted(h for group in sats.values() for h in group) if config.refill else ():
+            for s in sorted({h for group in (*sats.values(), *shared_sats) for h in group}) if config.refill else ():
                 host_rows[s], rows = rows, rows + 1
             self.layers.append(
                 LayerHeads(
                     full=tuple(j for j, p in enumerate(pool) if p == FULL_POOL),
                     compressed=tuple(j for j, p in enumerate(pool) if p != FULL_POOL),
-                    pivots=tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT),
+                    pivots=pivots,
                     satellites=sats,
                     host_rows=host_rows,
                     pool=pool,
+                    cache_of=self.caches[layer].cache_of[tp_rank],
+                    cache_pools=self.caches[layer].pools,
+                    shared=tuple(pivots.index(local[c.pivot]) if min(holders[c.pivot]) == tp_rank else -1
+                                 for c in across),
+                    shared_satellites=shared_sats,
                 )
             )
         self.num_host_rows = rows
         self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
-        self._tracks_drift = config.refill and any(lh.pivots for lh in self.layers)
+        # Every rank plans the same drift checks (clusters across ranks exchange their results).
+        self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in profile.head_types for t in row)
+        self.exchange = exchange
+        self._across = across_satellites if any(lh.shared for lh in self.layers) else []
+        if self._across and exchange is None:
+            raise ValueError("heterocache: pivot clusters cross tensor-parallel ranks: the runtime needs an exchange")
 
     @property
     def compresses(self) -> bool:
-        """False when every token of every head is kept (ratio 1 or an all-full profile): then
-        every head is in the full pool and the backend is vLLM's CPU backend, unchanged."""
-        return any(lh.compressed for lh in self.layers)
+        """False when every token of every head of every rank is kept (ratio 1 or an all-full
+        profile): then every head is in the full pool and the backend is vLLM's CPU backend,
+        unchanged. (The same on every rank: they lay out the same caches and check together.)"""
+        return self._compresses
 
     # -- request lifecycle (called by the model-runner hooks) -----------------------------------
 
@@ -179,6 +206,12 @@ class HeteroCacheRuntime:
         state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len))
         if self._tracks_drift and not plan.keeps_all:
             state.ring = self.rings.acquire(key)
+            if self._across:  # the most refill positions a cluster across ranks needs
+                every = plan.every_budgets
+                state.shared_width = [
+                    max((int(every[layer, s]) - plan.window for sats in across for s in sats), default=0)
+                    for layer, across in enumerate(self._across)
+                ]
         if self.host is not None and self.num_host_rows and not plan.keeps_all:
             state.host = self.host.allocate(key, prompt_len)
             if not state.host:
@@ -209,4 +242,5 @@ class HeteroCacheRuntime:
             f"a {example_prompt}-token prompt keeps {span} tokens per compressed head (fraction kept "
             f"{plan.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
             f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}; decode attention: {kernels.describe()}"
+            + (f"; {self.sharing}" if self.sharing else "")
         )

@@ -27,6 +27,8 @@ class RequestState:
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, K] int64, -1 pad
     ring: int | None = None  # its slot in the pivots' query rings (runtime.rings); None: no drift checks
     buffered: int = 0  # decode queries in its rings since the last check (the same in every layer)
+    shared_width: list[int] = field(default_factory=list)  # per layer: refill positions a pivot cluster
+    # across tensor-parallel ranks sends on drift (its satellites' largest budget minus the window)
 
     @property
     def prompt_len(self) -> int:

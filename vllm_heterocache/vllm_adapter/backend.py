@@ -136,6 +136,7 @@ class _Layer:
 
     index: int  # model layer
     heads: LayerHeads
+    own: torch.Tensor  # the layer's own cache (cache 0), as vLLM passes it
     caches: tuple[torch.Tensor, ...]  # local KV head j: [num_blocks, 1, block_size, 2 * D]
     groups: tuple[int, ...]  # local KV head j: the KV cache group of its cache
     scales: tuple[float, float]
@@ -155,11 +156,14 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
     def _layer(self, layer, kv_cache: torch.Tensor) -> _Layer:
         """The layer's index, heads and per-head caches, resolved once (again if vLLM rebinds)."""
         bound = self._bound
-        if bound is None or bound.caches[0] is not kv_cache:
+        if bound is None or bound.own is not kv_cache:
             index = compat.layer_index(layer.layer_name)
-            names = [head_cache_name(layer.layer_name, j) for j in range(self.num_kv_heads)]
+            heads = self.runtime.layers[index]
+            names = [head_cache_name(layer.layer_name, c) for c in heads.cache_of]
+            others = [n for n in names if n != layer.layer_name]
+            companions = dict(zip(others, compat.companion_caches(others)))
             bound = self._bound = _Layer(
-                index, self.runtime.layers[index], (kv_cache, *compat.companion_caches(names[1:])),
+                index, heads, kv_cache, tuple(kv_cache if n == layer.layer_name else companions[n] for n in names),
                 tuple(self.runtime.group_of[name] for name in names), compat.kv_scales(layer),
             )
         return bound

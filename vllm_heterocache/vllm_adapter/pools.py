@@ -1,8 +1,10 @@
 """Separate KV pools for full and compressed heads, carved from vLLM's own KV cache budget.
 
 Each attention layer's KV cache spec is split per KV head (``split_kv_cache_specs``, applied to
-the model runner's specs by ``runner_hooks``): head 0 stays in the layer's own cache, head ``j > 0``
-gets a companion cache layer ``<layer>.heterocache.<j in letters>``, each holding one head:
+the model runner's specs by ``runner_hooks``) into the layer's caches (``LayerHeads.cache_pools``,
+one per local head; with tensor parallelism padded to the same caches on every rank, see
+``sharding``): cache 0 is the layer's own, cache ``j > 0`` a companion cache layer
+``<layer>.heterocache.<j in letters>``, each holding one head:
 
 - full heads (volatile, pivot): a ``FullAttentionSpec``: every token, the stock block manager;
 - compressed heads (anchor, satellite): a ``CompressedPoolSpec`` of the head's budget class,
@@ -31,7 +33,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
 from vllm_heterocache.budget import PoolCapacity
-from vllm_heterocache.runtime.model import FULL_POOL, HeteroCacheRuntime
+from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.sharding import FULL_POOL
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
 
 COMPANION_INFIX = ".heterocache."
@@ -102,23 +105,23 @@ def is_heterocache_layer(module) -> bool:
     return backend is not None and backend.get_name() == BACKEND_NAME
 
 
-def head_cache_name(layer_name: str, head: int) -> str:
-    """The cache layer holding local KV head ``head`` of attention layer ``layer_name``.
+def head_cache_name(layer_name: str, cache: int) -> str:
+    """The name of cache ``cache`` of attention layer ``layer_name`` (``LayerHeads.cache_of``).
 
-    The head is spelled in letters (1 -> "b", 26 -> "ba"): vLLM reads the layer index as the
+    The cache is spelled in letters (1 -> "b", 26 -> "ba"): vLLM reads the layer index as the
     only integer in a layer name."""
-    if head == 0:
+    if cache == 0:
         return layer_name
     letters = ""
     while True:
-        head, digit = divmod(head, 26)
+        cache, digit = divmod(cache, 26)
         letters = chr(ord("a") + digit) + letters
-        if head == 0:
+        if cache == 0:
             return f"{layer_name}{COMPANION_INFIX}{letters}"
 
 
 def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], forward_context: dict) -> dict[str, KVCacheSpec]:
-    """The runner's per-layer specs with each HeteroCache layer split into one cache per head.
+    """The runner's per-layer specs with each HeteroCache layer split into its single-head caches.
 
     Registers the companion layers in ``forward_context`` (vLLM binds their caches and builds
     their metadata like any attention layer's).
@@ -131,7 +134,7 @@ def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], 
             continue
         heads = rt.layers[compat.layer_index(name)]
         group = module.num_heads // spec.num_kv_heads
-        for j, pool in enumerate(heads.pool):
+        for c, pool in enumerate(heads.cache_pools):
             head_spec = replace(spec, num_kv_heads=1) if pool == FULL_POOL else CompressedPoolSpec(
                 block_size=spec.block_size,
                 num_kv_heads=1,
@@ -140,8 +143,8 @@ def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], 
                 dtype=spec.dtype,
                 capacity=rt.capacities[pool],
             )
-            store = head_cache_name(name, j)
-            if j and store not in forward_context:
+            store = head_cache_name(name, c)
+            if c and store not in forward_context:
                 forward_context[store] = HeadCacheLayer(store, head_spec, group, module.attn_backend)
             out[store] = head_spec
     return out

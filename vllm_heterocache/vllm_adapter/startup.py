@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import weakref
 
+import torch
+
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.profile.resolve import resolve_profile
@@ -85,10 +87,21 @@ def _build(vllm_config) -> HeteroCacheRuntime:
         raise ConfigError("heterocache does not support pipeline parallelism yet: use --pipeline-parallel-size 1")
     model_config = vllm_config.model_config
     profile = resolve_profile(model_config.hf_config, model_config.model, config.profile)
+    tp_size = get_tensor_model_parallel_world_size()
     return HeteroCacheRuntime(
         profile,
         config,
         tp_rank=get_tensor_model_parallel_rank(),
-        tp_size=get_tensor_model_parallel_world_size(),
+        tp_size=tp_size,
         block_size=cache.block_size,
+        exchange=_tp_sum if tp_size > 1 else None,
     )
+
+
+def _tp_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the tensor-parallel ranks, in place, on the TP group's CPU (gloo)
+    group: the drift messages of pivot clusters across ranks are small host tensors."""
+    from vllm.distributed import get_tp_group
+
+    torch.distributed.all_reduce(tensor, group=get_tp_group().cpu_group)
+    return tensor
