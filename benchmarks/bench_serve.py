@@ -78,7 +78,7 @@ METRICS = [
     ("ITL p99 (ms)", "p99_itl_ms", False),
     ("TPOT p50 (ms)", "p50_tpot_ms", False),
 ]
-STATS_INTERVAL_S = float(os.environ.get("HETEROCACHE_STATS_INTERVAL_S", "10"))
+STATS_INTERVAL_S = 10.0  # heterocache.stats_interval_s's default
 
 _GROUPS: set[int] = set()  # process groups started here and not yet ended
 
@@ -308,7 +308,7 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
             # The stats line is logged at the first step after each interval: one 1-token request
             # after an interval of quiet makes the last line cover the whole run.
             before = len(stats_lines(server_log))
-            time.sleep(STATS_INTERVAL_S + 0.5)
+            time.sleep(case["options"].get("stats_interval_s", STATS_INTERVAL_S) + 0.5)
             try:
                 req = urllib.request.Request(f"{base}/v1/completions", headers={"Content-Type": "application/json"},
                                              data=json.dumps({"model": served, "prompt": "Hello", "max_tokens": 1}).encode())

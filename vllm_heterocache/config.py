@@ -56,6 +56,9 @@ class HeteroCacheConfig:
             full head. Checked against available memory at startup.
         host_tier_path: a directory: back the host tier with a file there (memory-mapped, so the
             full copies can leave RAM). None: anonymous memory.
+        stats_interval_s: seconds between two metrics lines in the engine log (README,
+            "Metrics"). Part of the config, not an environment variable, so it reaches every
+            worker, Ray actors included.
     """
 
     profile: str | None = None
@@ -71,6 +74,7 @@ class HeteroCacheConfig:
     budget_classes: int = 4
     host_tier_gib: float | None = None
     host_tier_path: str | None = None
+    stats_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_type(self)
@@ -93,6 +97,8 @@ class HeteroCacheConfig:
         _positive("budget_classes", self.budget_classes)
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"heterocache.pool_kernel must be odd, got {self.pool_kernel}")
+        if not (math.isfinite(self.stats_interval_s) and self.stats_interval_s > 0):
+            raise ConfigError(f"heterocache.stats_interval_s must be a positive number of seconds, got {self.stats_interval_s}")
         g = self.host_tier_gib
         if g is not None and not (math.isfinite(g) and g > 0):
             raise ConfigError(f"heterocache.host_tier_gib must be a positive number of GiB, got {g}")
@@ -143,6 +149,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "budget_classes": (int,),
     "host_tier_gib": (float, int),
     "host_tier_path": (str,),
+    "stats_interval_s": (float, int),
 }
 
 
@@ -158,7 +165,7 @@ def _check_type(cfg: HeteroCacheConfig) -> None:
             raise ConfigError(f"heterocache.{f.name} must be {names}, got {value!r} ({type(value).__name__})")
     if cfg.compression_ratio is not None:
         object.__setattr__(cfg, "compression_ratio", float(cfg.compression_ratio))
-    for name in ("stability_threshold", "host_tier_gib"):
+    for name in ("stability_threshold", "host_tier_gib", "stats_interval_s"):
         if getattr(cfg, name) is not None:
             object.__setattr__(cfg, name, float(getattr(cfg, name)))
 

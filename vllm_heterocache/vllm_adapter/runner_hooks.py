@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 
 import psutil
@@ -24,7 +23,6 @@ from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, is_heterocac
 
 log = logging.getLogger("vllm.heterocache")
 
-STATS_INTERVAL_S = float(os.environ.get("HETEROCACHE_STATS_INTERVAL_S", "10"))  # the metrics line
 GIB = 1 << 30
 
 
@@ -70,22 +68,24 @@ def attach_host_tier(runner, kv_cache_config) -> None:
     token_bytes = rt.num_host_rows * 2 * model.get_head_size() * torch.empty((), dtype=dtype).element_size()
     block_bytes = token_bytes * block_size
     available = psutil.virtual_memory().available
+    sharers = _host_tiers_on_node(runner.vllm_config.parallel_config)
     cfg = rt.config
     if cfg.host_tier_gib is not None:
         want = int(cfg.host_tier_gib * GIB)
-        if cfg.host_tier_path is None and want > 0.9 * available:
+        if cfg.host_tier_path is None and want * sharers > 0.9 * available:
             raise ConfigError(
-                f"heterocache.host_tier_gib={cfg.host_tier_gib} does not fit: {available / GIB:.1f} GiB of "
+                f"heterocache.host_tier_gib={cfg.host_tier_gib} does not fit: it is per rank, {sharers} rank(s) of "
+                f"this node hold one (tensor x pipeline x local data parallel), and {available / GIB:.1f} GiB of "
                 "memory is available. Lower heterocache.host_tier_gib, or set heterocache.host_tier_path to "
-                "back the host tier with a file."
+                "back the host tiers with files."
             )
         num_blocks = want // block_bytes
     else:
         # Room for as many prompt tokens as the KV cache holds for a full head, capped at half
-        # the available memory.
+        # the available memory, shared by the node's ranks.
         num_blocks = kv_cache_config.num_blocks * _largest_block(kv_cache_config) // block_size
         if cfg.host_tier_path is None:
-            num_blocks = min(num_blocks, int(0.5 * available) // block_bytes)
+            num_blocks = min(num_blocks, int(0.5 * available / sharers) // block_bytes)
     if num_blocks < 1:
         raise ConfigError(
             f"heterocache: the host tier cannot hold one block ({block_bytes} bytes): raise heterocache.host_tier_gib"
@@ -95,10 +95,17 @@ def attach_host_tier(runner, kv_cache_config) -> None:
                  num_blocks=num_blocks, path=cfg.host_tier_path)
     )
     log.info(
-        "heterocache host tier: %.2f GiB for %d prompt tokens of %d satellite heads (%s)",
+        "heterocache host tier: %.2f GiB for %d prompt tokens of %d satellite heads (%s; one of %d on this node)",
         rt.host.nbytes / GIB, num_blocks * block_size, rt.num_host_rows,
-        f"file-backed in {cfg.host_tier_path}" if cfg.host_tier_path else "in RAM",
+        f"file-backed in {cfg.host_tier_path}" if cfg.host_tier_path else "in RAM", sharers,
     )
+
+
+def _host_tiers_on_node(parallel) -> int:
+    """The ranks of this node that each allocate a host tier: the tensor- and pipeline-parallel
+    ranks of one engine on this node, times the data-parallel engines of this node."""
+    per_node = max(1, parallel.world_size // max(1, parallel.nnodes))
+    return per_node * max(1, parallel.data_parallel_size_local)
 
 
 def _largest_block(kv_cache_config) -> int:
@@ -113,7 +120,7 @@ def requests_ended(runner, scheduler_output) -> None:
     if ended:
         rt.finish(ended)
     state, now = _state(runner), time.monotonic()
-    if now - state["stats_at"] >= STATS_INTERVAL_S:
+    if now - state["stats_at"] >= rt.config.stats_interval_s:
         state["stats_at"] = now
         log.info("%s", stats_line(rt, device_pool_usage(runner)))
 
