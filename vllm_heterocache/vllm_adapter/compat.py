@@ -10,7 +10,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | name | why | remove when |
 |---|---|---|
 | ``CpuPlatform.get_attn_backend_cls`` (patched) | on CPU, vLLM returns CPU_ATTN for every decoder layer whatever backend was asked for (``platforms/cpu.py``), logging only "Cannot use ... backend on CPU": HETEROCACHE would be silently replaced by the stock backend | vLLM's CPU platform honours registered custom backends |
-| ``AttentionBackendEnum._member_map_``, the member's ``__reduce_ex__`` (patched) | a member created at run time pickles by value, and spawned engine/worker processes unpickle the config before plugins load: the lookup fails there; pickled by name, the unpickler registers it first | vLLM loads plugins before unpickling configs, or pickles members by name |
+| ``AttentionBackendEnum._member_map_``, the member's ``__reduce_ex__`` (patched) | a member created at run time pickles by value, and spawned engine/worker processes (and Ray actors) unpickle the config before plugins load: the lookup fails there; pickled as a call of ``registration.backend_member``, the unpickler registers everything first (also the CPU platform patch, else the actor would silently run the stock backend) | vLLM loads plugins before unpickling configs, or pickles members by name |
 | ``KVCacheSpecRegistry._ensure_registered`` | registering a spec before the built-in ones makes the registry skip the built-ins | vLLM registers its built-ins on import of the registry |
 | ``SingleTypeKVCacheManager._remove_blocks_in_range`` | the compressed pools' manager frees a middle range of a request's blocks, as vLLM's R-SWA manager does; there is no public method for it | vLLM exposes a public range-free on managers |
 | ``GPUModelRunner.get_kv_cache_spec`` (patched; the CPU runner inherits it) | a backend can reshape a layer's spec only uniformly (``customize_spec`` gets no layer), but HeteroCache keeps each layer's heads in caches of per-layer pools | vLLM lets a backend build per-layer specs and companion caches |
@@ -39,15 +39,18 @@ _APPLIED: set[str] = set()
 # -- selection of the backend (registration.register) ---------------------------------------------
 
 
-def register_backend_member(name: str, path: str):
-    """Create (once) and return ``AttentionBackendEnum.<name>``, pickled by name; idempotent."""
+def register_backend_member(name: str, path: str, unpickle):
+    """Create (once) and return ``AttentionBackendEnum.<name>``; idempotent. It pickles as a call
+    of ``unpickle()`` (which must register everything and return the member), so a process that
+    unpickles a config selecting it before loading plugins (a spawned worker, a Ray actor) is
+    set up in full instead of silently getting the platform's default backend."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
     member = AttentionBackendEnum._member_map_.get(name)
     if member is None:
         register_backend(name, path)
         member = AttentionBackendEnum[name]
-        member.__reduce_ex__ = lambda protocol: (register_backend_member, (name, path))
+        member.__reduce_ex__ = lambda protocol: (unpickle, ())
     return member
 
 

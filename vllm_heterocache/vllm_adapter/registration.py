@@ -8,7 +8,7 @@ from vllm_heterocache.vllm_adapter import BACKEND_NAME, BACKEND_PATH, compat
 def register() -> None:
     """``AttentionBackendEnum.HETEROCACHE``, the compressed pools' KV cache spec and, on CPU, the
     platform patch that honours the selection (``compat``). Idempotent."""
-    compat.register_backend_member(BACKEND_NAME, BACKEND_PATH)
+    compat.register_backend_member(BACKEND_NAME, BACKEND_PATH, backend_member)
     from vllm.platforms import current_platform
 
     from vllm_heterocache.vllm_adapter.pools import register_pool_spec
@@ -20,3 +20,11 @@ def register() -> None:
 
     if timing.ENABLED:  # HETEROCACHE_STEP_TIMING=1: the benchmarks' per-step breakdown
         compat.install_step_timing(timing.TIMER)
+
+
+def backend_member():
+    """``AttentionBackendEnum.HETEROCACHE`` after :func:`register` (how the member unpickles)."""
+    register()
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    return AttentionBackendEnum[BACKEND_NAME]
