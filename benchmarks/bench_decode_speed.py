@@ -1,6 +1,7 @@
 """Decode speed and time to first token: HeteroCache against vLLM's own CPU backend, same run.
 
     python benchmarks/bench_decode_speed.py [--cases smollm2:4096:r0.5,smollm2:8192:b0.25,tiny:32768:r0.25]
+                                            [--tp-size 2]
 
 For each case one prompt of the given length (public-domain text) is generated greedily with 128
 new tokens per backend, each run in its own engine process (eager mode for both); with
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -75,8 +77,12 @@ def kept_fraction(profile: str | Path, options: dict, length: int) -> float:
 
 
 def run(model: str, length: int, new: int, extra: dict) -> dict:
+    env = dict(os.environ)
+    tp = extra.get("tensor_parallel_size", 1)
+    if tp > 1:  # one core per rank (vLLM's automatic binding refuses two ranks on one NUMA node)
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(tp))
     out = subprocess.run([sys.executable, "-c", WORKER, model, str(length), str(new), json.dumps(extra)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=env)
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(out.stderr[-4000:])
@@ -104,6 +110,9 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=1, help="runs per setting, interleaved; medians are reported")
     p.add_argument("--out", type=Path)
+    p.add_argument("--tp-size", type=int, default=1,
+                   help="tensor-parallel ranks for every setting, one core each (the tiny model's 2 KV heads: "
+                        "its pivot and satellite in layer 0 are on different ranks at 2)")
     a = p.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
     from backend_support import save_synthetic_profile
@@ -123,10 +132,11 @@ def main() -> None:
             profile = save_synthetic_profile(Path(model), ["PS", "AA", "AA", "AA"],
                                              Path("/tmp/heterocache-bench-tiny-profile.json"))
             options["profile"] = str(profile)
+        tp = {"tensor_parallel_size": a.tp_size, "distributed_executor_backend": "mp"} if a.tp_size > 1 else {}
         settings = {
-            "stock": {},
-            "heterocache": {"attention_backend": "heterocache", "additional_config": {"heterocache": options}},
-            "heterocache-norefill": {"attention_backend": "heterocache",
+            "stock": {**tp},
+            "heterocache": {**tp, "attention_backend": "heterocache", "additional_config": {"heterocache": options}},
+            "heterocache-norefill": {**tp, "attention_backend": "heterocache",
                                      "additional_config": {"heterocache": {**options, "refill": False}}},
         }
         runs: dict[str, list[dict]] = {label: [] for label in settings}
