@@ -43,6 +43,17 @@ def save_synthetic_profile(model_dir: Path, pattern: list[str], out: Path) -> Pa
     return out
 
 
+def save_converted_profile(model_dir: Path, source: Path, out: Path) -> Path:
+    """``source``'s head types, clusters and budget ratios for the model in ``model_dir``, which
+    must have its shape (layers, KV heads): a real profile's layout on a small model."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    data = json.loads(Path(source).read_text())
+    data["model"] = ModelFingerprint.from_hf_config(config, name=Path(model_dir).name).to_json()
+    data["provenance"] = {**data["provenance"], "command": f"tests: {Path(source).name}'s layout on {model_dir}"}
+    HeadProfile.from_json(data, source=f"<{Path(source).name} on {Path(model_dir).name}>").save(out)
+    return out
+
+
 def write_tokens(kv_cache: torch.Tensor, isa: str, block_row: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
     """Write K/V ``[n, H_kv, D]`` of positions ``start ..`` with vLLM's own cache-write op."""
     from vllm import _custom_ops as ops

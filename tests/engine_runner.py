@@ -110,6 +110,12 @@ def main():
         options = {"compression_ratio": 0.6, "window": 8, "drift_interval": 3}
         results["compressed_tp1"] = generate(model, lengths, 48, **heterocache(profile, **options))
         results["compressed"] = generate(model, lengths, 48, **tp, **heterocache(profile, **options))
+    elif scenario == "tp2_real":  # a real profile's layout (uneven mixes, clusters across ranks) at TP 1 and 2
+        options = {"compression_ratio": 0.5, "window": 8, "drift_interval": 3}
+        long = [300, 1100, 700]
+        results["compressed_tp1"] = generate(model, long, 32, **heterocache(profile, **options))
+        results["compressed"] = generate(model, long, 32, tensor_parallel_size=2, distributed_executor_backend="mp",
+                                         **heterocache(profile, **options))
     elif scenario == "multiprocess":
         results["compressed"] = generate(model, lengths[:2], 12, **heterocache(profile, compression_ratio=0.6))
     print("RESULT " + json.dumps(results))

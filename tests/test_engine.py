@@ -93,6 +93,34 @@ def test_tensor_parallel_two_ranks(tiny, tiny_profile):
     assert "tensor_parallel_size=2: of the" in log  # how the ranks share the cache layout
 
 
+def test_tensor_parallel_two_ranks_with_a_real_profile(tmp_path):
+    """Llama-3.1-8B-Instruct's shipped layout (32 layers x 8 KV heads: at TP=2, 32 of its 33
+    clusters cross ranks and the ranks' mixes of pools differ) on a random model of that shape."""
+    from backend_support import save_converted_profile
+
+    from vllm_heterocache.models.tiny import build_tiny_model
+    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.sharding import crossing_clusters
+
+    model = build_tiny_model(num_layers=32, num_key_value_heads=8, num_attention_heads=16, head_dim=32,
+                             hidden_size=256)
+    profile = save_converted_profile(model, PROFILES / "Llama-3.1-8B-Instruct.json", tmp_path / "llama-layout.json")
+    assert len(crossing_clusters(load_profile(profile), 2)) == 32
+    results, log = run_engines("tp2_real", model, profile, timeout=1500, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    tp1, tp2 = results["compressed_tp1"]["tokens"], results["compressed"]["tokens"]
+    assert [len(t) for t in tp2] == [32] * 3
+    assert tp2 == tp1
+    ranks = results["compressed"]["ranks"]
+    assert ranks[0]["cache_pools"] == ranks[1]["cache_pools"]
+    assert any(p0 != p1 for p0, p1 in zip(ranks[0]["cache_of"], ranks[1]["cache_of"]))  # uneven mixes
+    for r in ranks:
+        assert r["counters"]["drift_checks"] > 0 and r["counters"]["refilled_heads"] > 0
+        assert r["states"] == 0 and r["host_used_blocks"] == 0
+    one = results["compressed_tp1"]["counters"]
+    assert sum(r["counters"]["drifts"] for r in ranks) == one["drifts"]
+    assert sum(r["counters"]["refilled_heads"] for r in ranks) == one["refilled_heads"]
+
+
 @pytest.mark.model
 def test_identity_with_the_stock_backend_on_smollm2():
     from vllm_heterocache.models.smollm2 import prepare_default_model
