@@ -77,6 +77,7 @@ class RankWorker:
 # clusters "disabled" (its switch for macOS and Windows) every Ray process stays on 127.0.0.1.
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
 RAY_ENV = dict(os.environ)
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter (PATH may not have it)
 
 
 def free_port() -> int:
@@ -100,7 +101,7 @@ def main():
     ).create_engine_config()
     # a local cluster on loopback (a bare `ray start --head` binds to the machine's address)
     port = free_port()
-    subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+    subprocess.run([*RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
                     "--include-dashboard", "false", "--disable-usage-stats"], check=True, env=RAY_ENV)
     try:
         ray.init(address=f"127.0.0.1:{port}")
@@ -121,7 +122,7 @@ def main():
                                       "num_caches": len(specs[0]), "nodes": nodes}))
     finally:
         ray.shutdown()
-        subprocess.run(["ray", "stop", "--force"], check=False, env=RAY_ENV)
+        subprocess.run([*RAY, "stop", "--force"], check=False, env=RAY_ENV)
 
 
 if __name__ == "__main__":
