@@ -135,13 +135,14 @@ def sharing_summary(pool_of: Callable[[int, int], int], caches: Sequence[LayerCa
     )
 
 
+def away_from_pivot(cluster, holders: list[set[int]]) -> list[int]:
+    """The satellites of a pivot cluster not held by exactly its pivot's ranks (``holders``:
+    :func:`rank_of_heads`); a cluster with any crosses ranks."""
+    return [s for s in cluster.satellites if holders[s] != holders[cluster.pivot]]
+
+
 def crossing_clusters(profile, tp_size: int) -> list[str]:
     """The profile's pivot clusters whose satellites are not all on their pivot's ranks."""
-    ranks = rank_of_heads(profile.num_kv_heads, tp_size)
-    crossing = []
-    for c in profile.clusters:
-        held = ranks[c.pivot]
-        away = [s for s in c.satellites if ranks[s] != held]
-        if away:
-            crossing.append(f"layer {c.layer} pivot {c.pivot} -> satellites {away}")
-    return crossing
+    holders = rank_of_heads(profile.num_kv_heads, tp_size)
+    return [f"layer {c.layer} pivot {c.pivot} -> satellites {away}"
+            for c in profile.clusters if (away := away_from_pivot(c, holders))]

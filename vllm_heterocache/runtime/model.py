@@ -26,7 +26,7 @@ from vllm_heterocache.runtime.refill import RefillQueue
 from vllm_heterocache.runtime.rings import QueryRings
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
 from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
-from vllm_heterocache.sharding import FULL_POOL, model_caches, rank_of_heads, sharing_summary
+from vllm_heterocache.sharding import FULL_POOL, away_from_pivot, model_caches, rank_of_heads, sharing_summary
 
 log = logging.getLogger("vllm.heterocache")
 
@@ -109,8 +109,8 @@ class HeteroCacheRuntime:
             pool = tuple(pool_of(layer, g) for g in self.planner.heads)
             pivots = tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT)
             clusters = profile.clusters_of_layer(layer)
-            inside = [c for c in clusters if all(holders[s] == holders[c.pivot] for s in c.satellites)]
-            across = sorted((c for c in clusters if c not in inside), key=lambda c: c.pivot)
+            inside = [c for c in clusters if not away_from_pivot(c, holders)]
+            across = sorted((c for c in clusters if away_from_pivot(c, holders)), key=lambda c: c.pivot)
             sats = {local[c.pivot]: tuple(local[s] for s in c.satellites) for c in inside if c.pivot in local}
             shared_sats = tuple(tuple(local[s] for s in c.satellites if s in local) for c in across)
             across_satellites.append(tuple(c.satellites for c in across))
