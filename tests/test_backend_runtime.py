@@ -13,6 +13,7 @@ from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.layer import (
     LayerPools,
     LayerStep,
+    attend,
     gather_decode,
     mirror_to_host,
     select_and_compact,
@@ -167,9 +168,11 @@ def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
-def test_drift_refills_satellite_slots_from_the_host_tier(isa):
-    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61)
-    s.prefill()
+def decode_to_a_drift(s):
+    """Three decode steps of request r0 (a "PS" setup of 61 prompt tokens, drift interval 3)
+    whose pivot (head 0) is certain to drift at the third: its reference is made the K positions
+    it now attends to least. Returns the drift check's reference result and the three tokens'
+    K and V ``[3, HKV, D]``."""
     rt, plan = s.rt, s.state.plan
     cut, K = 61 - plan.window, plan.reference_topk
     g = torch.Generator().manual_seed(9)
@@ -181,7 +184,6 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
         return ref.drift_check(qs[:, :3][None], keys, torch.tensor([64]), torch.tensor([cut]), reference,
                                torch.tensor([K]), rt.threshold, 3)
 
-    # make the pivot's reference the K positions it now attends to least: a certain drift
     latest = reference_check(s.state.references[0]).latest_scores[0, :cut]
     s.state.references[0] = torch.sort(latest, stable=True).indices[:K].sort().values[None]
     result = reference_check(s.state.references[0])
@@ -189,8 +191,17 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     for step in range(3):
         s.write(61 + step, ks[step : step + 1], vs[step : step + 1])
         track_drift(s.step(1, 62 + step), qs[step : step + 1])
+    return result, ks, vs
+
+
+def test_drift_refills_satellite_slots_from_the_host_tier(isa):
+    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61)
+    s.prefill()
+    rt, plan = s.rt, s.state.plan
+    cut = 61 - plan.window
+    before = set(s.state.kept[0][0].tolist())  # (the copy may be done as soon as the drift is found)
+    result, _, _ = decode_to_a_drift(s)
     assert rt.counters.drift_checks == 1 and rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
-    before = set(s.state.kept[0][0].tolist())
     rt.refills.wait("r0", 0)
     count = int(plan.budgets[0, 1]) - plan.window
     want = ref.refill_indices(result.latest_scores, torch.tensor([count]), torch.tensor([cut]))[0]
@@ -206,6 +217,34 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     assert torch.equal(s.state.references[0][0], result.latest_topk[0])
     moved = set(want.tolist()) - before  # only positions the satellite did not hold are copied
     assert moved and rt.host.stats.bytes_out == 2 * len(moved) * D * 4
+
+
+def test_a_failed_refill_copy_degrades_its_request_and_the_step_goes_on(isa, caplog):
+    """The host tier loses the request's blocks before its refill copy runs: the step that
+    reads the satellite gets the failure, logs and counts it, and serves the request on from
+    the slots the satellite holds, without refills."""
+    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61)
+    s.prefill()
+    rt = s.rt
+    count = int(s.state.plan.budgets[0, 1]) - s.state.plan.window
+    kept, slots = s.state.kept[0].clone(), s.pools.read(1, 0, torch.arange(count))
+    rt.host.free("r0")
+    _, ks, vs = decode_to_a_drift(s)
+    assert rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
+    g = torch.Generator().manual_seed(5)
+    kn, vn, qn = torch.randn(1, HKV, D, generator=g), torch.randn(1, HKV, D, generator=g), torch.randn(1, HQ, D, generator=g)
+    s.write(64, kn, vn)
+    step = s.step(1, 65)
+    out = torch.zeros(1, HQ, D)
+    with caplog.at_level("WARNING", logger="vllm.heterocache"):
+        attend(step, qn, kn, vn, out, stock=lambda h, prefilling: None)  # full heads: not checked here
+    assert rt.counters.refill_failures == 1 and not s.state.host and len(rt.refills) == 0
+    assert "refill copy of request r0 failed (KeyError" in caplog.text
+    assert torch.equal(s.state.kept[0], kept)  # the selection it holds, as it was
+    assert all(torch.equal(a, b) for a, b in zip(s.pools.read(1, 0, torch.arange(count)), slots))
+    want = masked_dense(s, qn, torch.cat([s.k, ks, kn]), torch.cat([s.v, vs, vn]), [64])
+    satellite = slice(3, 6)  # the query heads of KV head 1
+    torch.testing.assert_close(out[:, satellite], want[:, satellite], rtol=1e-5, atol=1e-6)
 
 
 def test_finish_frees_state_and_host_blocks(isa):

@@ -80,18 +80,21 @@ def test_file_backed_storage(tmp_path):
         tier(path=str(tmp_path / "missing"))
 
 
-def test_refill_queue_waits_per_request_and_layer_and_raises_failures():
+def test_refill_queue_waits_per_request_and_layer_and_returns_failures():
     q = RefillQueue()
     done = []
     q.submit("a", 0, lambda: done.append("a0"))
     q.submit("a", 1, lambda: done.append("a1"))
     q.submit("b", 0, lambda: done.append("b0"))
-    q.wait("a", 0)
+    assert q.wait("a", 0) is None
     assert "a0" in done and len(q) == 2
-    q.wait_request("a")
+    assert q.wait_request("a") is None
     assert "a1" in done and len(q) == 1
     q.submit("c", 0, lambda: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        q.wait("c", 0)
-    q.wait_all()
-    assert len(q) == 0
+    q.submit("c", 0, lambda: done.append("c0"))
+    assert isinstance(q.wait("c", 0), ZeroDivisionError)
+    assert "c0" in done  # the copies after a failed one still ran and were waited for
+    assert q.wait("c", 0) is None  # nothing pending: no wait observed
+    assert q.wait_request("b") is None and len(q) == 0
+    waits = q.waits.cumulative()
+    assert waits[-1] == q.waits.count == 4  # one observation per wait that had copies pending

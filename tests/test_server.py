@@ -112,3 +112,64 @@ def test_malformed_request_gets_a_clear_error(server):
     base, _ = server
     r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": -3}, timeout=60)
     assert r.status_code == 400
+
+
+def scrape(base: str) -> dict:
+    """``/metrics`` parsed by prometheus_client's own parser: ``{family name: Metric}``."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = requests.get(f"{base}/metrics", timeout=30)
+    assert r.status_code == 200
+    return {f.name: f for f in text_string_to_metric_families(r.text)}
+
+
+def value(families: dict, name: str, sample: str | None = None, **labels) -> float:
+    samples = [s for s in families[name].samples
+               if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())]
+    assert samples, f"no sample {sample or name} {labels} in /metrics"
+    return sum(s.value for s in samples)
+
+
+def settled(base: str, timeout: float = 30) -> dict:
+    """``/metrics`` once the rank has published that it holds no request (it does at once when its
+    last request leaves)."""
+    deadline = time.time() + timeout
+    while True:
+        families = scrape(base)
+        if "heterocache_requests" in families and value(families, "heterocache_requests") == 0:
+            return families
+        assert time.time() < deadline, "heterocache_requests did not come back to 0"
+        time.sleep(0.5)
+
+
+def test_metrics_on_the_servers_own_endpoint(server):
+    """HeteroCache's counters, gauges and histogram on vLLM's /metrics, labelled like vLLM's."""
+    from vllm_heterocache.vllm_adapter.metrics import METRICS
+
+    base, _ = server
+    before = settled(base)
+    r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "And the earth was " * 60,
+                                                      "max_tokens": 40, "temperature": 0, "ignore_eos": True},
+                      timeout=120)
+    assert r.status_code == 200, r.text
+    after = settled(base)
+    for name, (kind, _) in METRICS.items():
+        family = "heterocache_" + name
+        assert family in after, f"{family} missing from /metrics"
+        assert after[family].type == kind
+    labels = {"model_name": "tiny", "engine": "0", "tp_rank": "0"}
+    assert all(s.labels.items() >= labels.items() for f in after.values() if f.name.startswith("heterocache_")
+               for s in f.samples)
+    assert "vllm:num_requests_running" in after  # vLLM's own metrics, same endpoint
+    for counter, grew_by_at_least in (("prefill_selections", 1), ("drift_checks", 4), ("host_tier_bytes_in", 1)):
+        name = "heterocache_" + counter
+        assert value(after, name, name + "_total") - value(before, name, name + "_total") >= grew_by_at_least
+    # settled: the request's state, host-tier blocks and device blocks are given back
+    for gauge in ("heterocache_refills_pending", "heterocache_host_tier_blocks_used", "heterocache_device_pool_blocks"):
+        assert value(after, gauge) == 0, gauge
+    assert value(after, "heterocache_host_tier_blocks_total") > 0
+    assert value(after, "vllm:num_requests_running") == 0
+    h = "heterocache_refill_wait_seconds"
+    assert value(after, h, h + "_bucket", le="+Inf") == value(after, h, h + "_count")
+    refilled = value(after, "heterocache_refilled_heads", "heterocache_refilled_heads_total")
+    assert (value(after, h, h + "_count") > 0) == (refilled > 0)  # every refill is waited for, once done

@@ -87,7 +87,9 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
         select_and_compact(ls, row, query, key, value)
     with section("refill_wait"):
         for row in plan.decoding:
-            rt.refills.wait(row.state.key, ls.layer)
+            failure = rt.refills.wait(row.state.key, ls.layer)
+            if failure is not None:
+                rt.refill_failed(row.state, failure)
     gather_decode(ls, query, output)
     if (heads.pivots or heads.shared) and plan.drift:
         with section("drift"):
@@ -274,13 +276,13 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
 
     def copy() -> None:
         """On the refill thread, after this request's and layer's earlier refills: only the
-        positions a satellite does not hold yet are copied. (Inference mode is per thread, and
-        ``kept`` was made in the engine's.)"""
+        positions a satellite does not hold yet are copied, and ``kept`` says so once they are.
+        (Inference mode is per thread, and ``kept`` was made in the engine's.)"""
         with torch.inference_mode():
             held = kept[compressed, :width]
             moves = ref.refill_slots(held, chosen, counts)
-            kept[compressed, :width] = torch.where(moves >= 0, moves, held)
             host.copy_out(key, host_rows, moves, caches, tables, pools.layout)
+            kept[compressed, :width] = torch.where(moves >= 0, moves, held)
 
     rt.refills.submit(key, layer, copy)
     rt.counters.refilled_heads += len(sats)

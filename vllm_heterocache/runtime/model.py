@@ -23,8 +23,9 @@ from vllm_heterocache.ops.paged import BlockLayout
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
-from vllm_heterocache.runtime.rings import QueryRings
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
+from vllm_heterocache.runtime.rings import QueryRings
+from vllm_heterocache.runtime.stats import Counters
 from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
 from vllm_heterocache.sharding import FULL_POOL, away_from_pivot, model_caches, rank_of_heads, sharing_summary
 
@@ -58,14 +59,6 @@ class LayerHeads:
     shared_satellites: tuple[tuple[int, ...], ...] = ()
 
 
-@dataclass
-class Counters:
-    prefill_selections: int = 0
-    drift_checks: int = 0
-    drifts: int = 0
-    refilled_heads: int = 0
-
-
 class HeteroCacheRuntime:
     def __init__(
         self,
@@ -81,6 +74,7 @@ class HeteroCacheRuntime:
         the same shape, in the same order); needed when pivot clusters cross ranks."""
         self.profile = profile
         self.config = config
+        self.tp_rank = tp_rank
         self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
         self.capacities, pool_of = self.planner.pools()
         self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
@@ -196,9 +190,23 @@ class HeteroCacheRuntime:
             if state is None:
                 continue
             self.rings.release(key)
-            self.refills.wait_request(key)
+            failure = self.refills.wait_request(key)
+            if failure is not None:
+                self.refill_failed(state, failure)
             if self.host is not None:
                 self.host.free(key)
+
+    def refill_failed(self, state: RequestState, failure: Exception) -> None:
+        """A refill copy of request ``state`` failed: log and count it; the request goes on
+        without refills (its satellites keep the slots they hold; the engine keeps serving)."""
+        self.counters.refill_failures += 1
+        if state.host:
+            state.host = False
+            log.warning(
+                "heterocache: a refill copy of request %s failed (%s: %s); the request goes on without "
+                "refills (its satellites keep their current selection). Counted in "
+                "heterocache_refill_failures_total.", state.key, type(failure).__name__, failure,
+            )
 
     def _admit(self, key: str, prompt_len: int) -> RequestState:
         self.finish([key])

@@ -98,7 +98,7 @@ def remove_blocks_in_range(manager, request_id: str, start: int, end: int) -> No
 def hook_model_runner(hooks) -> None:
     """Route the runner's spec building, KV cache allocation, request lifecycle and step start
     to ``hooks`` (``vllm_adapter.runner_hooks``: ``split_specs``, ``attach_host_tier``,
-    ``requests_ended``, ``step_begins``, ``dummy_step``)."""
+    ``requests_ended``, ``states_updated``, ``step_begins``, ``dummy_step``)."""
     if "model_runner" in _APPLIED:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -119,7 +119,9 @@ def hook_model_runner(hooks) -> None:
 
     def _update_states(self, scheduler_output):
         hooks.requests_ended(self, scheduler_output)
-        return update_states(self, scheduler_output)
+        result = update_states(self, scheduler_output)
+        hooks.states_updated(self)
+        return result
 
     def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
         hooks.step_begins(self, num_reqs)

@@ -9,6 +9,9 @@ def register() -> None:
     """``AttentionBackendEnum.HETEROCACHE``, the compressed pools' KV cache spec and, on CPU, the
     platform patch that honours the selection (``compat``). Idempotent."""
     compat.register_backend_member(BACKEND_NAME, BACKEND_PATH, backend_member)
+    from vllm_heterocache.vllm_adapter import metrics
+
+    metrics.install()  # before this process starts the engine's: they inherit its metrics directory
     from vllm.platforms import current_platform
 
     from vllm_heterocache.vllm_adapter.pools import register_pool_spec

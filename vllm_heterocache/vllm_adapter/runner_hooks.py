@@ -17,8 +17,10 @@ import torch
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.stats import snapshot
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import compat
+from vllm_heterocache.vllm_adapter.metrics import Publisher
 from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, is_heterocache_layer, split_kv_cache_specs
 
 log = logging.getLogger("vllm.heterocache")
@@ -35,7 +37,8 @@ def _state(runner) -> dict:
         }
         if len(found) > 1:
             raise RuntimeError("heterocache: the model's layers do not share one runtime")
-        return {"runtime": next(iter(found.values()), None), "dummy": False, "stats_at": time.monotonic()}
+        return {"runtime": next(iter(found.values()), None), "dummy": False, "stats_at": time.monotonic(),
+                "metrics": None}
 
     return compat.runner_state(runner, build)
 
@@ -113,16 +116,42 @@ def _largest_block(kv_cache_config) -> int:
 
 
 def requests_ended(runner, scheduler_output) -> None:
+    """At the start of each step: free the state of the requests vLLM finished, aborted or preempted."""
     rt = _compressing(runner)
     if rt is None:
         return
     ended = set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
     if ended:
         rt.finish(ended)
+
+
+def states_updated(runner) -> None:
+    """Once the runner's batch holds the step's requests: publish the metrics
+    (``vllm_adapter.metrics``) and log the stats line, when due."""
+    rt = _compressing(runner)
+    if rt is None:
+        return
     state, now = _state(runner), time.monotonic()
-    if now - state["stats_at"] >= rt.config.stats_interval_s:
-        state["stats_at"] = now
-        log.info("%s", stats_line(rt, device_pool_usage(runner)))
+    if state["metrics"] is None:
+        state["metrics"] = _publisher(runner.vllm_config, rt)
+    publisher = state["metrics"]
+    log_due = now - state["stats_at"] >= rt.config.stats_interval_s
+    if publisher.due(idle=not rt.requests) or log_due:
+        snap = snapshot(rt)
+        snap["gauges"] |= device_pool_usage(runner)
+        publisher.publish(snap)
+        if log_due:
+            state["stats_at"] = now
+            log.info("%s", stats_line(snap))
+
+
+def _publisher(config, rt: HeteroCacheRuntime) -> Publisher:
+    """Labelled as vLLM labels its own metrics (``model_name``, ``engine``), plus the rank."""
+    return Publisher({
+        "model_name": str(config.model_config.served_model_name),
+        "engine": str(config.parallel_config.data_parallel_rank),
+        "tp_rank": str(rt.tp_rank),
+    })
 
 
 def step_begins(runner, num_reqs: int) -> None:
@@ -148,15 +177,16 @@ def dummy_step(runner):
         state["dummy"] = False
 
 
-def device_pool_usage(runner) -> dict[str, tuple[int, int]]:
-    """``{"full" | "compressed": (blocks, bytes)}`` held by the running requests, per pool kind."""
-    usage = {"full": [0, 0], "compressed": [0, 0]}
+def device_pool_usage(runner) -> dict[str, dict[str, int]]:
+    """``{"device_pool_blocks" | "device_pool_bytes": {"full" | "compressed": n}}``: what the
+    running requests hold, per pool kind."""
+    blocks, nbytes = {"full": 0, "compressed": 0}, {"full": 0, "compressed": 0}
     for gid, group in enumerate(compat.kv_cache_groups(runner)):
         held = compat.blocks_held(runner, gid)
         kind = "compressed" if _is_compressed(group.kv_cache_spec) else "full"
-        usage[kind][0] += held
-        usage[kind][1] += held * group.kv_cache_spec.page_size_bytes
-    return {k: (v[0], v[1]) for k, v in usage.items()}
+        blocks[kind] += held
+        nbytes[kind] += held * group.kv_cache_spec.page_size_bytes
+    return {"device_pool_blocks": blocks, "device_pool_bytes": nbytes}
 
 
 def _is_compressed(spec) -> bool:
@@ -165,24 +195,24 @@ def _is_compressed(spec) -> bool:
     return isinstance(first, CompressedPoolSpec)
 
 
-def stats_line(rt: HeteroCacheRuntime, pools: dict[str, tuple[int, int]]) -> str:
-    """The documented metrics line (README, "Metrics")."""
-    c, host = rt.counters, rt.host
+def stats_line(snap: dict) -> str:
+    """The documented metrics line (README, "Metrics") of a snapshot (``requests_ended``)."""
+    c, g = snap["counters"], snap["gauges"]
     parts = [
-        f"heterocache stats: requests {len(rt.requests)}",
-        f"prefill selections {c.prefill_selections}",
-        f"drift checks {c.drift_checks}",
-        f"drifts {c.drifts}",
-        f"refilled heads {c.refilled_heads}",
-        f"refills pending {len(rt.refills)}",
+        f"heterocache stats: requests {g['requests']}",
+        f"prefill selections {c['prefill_selections']}",
+        f"drift checks {c['drift_checks']}",
+        f"drifts {c['drifts']}",
+        f"refilled heads {c['refilled_heads']}",
+        f"refill failures {c['refill_failures']}",
+        f"refills pending {g['refills_pending']}",
     ]
-    if host is not None:
-        s = host.stats
+    if "host_tier_blocks_total" in g:
         parts += [
-            f"host tier {host.used_blocks}/{host.num_blocks} blocks",
-            f"host bytes in {s.bytes_in} out {s.bytes_out}",
-            f"host rejections {s.rejected}",
+            f"host tier {g['host_tier_blocks_used']}/{g['host_tier_blocks_total']} blocks",
+            f"host bytes in {c['host_tier_bytes_in']} out {c['host_tier_bytes_out']}",
+            f"host rejections {c['host_tier_rejections']}",
         ]
-    for kind, (blocks, nbytes) in pools.items():
-        parts.append(f"device {kind} pool {blocks} blocks {nbytes / (1 << 20):.1f} MiB")
+    for kind, blocks in g.get("device_pool_blocks", {}).items():
+        parts.append(f"device {kind} pool {blocks} blocks {g['device_pool_bytes'][kind] / (1 << 20):.1f} MiB")
     return "; ".join(parts)
