@@ -48,6 +48,11 @@ def test_int_ratio_accepted_as_float():
         ({"host_tier_gib": 0}, "heterocache.host_tier_gib must be a positive number"),
         ({"host_tier_gib": "1"}, "heterocache.host_tier_gib must be float or int"),
         ({"host_tier_path": 1}, "heterocache.host_tier_path must be str"),
+        ({"window": 80000}, "heterocache.window must be at most 8192, got 80000: the window's queries"),
+        ({"drift_interval": 5000}, "heterocache.drift_interval must be at most 256"),
+        ({"pool_kernel": 1001}, "heterocache.pool_kernel must be at most 255"),
+        ({"budget_classes": 40}, "heterocache.budget_classes must be at most 16"),
+        ({"host_tier_gib": 1e6}, "heterocache.host_tier_gib must be at most 4096"),
     ],
 )
 def test_bad_options_name_the_option(options, needle):
@@ -64,3 +69,9 @@ def test_unknown_option_lists_valid_ones():
 def test_not_an_object():
     with pytest.raises(ConfigError, match="additional_config.heterocache must be a JSON object"):
         HeteroCacheConfig.from_additional_config({"heterocache": []})
+
+
+def test_the_limits_themselves_are_accepted():
+    from vllm_heterocache.config import LIMITS
+
+    HeteroCacheConfig(**{name: limit for name, (limit, _) in LIMITS.items()})

@@ -1,9 +1,16 @@
 """The host tier's block manager and storage (no vLLM)."""
 
+import os
+from pathlib import Path
+
+import psutil
 import pytest
 import torch
 
+from vllm_heterocache.errors import ConfigError
+
 from vllm_heterocache.runtime.host import HostTier
+from vllm_heterocache.runtime.memory import available_memory, cgroup_room
 from vllm_heterocache.runtime.refill import RefillQueue
 
 
@@ -78,6 +85,53 @@ def test_file_backed_storage(tmp_path):
     assert torch.equal(t.read("a", 1, torch.arange(4))[0], k[:, 0])
     with pytest.raises(FileNotFoundError, match="host_tier_path"):
         tier(path=str(tmp_path / "missing"))
+
+
+def test_file_backed_storage_is_reserved_up_front_or_a_clear_error(tmp_path):
+    disk = os.statvfs(tmp_path)
+    free = disk.f_bavail * disk.f_frsize
+    rows, d, bs = 4, 1024, 256  # 8 MiB a block in float32
+    with pytest.raises(ConfigError, match=r"heterocache.host_tier_path .* GiB free, and the host tier needs"):
+        tier(rows=rows, head_size=d, block_size=bs, num_blocks=free // (rows * bs * 2 * d * 4) + 16, path=str(tmp_path))
+    t = tier(rows=rows, head_size=d, block_size=bs, num_blocks=8, path=str(tmp_path))
+    used = free - (lambda s: s.f_bavail * s.f_frsize)(os.statvfs(tmp_path))
+    assert used >= 0.9 * t.nbytes  # reserved on disk now, not when the pages are first written (sparse file)
+
+
+def cgroup_tree(root: Path, version: int, limit: str, usage: int, path: str = "pod/ctr") -> Path:
+    """A cgroup filesystem as the kernel shows it, limiting ``path`` (v1: the memory hierarchy)."""
+    base = root / ("memory" if version == 1 else "")
+    names = ("memory.limit_in_bytes", "memory.usage_in_bytes") if version == 1 else ("memory.max", "memory.current")
+    for d, lim in ((base, "max" if version == 2 else str((1 << 63) - 4096)), (base / path, limit)):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / names[0]).write_text(lim + "\n")
+        (d / names[1]).write_text(f"{usage}\n")
+    proc = root / "proc-self-cgroup"
+    proc.write_text(f"4:memory:/{path}\n1:cpu:/\n" if version == 1 else f"0::/{path}\n")
+    return proc
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_available_memory_honours_the_containers_memory_limit(tmp_path, version):
+    gib = 1 << 30
+    proc = cgroup_tree(tmp_path, version, limit=str(3 * gib), usage=gib)
+    assert cgroup_room(tmp_path, proc) == 2 * gib
+    assert available_memory(tmp_path, proc) == min(2 * gib, psutil.virtual_memory().available)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_available_memory_without_a_limit_is_the_machines(tmp_path, version):
+    unlimited = "max" if version == 2 else str((1 << 63) - 4096)
+    proc = cgroup_tree(tmp_path, version, limit=unlimited, usage=1 << 30)
+    assert cgroup_room(tmp_path, proc) is None
+    assert cgroup_room(tmp_path, tmp_path / "no-such-file") is None
+
+
+def test_a_limit_on_a_parent_cgroup_applies(tmp_path):
+    proc = cgroup_tree(tmp_path, 2, limit="max", usage=100)
+    (tmp_path / "pod" / "memory.max").write_text("1000\n")
+    (tmp_path / "pod" / "memory.current").write_text("400\n")
+    assert cgroup_room(tmp_path, proc) == 600
 
 
 def test_refill_queue_waits_per_request_and_layer_and_returns_failures():

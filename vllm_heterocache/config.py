@@ -22,6 +22,16 @@ from vllm_heterocache.errors import ConfigError
 ADDITIONAL_CONFIG_KEY = "heterocache"
 DEFAULT_COMPRESSION_RATIO = 0.5
 
+# Upper bounds of the options that size memory, each far above any useful value: a typo (an
+# extra zero) gets a clear error at startup, not an engine that runs out of memory mid-serve.
+LIMITS: dict[str, tuple[int | float, str]] = {
+    "window": (8192, "the window's queries score every prompt token at prefill (window x prompt length x heads)"),
+    "drift_interval": (256, "the query rings keep this many decode queries per request and pivot head"),
+    "pool_kernel": (255, "the pooling runs over this many positions per score"),
+    "budget_classes": (16, "each class is a KV cache group, with a block table in every step"),
+    "host_tier_gib": (4096, "the host tier is allocated (or reserved on disk) whole at startup, per rank"),
+}
+
 
 @dataclass(frozen=True)
 class HeteroCacheConfig:
@@ -95,6 +105,10 @@ class HeteroCacheConfig:
         _positive("pool_kernel", self.pool_kernel)
         _positive("min_prompt_len", self.min_prompt_len, minimum=0)
         _positive("budget_classes", self.budget_classes)
+        for name, (limit, why) in LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value > limit:
+                raise ConfigError(f"heterocache.{name} must be at most {limit}, got {value}: {why}")
         if self.pool_kernel % 2 == 0:
             raise ConfigError(f"heterocache.pool_kernel must be odd, got {self.pool_kernel}")
         if not (math.isfinite(self.stats_interval_s) and self.stats_interval_s > 0):

@@ -8,11 +8,11 @@ profiles`` (wheel installs). A shipped profile matches when its fingerprint equa
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from vllm_heterocache import env
 from vllm_heterocache.errors import ProfileError
 from vllm_heterocache.profile.fingerprint import ModelFingerprint
 from vllm_heterocache.profile.schema import HeadProfile, load_profile
@@ -22,8 +22,9 @@ PROFILE_DIR_ENV = "HETEROCACHE_PROFILE_DIR"
 
 def shipped_profile_dirs() -> list[Path]:
     dirs = []
-    if os.environ.get(PROFILE_DIR_ENV):
-        dirs.append(Path(os.environ[PROFILE_DIR_ENV]))
+    explicit = env.directory(PROFILE_DIR_ENV)  # set and missing: an error, not a silent skip
+    if explicit is not None:
+        dirs.append(explicit)
     dirs.append(Path(__file__).resolve().parents[2] / "profiles")
     dirs.append(Path(sys.prefix) / "share" / "vllm-heterocache" / "profiles")
     return [d for d in dirs if d.is_dir()]

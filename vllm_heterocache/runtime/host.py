@@ -21,8 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
+
+GIB = 1 << 30
 
 
 @dataclass
@@ -140,17 +143,32 @@ class HostTier:
 
 
 def _file_backed(directory: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A tensor on a memory-mapped file in ``directory`` (unlinked at once: it goes with the process)."""
+    """A tensor on a memory-mapped file in ``directory`` (unlinked at once: it goes with the
+    process). Its blocks are reserved on the disk up front, so a disk that fills later cannot
+    fault the mapping (SIGBUS) in the middle of serving; a disk without room is a clear error now."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"heterocache.host_tier_path {directory!r} is not a directory")
     numel = 1
     for n in shape:
         numel *= n
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    disk = os.statvfs(directory)
+    free = disk.f_bavail * disk.f_frsize
+    if nbytes > free:  # checked first: where the filesystem cannot reserve, posix_fallocate writes zeros
+        raise ConfigError(_no_room(directory, nbytes, free))
     fd, name = tempfile.mkstemp(prefix="heterocache-host-", dir=directory)
     try:
-        os.ftruncate(fd, numel * torch.empty((), dtype=dtype).element_size())
-        storage = torch.from_file(name, shared=True, size=numel, dtype=dtype)
+        os.unlink(name)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            raise ConfigError(_no_room(directory, nbytes, free) + f" ({e.strerror})") from e
+        storage = torch.from_file(f"/proc/self/fd/{fd}", shared=True, size=numel, dtype=dtype)
     finally:
         os.close(fd)
-        os.unlink(name)
     return storage.view(shape)
+
+
+def _no_room(directory: str, nbytes: int, free: int) -> str:
+    return (f"heterocache.host_tier_path {directory!r} has {free / GIB:.2f} GiB free, and the host tier needs "
+            f"{nbytes / GIB:.2f} GiB: free space there, choose another directory, or lower heterocache.host_tier_gib")

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
+
+from vllm_heterocache import env
 
 log = logging.getLogger("vllm.heterocache")
 
-ENABLED = os.environ.get("HETEROCACHE_STEP_TIMING", "") not in ("", "0")
+ENABLED = env.flag("HETEROCACHE_STEP_TIMING")
 REPORT_EVERY = 32
 SECTIONS = ("attention", "planning", "drift", "refill_wait")
 

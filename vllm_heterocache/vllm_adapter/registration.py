@@ -8,6 +8,9 @@ from vllm_heterocache.vllm_adapter import BACKEND_NAME, BACKEND_PATH, compat
 def register() -> None:
     """``AttentionBackendEnum.HETEROCACHE``, the compressed pools' KV cache spec and, on CPU, the
     platform patch that honours the selection (``compat``). Idempotent."""
+    from vllm_heterocache import env
+
+    env.check()
     compat.register_backend_member(BACKEND_NAME, BACKEND_PATH, backend_member)
     from vllm_heterocache.vllm_adapter import metrics
 

@@ -11,11 +11,11 @@ import contextlib
 import logging
 import time
 
-import psutil
 import torch
 
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.runtime.host import HostTier
+from vllm_heterocache.runtime.memory import available_memory
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 from vllm_heterocache.runtime.stats import snapshot
 from vllm_heterocache.runtime.timing import section
@@ -70,7 +70,7 @@ def attach_host_tier(runner, kv_cache_config) -> None:
     dtype = compat.kv_cache_dtype(runner)
     token_bytes = rt.num_host_rows * 2 * model.get_head_size() * torch.empty((), dtype=dtype).element_size()
     block_bytes = token_bytes * block_size
-    available = psutil.virtual_memory().available
+    available = available_memory()  # the container's memory limit, if it leaves less than the machine
     sharers = _host_tiers_on_node(runner.vllm_config.parallel_config)
     cfg = rt.config
     if cfg.host_tier_gib is not None:
@@ -79,7 +79,8 @@ def attach_host_tier(runner, kv_cache_config) -> None:
             raise ConfigError(
                 f"heterocache.host_tier_gib={cfg.host_tier_gib} does not fit: it is per rank, {sharers} rank(s) of "
                 f"this node hold one (tensor x pipeline x local data parallel), and {available / GIB:.1f} GiB of "
-                "memory is available. Lower heterocache.host_tier_gib, or set heterocache.host_tier_path to "
+                "memory is available (to this container, if its memory limit leaves less than the machine). "
+                "Lower heterocache.host_tier_gib, raise the memory limit, or set heterocache.host_tier_path to "
                 "back the host tiers with files."
             )
         num_blocks = want // block_bytes
