@@ -127,6 +127,17 @@ def test_available_memory_without_a_limit_is_the_machines(tmp_path, version):
     assert cgroup_room(tmp_path, tmp_path / "no-such-file") is None
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_inactive_page_cache_counts_as_room(tmp_path, version):
+    """A checkpoint just read sits in the page cache, counted in the cgroup's usage; its inactive
+    part is reclaimed before the limit bites."""
+    proc = cgroup_tree(tmp_path, version, limit="1000", usage=900)
+    ctr = tmp_path / ("memory" if version == 1 else "") / "pod" / "ctr"
+    key = "total_inactive_file" if version == 1 else "inactive_file"
+    (ctr / "memory.stat").write_text(f"anon 100\nactive_file 50\n{key} 700\n")
+    assert cgroup_room(tmp_path, proc) == 1000 - 900 + 700
+
+
 def test_a_limit_on_a_parent_cgroup_applies(tmp_path):
     proc = cgroup_tree(tmp_path, 2, limit="max", usage=100)
     (tmp_path / "pod" / "memory.max").write_text("1000\n")

@@ -5,7 +5,9 @@ acts long before the node runs out).
 Reads cgroup v2 (``memory.max`` / ``memory.current``) and v1 (``memory.limit_in_bytes`` /
 ``memory.usage_in_bytes``), for the process's own cgroup and every cgroup above it (a limit on
 any ancestor applies), under ``/sys/fs/cgroup``; in a container whose cgroup namespace makes its
-own cgroup the mount's root, the root's files are its limit.
+own cgroup the mount's root, the root's files are its limit. Usage counts the page cache, e.g. a
+checkpoint just read; its inactive part (``inactive_file`` in ``memory.stat``) is reclaimed
+before the limit bites, so it counts as room, as the kubelet's working set counts it.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ def cgroup_room(root: Path, proc_cgroup: Path) -> int | None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one unified hierarchy
-            mount, limit, usage = root / "unified" if (root / "unified").is_dir() else root, "memory.max", "memory.current"
+            mount = root / "unified" if (root / "unified").is_dir() else root
+            files = ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):  # v1: the memory controller's own hierarchy
-            mount, limit, usage = root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes"
+            mount, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
         else:
             continue
-        rooms += [r for d in _cgroup_and_ancestors(mount, path) if (r := _room(d, limit, usage)) is not None]
+        rooms += [r for d in _cgroup_and_ancestors(mount, path) if (r := _room(d, *files)) is not None]
     return min(rooms, default=None)
 
 
@@ -49,7 +52,7 @@ def _cgroup_and_ancestors(mount: Path, path: str) -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
-def _room(directory: Path, limit_file: str, usage_file: str) -> int | None:
+def _room(directory: Path, limit_file: str, usage_file: str, inactive_file_key: str) -> int | None:
     try:
         limit = (directory / limit_file).read_text().strip()
         usage = int((directory / usage_file).read_text().strip())
@@ -57,4 +60,16 @@ def _room(directory: Path, limit_file: str, usage_file: str) -> int | None:
         return None
     if limit == "max" or int(limit) >= UNLIMITED:
         return None
-    return int(limit) - usage
+    return int(limit) - usage + _stat(directory, inactive_file_key)
+
+
+def _stat(directory: Path, key: str) -> int:
+    """A ``memory.stat`` entry (0 if absent)."""
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0

@@ -197,7 +197,7 @@ def _is_compressed(spec) -> bool:
 
 
 def stats_line(snap: dict) -> str:
-    """The documented metrics line (README, "Metrics") of a snapshot (``requests_ended``)."""
+    """The documented metrics line (README, "Metrics") of a snapshot (``states_updated``)."""
     c, g = snap["counters"], snap["gauges"]
     parts = [
         f"heterocache stats: requests {g['requests']}",

@@ -1,0 +1,32 @@
+"""The soak benchmark's short version (benchmarks/bench_soak.py): 64 concurrent streams of mixed
+prompt lengths up to the served context against the real server, some clients leaving
+mid-stream; every other request completes, and the server settles back to its baseline on its
+own /metrics (no request, refill, host-tier or device block held)."""
+
+import argparse
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_soak_under_64_streams_with_disconnects(tmp_path):
+    import bench_soak
+
+    from vllm_heterocache.vllm_adapter.metrics import METRICS
+
+    a = argparse.Namespace(requests=200, warmup=64, concurrency=64, disconnect=0.15, max_model_len=2048,
+                           kv_gib=0.25, ready_timeout=600, malloc="glibc")
+    model, options = bench_soak.model_and_options("tiny", 0.5, tmp_path)
+    r = bench_soak.run_setting("heterocache", 0, model, options, a, tmp_path, bench_soak.vllm_binary())
+    assert r["failed"] == 0, r["failures"]
+    assert r["disconnected"] >= 10 and r["completed"] == a.requests - a.warmup - r["disconnected"]
+    assert r["baseline_after_warmup"] == {} and r["off_baseline"] == {}, (r["baseline_after_warmup"], r["off_baseline"])
+    seen = {name.removesuffix("_total").removesuffix("_count") for name in r["heterocache"]}
+    assert {"heterocache_" + m for m in METRICS} <= seen
+    assert r["heterocache"]["heterocache_drifts_total"] > 0 and r["heterocache"]["heterocache_refill_failures_total"] == 0
