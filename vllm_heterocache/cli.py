@@ -1,6 +1,8 @@
 """The ``heterocache`` command: the project's jobs in one place.
 
     heterocache demo                 serve SmolLM2 with the HeteroCache backend on 127.0.0.1 and ask it once
+    heterocache serve [ARGS...]      exec `vllm serve` with the HeteroCache backend, configured by HETEROCACHE_*
+                                     variables (the container entrypoint; ARGS go to vllm serve)
     heterocache profile-demo         prepare SmolLM2, profile it, print the taxonomy, write the heatmap
     heterocache prepare-model        prepare the embedded default model (SmolLM2-135M-Instruct)
     heterocache tiny-model           build the tiny random-weight test model
@@ -26,6 +28,12 @@ def _demo(args: argparse.Namespace) -> int:
     from vllm_heterocache.demo import run_demo
 
     return run_demo(args.host, args.port, args.compression_ratio, args.once)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from vllm_heterocache.serve import main as serve_main
+
+    return serve_main(args.vllm_args)
 
 
 def _profile_demo(args: argparse.Namespace) -> int:
@@ -117,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8000)
     d.add_argument("--compression-ratio", type=float, default=0.5, help="fraction of the KV cache kept (default 0.5)")
     d.add_argument("--once", action="store_true", help="stop the server after the first answer")
+    sub.add_parser("serve", help="exec vllm serve with the HeteroCache backend (see `heterocache serve --help`)",
+                   add_help=False)
     d = sub.add_parser("profile-demo", help="prepare the default model, profile it, print the taxonomy, write the heatmap")
     d.add_argument("--output-dir", type=Path, default=Path("out"), help="where the profile and heatmap go (default ./out)")
     d.add_argument("--num-docs", type=int, default=8)
@@ -146,12 +156,16 @@ def main(argv: list[str] | None = None) -> int:
         from vllm_heterocache.profiler.__main__ import main as profiler_main
 
         return profiler_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    if argv[:1] == ["serve"]:  # the other arguments are vllm serve's: not for this parser
+        args = argparse.Namespace(command="serve", vllm_args=argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "import-reference":
             return _import_reference(args, argv)
-        return {"demo": _demo, "profile-demo": _profile_demo, "prepare-model": _prepare_model, "tiny-model": _tiny_model, "show": _show}[args.command](args)
+        return {"demo": _demo, "serve": _serve, "profile-demo": _profile_demo, "prepare-model": _prepare_model,
+                "tiny-model": _tiny_model, "show": _show}[args.command](args)
     except HeteroCacheError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
