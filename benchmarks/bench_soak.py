@@ -1,6 +1,6 @@
 """Load and soak: many concurrent streams against the real server, with clients that go away.
 
-    python benchmarks/bench_soak.py                      # tiny model, 1,000 requests, 64 streams, both backends
+    python benchmarks/bench_soak.py                      # tiny model, 300 + 1,000 requests, 64 streams, both backends
     python benchmarks/bench_soak.py --model smollm2      # SmolLM2-135M-Instruct (8K context, shipped profile)
     python benchmarks/bench_soak.py --requests 200 --settings heterocache     # a shorter look
 
@@ -8,7 +8,8 @@ For each setting (``stock``: vLLM's own CPU backend; ``heterocache``) a real ``v
 OpenAI server is started on 127.0.0.1, alone on the machine, with the same flags and KV cache
 space, and driven by this script's own asyncio client (aiohttp, streaming ``/v1/completions``):
 
-* ``--requests`` requests (default 1,000), at most ``--concurrency`` in flight (default 64);
+* ``--requests`` requests (default 1,300: 300 of warm-up and 1,000 measured), at most
+  ``--concurrency`` in flight (default 64);
 * prompt lengths mixed up to the served context: log-uniform in [16, max-model-len - 160]
   tokens (random token ids, so lengths are exact), answers of 8 to 128 tokens (``ignore_eos``);
 * ``--disconnect`` of the clients (default 0.1) close their connection mid-stream, after 1 to
@@ -17,12 +18,13 @@ space, and driven by this script's own asyncio client (aiohttp, streaming ``/v1/
 
 A warm-up comes first: ``--concurrency`` prompts of the longest length at once (they touch
 every block of the KV cache, which the kernel maps on first use), then the first ``--warmup``
-requests of the load (default 100). The server's resident memory (RSS of its whole process
-tree) is taken after the warm-up and again after the last request, each once the server is
-idle, and every 100 requests in between. Afterwards the server must be back at
-its baseline on its own ``/metrics``: no request running or waiting, vLLM's KV cache usage 0,
-and for HeteroCache no request state, no refill pending, no host-tier block and no device pool
-block held (``heterocache_*``, README "Metrics").
+requests of the load (default 300: vLLM's CPU worker grows its RSS over the first few hundred
+requests of mixed lengths, with either backend; README "Performance"). The resident memory
+(RSS) of the server's process tree, per process and in all, is taken after the warm-up and
+after the last request, each once the server is idle, and every 100 requests in between.
+Afterwards the server must be back at its baseline on its own ``/metrics``: no request running
+or waiting, vLLM's KV cache usage 0, and for HeteroCache no request state, no refill pending, no
+host-tier block and no device pool block held (``heterocache_*``, README "Metrics").
 
 Reported per setting: throughput (completed requests/s and output tokens/s of the requests that
 were not disconnected), TTFT and inter-token latency p50/p99, failures, RSS growth; and the
@@ -173,20 +175,25 @@ async def drive(base: str, model: str, requests: list[Request], concurrency: int
 
 # ---------------------------------------------------------------- the server's state
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
+def tree_rss(pid: int) -> dict[str, int]:
+    """Resident bytes of a process and all its descendants, by process title (vLLM names its
+    engine and worker processes ``VLLM::EngineCore``, ``VLLM::Worker``; the API server is the
+    root), and their sum under ``"total"``."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {"total": 0}
+    out = {"total": 0}
     for p in procs:
         try:
-            total += p.memory_info().rss
+            rss = p.memory_info().rss
+            name = "api_server" if p.pid == pid else (p.cmdline() or [p.name()])[0].strip()
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+        out[name] = out.get(name, 0) + rss
+        out["total"] += rss
+    return out
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -294,7 +301,7 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
         asyncio.run(drive(base, served, warm, a.concurrency))
         record["baseline_after_warmup"] = asyncio.run(settle(base, heterocache))[1]
         rss0 = tree_rss(server.pid)
-        samples = [(a.warmup, rss0)]
+        samples = [(a.warmup, rss0)]  # (requests done, tree_rss)
 
         async def progress(done: int) -> None:
             if done % 100 == 0:
@@ -309,8 +316,9 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
         rss1 = tree_rss(server.pid)
         samples.append((a.requests, rss1))
         record |= summarize(outcomes, wall)
-        record |= {"off_baseline": off, "rss_warm_bytes": rss0, "rss_end_bytes": rss1,
-                   "rss_growth": rss1 / rss0 - 1, "rss_samples": samples,
+        record |= {"off_baseline": off, "rss_warm_bytes": rss0["total"], "rss_end_bytes": rss1["total"],
+                   "rss_growth": rss1["total"] / rss0["total"] - 1, "rss_samples": samples,
+                   "rss_growth_by_process": {k: rss1.get(k, 0) / v - 1 for k, v in rss0.items() if v},
                    "heterocache": {k: v for k, v in values.items() if k.startswith("heterocache_")}}
         record["failures"] = [asdict(o) for o in outcomes if not o.ok][:10]
     finally:
@@ -365,6 +373,8 @@ def print_report(table: dict, runs: list[dict], problems: list[str], a) -> None:
         print(f"{r['setting']:<12} run {r['repeat']}: completed {r['completed']}, failed {r['failed']}, "
               f"disconnected {r['disconnected']}, wall {r['wall_s']:.0f} s, RSS {r['rss_warm_bytes'] / 2**20:.0f} -> "
               f"{r['rss_end_bytes'] / 2**20:.0f} MiB, back at baseline: {not r['off_baseline']}")
+        print(f"{'':<12} RSS growth by process: "
+              + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in r["rss_growth_by_process"].items() if k != "total"))
         if r["setting"] == "heterocache":
             h = r["heterocache"]
             print(f"{'':<12} drifts {h.get('heterocache_drifts_total', 0):.0f}, refilled heads "
@@ -395,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="tiny (random weights, synthetic profile) or smollm2")
     p.add_argument("--settings", default="stock,heterocache", help="comma-separated: stock, heterocache")
-    p.add_argument("--requests", type=int, default=1000)
-    p.add_argument("--warmup", type=int, default=100, help="requests before the RSS baseline")
+    p.add_argument("--requests", type=int, default=1300, help="requests in all, the warm-up included")
+    p.add_argument("--warmup", type=int, default=300, help="requests before the RSS baseline")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--disconnect", type=float, default=0.1, help="share of clients that leave mid-stream")
     p.add_argument("--max-model-len", type=int, default=8192, help="the served context; prompts mix up to it")
