@@ -26,6 +26,10 @@ Afterwards the server must be back at its baseline on its own ``/metrics``: no r
 or waiting, vLLM's KV cache usage 0, and for HeteroCache no request state, no refill pending, no
 host-tier block and no device pool block held (``heterocache_*``, README "Metrics").
 
+An allocator keeps what the largest step so far needed (vLLM's CPU worker grows its RSS as
+rarer combinations of long prompts meet in one step, with either backend): ``--replay`` sends
+the warm-up's requests again as the measured load, so that growth then can only be per request.
+
 Reported per setting: throughput (completed requests/s and output tokens/s of the requests that
 were not disconnected), TTFT and inter-token latency p50/p99, failures, RSS growth; and the
 ratios heterocache / stock. ``--repeats N`` runs each setting N times, interleaved, in fresh
@@ -297,6 +301,8 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         requests = make_requests(a.requests, a.max_model_len, vocab, a.disconnect, seed=repeat)
         warm, rest = requests[: a.warmup], requests[a.warmup :]
+        if a.replay:  # the warm-up's requests again: growth now is per request, not a new high-water mark
+            rest = [warm[i % len(warm)] for i in range(len(rest))]
         asyncio.run(drive(base, served, fill_requests(a.concurrency, a.max_model_len, vocab), a.concurrency))
         asyncio.run(drive(base, served, warm, a.concurrency))
         record["baseline_after_warmup"] = asyncio.run(settle(base, heterocache))[1]
@@ -361,7 +367,8 @@ def print_report(table: dict, runs: list[dict], problems: list[str], a) -> None:
     settings = [s for s in ("stock", "heterocache") if s in table["request_throughput"]]
     print(f"\n== {a.requests} requests ({a.warmup} warm-up), {a.concurrency} streams, prompts {MIN_PROMPT}-"
           f"{a.max_model_len - MARGIN} tokens (log-uniform), answers {ANSWER[0]}-{ANSWER[1]} tokens, "
-          f"{100 * a.disconnect:.0f}% disconnecting mid-stream, KV space {a.kv_gib:g} GiB, {a.malloc}; medians of {a.repeats}")
+          f"{100 * a.disconnect:.0f}% disconnecting mid-stream, KV space {a.kv_gib:g} GiB, {a.malloc}"
+          f"{', measured on the warm-up requests again' if a.replay else ''}; medians of {a.repeats}")
     print(f"{'metric':<28}" + "".join(f"{s:>14}" for s in settings) + ("     ratio" if len(settings) == 2 else ""))
     for label, key, higher in METRICS:
         row = table[key]
@@ -417,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the servers' allocator: tcmalloc preloaded, as vLLM's CPU guide and the CPU image do "
                         "(default), or glibc's, whose fragmentation grows a CPU worker's RSS by ~12%% over "
                         "1,000 mixed requests, stock backend or not")
+    p.add_argument("--replay", action="store_true",
+                   help="measure on the warm-up's requests again (same prompts and lengths): what grows then "
+                        "grows per request (a leak), not with the largest batch seen so far")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-rss-growth", type=float, default=0.05)
     p.add_argument("--ready-timeout", type=float, default=600)

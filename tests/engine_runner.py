@@ -50,6 +50,10 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
         result["free_blocks"], result["num_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks
     if kw.get("tensor_parallel_size", 1) > 1:  # every rank's runtime, from inside its worker process
         result["ranks"] = llm.collective_rpc(runtime_summary)
+        from vllm_heterocache.vllm_adapter.metrics import metrics_dir, read_snapshots
+
+        # what the worker processes published for /metrics (this process's own file: an earlier engine)
+        result["published"] = [s for s in read_snapshots(metrics_dir()) if s["pid"] != os.getpid()]
     worker = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
     if worker is not None:
         impl = worker.worker.model_runner.model.model.layers[0].self_attn.attn.impl

@@ -90,6 +90,12 @@ def test_tensor_parallel_two_ranks(tiny, tiny_profile):
     assert sum(r["counters"]["drifts"] for r in ranks) == one["drifts"]
     assert sum(r["counters"]["refilled_heads"] for r in ranks) == one["refilled_heads"]
     assert [r["host_rows"] for r in ranks] == [1, 2]  # satellites: layer 1 on rank 0; layers 0 and 3 on rank 1
+    # each rank's metrics (what /metrics serves), published by its worker process, settled
+    published = sorted(results["compressed"]["published"], key=lambda s: s["labels"]["tp_rank"])
+    assert [s["labels"]["tp_rank"] for s in published] == ["0", "1"]
+    for snap, r in zip(published, ranks):
+        assert {k: snap["counters"][k] for k in r["counters"]} == r["counters"]
+        assert snap["gauges"]["requests"] == 0 and snap["gauges"]["host_tier_blocks_used"] == 0
     assert "tensor_parallel_size=2: of the" in log  # how the ranks share the cache layout
 
 

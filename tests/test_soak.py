@@ -21,7 +21,7 @@ def test_short_soak_under_64_streams_with_disconnects(tmp_path):
     from vllm_heterocache.vllm_adapter.metrics import METRICS
 
     a = argparse.Namespace(requests=200, warmup=64, concurrency=64, disconnect=0.15, max_model_len=2048,
-                           kv_gib=0.25, ready_timeout=600, malloc="glibc")
+                           kv_gib=0.25, ready_timeout=600, malloc="glibc", replay=False)
     model, options = bench_soak.model_and_options("tiny", 0.5, tmp_path)
     r = bench_soak.run_setting("heterocache", 0, model, options, a, tmp_path, bench_soak.vllm_binary())
     assert r["failed"] == 0, r["failures"]
