@@ -26,7 +26,8 @@ def prompts(tokenizer, lengths):
     return out
 
 
-def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
+def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, **kw):
+    """``extra_args``: per prompt, its ``SamplingParams.extra_args`` (``vllm_xargs``)."""
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enable_prefix_caching=False,
@@ -41,7 +42,8 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
             return original(request, *args, **kwargs)
 
         core.scheduler._preempt_request = counting
-    outs = llm.generate(prompts(llm.get_tokenizer(), lengths), SamplingParams(temperature=0, max_tokens=max_tokens))
+    params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=x) for x in extra_args or [None] * len(lengths)]
+    outs = llm.generate(prompts(llm.get_tokenizer(), lengths), params)
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions)}
     if core is not None:  # vLLM's own block accounting once every request is done
         while core.scheduler.has_requests():  # the step that tells the worker who finished
@@ -63,6 +65,7 @@ def generate(model, lengths, max_tokens, max_model_len=4096, **kw):
             result["states"] = len(rt.requests)
             result["compresses"] = rt.compresses
             result["host_used_blocks"] = rt.host.used_blocks if rt.host is not None else None
+            result["kept"] = {p: h.to_dict() for p, h in rt.kept.items()}
     del llm
     return result
 
@@ -120,6 +123,22 @@ def main():
         results["compressed_tp1"] = generate(model, long, 32, **heterocache(profile, **options))
         results["compressed"] = generate(model, long, 32, tensor_parallel_size=2, distributed_executor_backend="mp",
                                          **heterocache(profile, **options))
+    elif scenario == "policies":  # every policy for the server, and mixed policies per request in one batch
+        long = [300, 1100, 700, 500]
+        results["stock"] = generate(model, long, 24)
+        options = {"window": 8, "drift_interval": 3}
+        for policy, ratio in (("streamingllm", 0.3), ("snapkv", 0.3), ("pyramidkv", 0.3), ("duo", 0.7), ("full", 0.5)):
+            results[policy] = generate(model, long, 24, **heterocache(profile, policy=policy, compression_ratio=ratio,
+                                                                      **options))
+        mixed = [{"heterocache_policy": "full"}, {"heterocache_policy": "duo", "heterocache_ratio": 0.9}, None,
+                 {"heterocache_ratio": 0.9}]
+        results["mixed"] = generate(model, long, 24, extra_args=mixed,
+                                    **heterocache(profile, compression_ratio=0.6, **options))
+        mixed_snapkv = [{"heterocache_policy": "full"}, {"heterocache_policy": "streamingllm"},
+                        {"heterocache_policy": "pyramidkv", "heterocache_ratio": 0.2}, {"heterocache_policy": "duo",
+                                                                                         "heterocache_ratio": 0.8}]
+        results["mixed_snapkv"] = generate(model, long, 24, extra_args=mixed_snapkv,
+                                           **heterocache(profile, policy="snapkv", compression_ratio=0.3, **options))
     elif scenario == "multiprocess":
         results["compressed"] = generate(model, lengths[:2], 12, **heterocache(profile, compression_ratio=0.6))
     print("RESULT " + json.dumps(results))

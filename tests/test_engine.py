@@ -38,7 +38,7 @@ def test_identity_with_the_stock_backend_on_the_tiny_model(tiny, tiny_profile):
     # the same in mixed steps (prefilling rows run vLLM's kernel over those rows only, decoding
     # rows the gather kernel), against the stock backend given the same chunks
     assert results["keep_all_chunked"]["tokens"] == results["stock_chunked"]["tokens"]
-    assert "HeteroCache attention backend: profile" in log
+    assert "HeteroCache attention backend: policy heterocache" in log
     assert "Cannot use" not in log  # the CPU platform did not replace the selection
 
 
@@ -63,10 +63,49 @@ def test_serving_conditions_with_compression(tiny, tiny_profile):
     assert stats and "device compressed pool" in stats[-1] and "host bytes in" in stats[-1]
 
 
+def test_policies_per_server_and_per_request(tiny, tiny_profile):
+    results, log = run_engines("policies", tiny, tiny_profile)
+    stock = results["stock"]["tokens"]
+
+    def settled(r):  # every request state, host-tier block and KV block is back
+        assert [len(t) for t in r["tokens"]] == [24] * 4
+        assert r["states"] == 0 and r["free_blocks"] == r["num_blocks"] - 1
+
+    for policy in ("streamingllm", "snapkv", "pyramidkv", "duo"):
+        r = results[policy]
+        settled(r)
+        assert r["compresses"] is True and r["counters"]["prefill_selections"] > 0, policy
+        assert r["counters"]["drift_checks"] == 0, policy  # only HeteroCache's layout tracks drift
+        kept = r["kept"][policy]
+        assert kept["cumulative"][-1] == 4, policy  # every request kept a fraction, counted under its policy
+        assert f"policy {policy} (" in log
+    # every head compressed at 0.3 (window 8, prompts of 300-1100 tokens): about 0.3 of the KV kept
+    assert 0.25 < results["snapkv"]["kept"]["snapkv"]["sum"] / 4 < 0.35
+    # policy full: every token, vLLM's own kernels: the stock backend's tokens
+    assert results["full"]["compresses"] is False and results["full"]["tokens"] == stock
+
+    # mixed policies in one batch on a HeteroCache server: the request that opts out keeps
+    # every token in every pool (its compressed heads run the gather kernel over all of them)
+    # and decodes as the stock backend does; the others keep what their policy and ratio say
+    r = results["mixed"]
+    settled(r)
+    assert r["tokens"][0] == stock[0]
+    counts = {p: h["cumulative"][-1] for p, h in r["kept"].items()}
+    assert counts == {"full": 1, "duo": 1, "heterocache": 2}
+    assert r["kept"]["full"]["sum"] == 1.0
+    assert r["kept"]["duo"]["sum"] > 0.85  # ratio 0.9
+    assert 1.45 < r["kept"]["heterocache"]["sum"] < 1.6  # 0.6 (the server's) + 0.9
+    # an all-compressed (snapkv) server takes every policy per request, duo's full heads included
+    r = results["mixed_snapkv"]
+    settled(r)
+    assert r["tokens"][0] == stock[0]
+    assert {p for p, h in r["kept"].items() if h["cumulative"][-1]} == {"full", "streamingllm", "pyramidkv", "duo"}
+
+
 def test_multiprocess_engine_selects_heterocache(tiny, tiny_profile):
     results, log = run_engines("multiprocess", tiny, tiny_profile, multiprocess=True)
     assert [len(t) for t in results["compressed"]["tokens"]] == [12, 12]
-    assert "HeteroCache attention backend: profile" in log  # logged by the spawned engine core
+    assert "HeteroCache attention backend: policy heterocache" in log  # logged by the spawned engine core
     assert "Cannot use" not in log
 
 

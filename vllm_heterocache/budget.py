@@ -13,6 +13,9 @@ and a budget never drops below it). Prompts shorter than ``min_prompt_len`` keep
 multiple of the KV block size (capped at L). Full heads keep all L tokens; r = 1 keeps every
 token of every head. Pivots track a reference top-K of K = min(L, max(1, floor(base))) tokens.
 
+The planner applies ``config.policy`` first (``policies``): full heads, budget ratios and the
+formula are those of the policy's layout of the profile, the same formula for every policy.
+
 Tensor parallelism: each rank plans the budgets of its own KV heads (``sharding``).
 """
 
@@ -27,6 +30,7 @@ import torch
 
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError
+from vllm_heterocache.policies import POLICIES
 from vllm_heterocache.profile.schema import HeadProfile
 from vllm_heterocache.sharding import FULL_POOL, local_kv_heads
 
@@ -73,7 +77,10 @@ def min_feasible_ratio(profile: HeadProfile) -> float:
 
 
 class BudgetPlanner:
-    """:func:`plan_budgets` with the per-profile work done once (the backend plans per request)."""
+    """:func:`plan_budgets` with the per-profile work done once (the backend plans per request).
+
+    ``profile`` is the model's head profile; :attr:`layout` is the policy's layout of it, which
+    everything here reads."""
 
     def __init__(
         self,
@@ -87,6 +94,8 @@ class BudgetPlanner:
         if config.round_to_block and not block_size:
             raise ValueError("round_to_block needs the KV block size (block_size)")
         self.profile, self.config, self.block_size = profile, config, block_size
+        self.policy = POLICIES[config.policy]
+        self.layout = profile = self.policy.layout(profile)
         self.heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
         layers = range(profile.num_layers)
         every = range(profile.num_kv_heads)
@@ -115,8 +124,8 @@ class BudgetPlanner:
         if not self.keep_all and config.token_budget is None and r * self.total <= self.n_full:
             smallest = math.floor(min_feasible_ratio(profile) * 1000 + 1) / 1000
             raise BudgetError(
-                f"heterocache.compression_ratio={r} is infeasible with profile {profile.source}: its "
-                f"{self.n_full} full heads of {self.total} alone keep {self.n_full / self.total:.4f} of the "
+                f"heterocache.compression_ratio={r} is infeasible for policy {config.policy} with profile "
+                f"{profile.source}: its {self.n_full} full heads of {self.total} alone keep {self.n_full / self.total:.4f} of the "
                 f"KV cache (r * H must exceed F). The smallest feasible ratio is {smallest}; or set "
                 "heterocache.token_budget instead."
             )
@@ -131,7 +140,7 @@ class BudgetPlanner:
         head) -> class``. A class's pool keeps, per request, its largest budget for each of its
         heads, so fewer, wider classes waste more memory on the heads with smaller ratios.
         """
-        profile = self.profile
+        profile = self.layout
         heads = sorted(
             (profile.budget_ratios[l][h] or 0.0, l, h)
             for l in range(profile.num_layers)
@@ -139,6 +148,8 @@ class BudgetPlanner:
             if not profile.head_types[l][h].is_full
         )
         n = len(heads)
+        if n == 0:  # every head full (policy full, or an all-full profile)
+            return (), {}
         count = max(1, min(count, n))
         classes = [heads[i * n // count : (i + 1) * n // count] for i in range(count)]
         capacities = tuple(self._capacity(max(r for r, _, _ in cls)) for cls in classes)
@@ -158,6 +169,26 @@ class BudgetPlanner:
     def _capacity(self, max_ratio: float) -> PoolCapacity:
         return replace(self.rule, max_ratio=max_ratio)
 
+    def class_rules(self, policies) -> tuple[tuple[ClassRule, ...], ...]:
+        """Per pool class (:meth:`pools`), how the requests of each of ``policies`` (names) use
+        it: their layout's full heads, the class's largest budget ratio under it, and whether it
+        keeps a head of the class full (then the class keeps the whole prompt for them)."""
+        _, class_of = self.capacity_classes(self.config.budget_classes)
+        members: dict[int, list[tuple[int, int]]] = {}
+        for head, c in class_of.items():
+            members.setdefault(c, []).append(head)
+        out: list[list[ClassRule]] = [[] for _ in members]
+        for name in policies:
+            layout = POLICIES[name].layout(self.profile)
+            for c, heads in members.items():
+                out[c].append(ClassRule(
+                    policy=name,
+                    full_heads=layout.num_full_heads(),
+                    max_ratio=max(layout.budget_ratios[l][h] or 0.0 for l, h in heads),
+                    keeps_all=any(layout.head_types[l][h].is_full for l, h in heads),
+                ))
+        return tuple(tuple(rules) for rules in out)
+
     def plan(self, prompt_len: int) -> BudgetPlan:
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
@@ -175,6 +206,16 @@ class BudgetPlanner:
             every_budgets=every,
             keeps_all=bool((every >= L).all()),
         )
+
+
+@dataclass(frozen=True)
+class ClassRule:
+    """How the requests of one policy use one pool class (:meth:`PoolCapacity.for_request`)."""
+
+    policy: str
+    full_heads: int  # F of the policy's layout
+    max_ratio: float  # the class's largest budget ratio under the policy
+    keeps_all: bool  # the policy keeps a head of the class full
 
 
 def _round_up(x, multiple: int):
@@ -219,6 +260,17 @@ class PoolCapacity:
             return torch.full(ratios.shape, L, dtype=torch.int64)
         budgets = torch.floor(self.base(L) * ratios).to(torch.int64).clamp(min=min(L, self.window), max=L)
         return _round_up(budgets, self.round_to).clamp(max=L) if self.round_to else budgets
+
+    def for_request(self, rule: ClassRule, ratio: float | None) -> PoolCapacity:
+        """This class's capacity for a request of ``rule.policy`` at compression ratio ``ratio``
+        (None: the server's ratio or token budget): the bound of the budgets that
+        ``BudgetPlanner`` plans for it (the same rule, the same numbers)."""
+        capacity = replace(self, full_heads=rule.full_heads, max_ratio=rule.max_ratio,
+                           keep_all=self.keep_all or rule.keeps_all)
+        if ratio is not None:
+            capacity = replace(capacity, compression_ratio=ratio, token_budget=None,
+                               keep_all=capacity.keep_all or ratio >= 1.0)
+        return capacity
 
     def max_budget(self, prompt_len: int) -> int:
         """The budget of the class's largest ratio: what its pool keeps per head and request

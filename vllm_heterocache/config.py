@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm_heterocache.errors import ConfigError
+from vllm_heterocache.policies import POLICIES
 
 ADDITIONAL_CONFIG_KEY = "heterocache"
 DEFAULT_COMPRESSION_RATIO = 0.5
@@ -38,6 +39,9 @@ class HeteroCacheConfig:
     """Validated HeteroCache options.
 
     Attributes:
+        policy: the KV-compression policy (``policies``): ``heterocache`` (default), ``full``,
+            ``streamingllm``, ``snapkv``, ``pyramidkv`` or ``duo``. It lays out the KV pools; a
+            request may pick another policy those pools hold (``vllm_xargs``, README "Policies").
         profile: path of a head profile (JSON). None: the shipped profile whose model
             fingerprint matches the served model.
         compression_ratio: fraction of the prompt KV cache KEPT, over all heads, in (0, 1]
@@ -71,6 +75,7 @@ class HeteroCacheConfig:
             worker, Ray actors included.
     """
 
+    policy: str = "heterocache"
     profile: str | None = None
     compression_ratio: float | None = None
     token_budget: int | None = None
@@ -88,6 +93,8 @@ class HeteroCacheConfig:
 
     def __post_init__(self) -> None:
         _check_type(self)
+        if self.policy not in POLICIES:
+            raise ConfigError(f"heterocache.policy={self.policy!r} is not a policy: choose one of {', '.join(POLICIES)}")
         if self.compression_ratio is not None and self.token_budget is not None:
             raise ConfigError(
                 "heterocache.compression_ratio and heterocache.token_budget are exclusive: set one"
@@ -150,6 +157,7 @@ class HeteroCacheConfig:
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
+    "policy": (str,),
     "profile": (str,),
     "compression_ratio": (float, int),
     "token_budget": (int,),

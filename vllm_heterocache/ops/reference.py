@@ -115,6 +115,26 @@ def select_tokens(scores: torch.Tensor, budgets: torch.Tensor, window: int) -> t
     return out
 
 
+def recent_tokens(budgets: torch.Tensor, length: int, sinks: int) -> torch.Tensor:
+    """StreamingLLM's selection: each head keeps the first ``sinks`` positions (attention sinks)
+    and its most recent others.
+
+    Args:
+        budgets: int64 ``[Hkv]``, tokens each head keeps (``length`` keeps all).
+        length: L, the prompt length.
+        sinks: first positions kept (the rest of the budget is the most recent positions).
+
+    Returns:
+        int64 ``[Hkv, max(budgets)]`` ascending positions, -1 padded (as :func:`select_tokens`).
+    """
+    budgets = budgets.clamp(0, length)
+    out = torch.full((budgets.numel(), int(budgets.max()) if budgets.numel() else 0), PAD, dtype=torch.int64)
+    for i, b in enumerate(budgets.tolist()):
+        front = min(sinks, b)
+        out[i, :b] = torch.cat([torch.arange(front), torch.arange(length - (b - front), length)])
+    return out
+
+
 def overlap_coefficient(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """|A n B| / min(|A|, |B|) of -1-padded index sets ``[..., Ka]`` and ``[..., Kb]`` -> ``[...]``.
 

@@ -28,6 +28,7 @@ import torch
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, write_positions
+from vllm_heterocache.policies import SINK_TOKENS
 from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
 from vllm_heterocache.runtime.step import Row, StepPlan
 from vllm_heterocache.runtime.timing import section
@@ -120,8 +121,11 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
 
 
 def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
-    """After the last prompt token: compressed heads choose their budget and compact it to
-    positions ``0 .. B_c - 1`` of their cache; pivots record their reference top-K.
+    """After the last prompt token: compressed heads choose their budget by the request's policy
+    (``policies``: scored, or sinks plus recent tokens) and compact it to positions
+    ``0 .. B_c - 1`` of their cache; pivots of a request that tracks drift record their
+    reference top-K. A head whose budget is the whole prompt (the request's policy keeps it
+    full) is already in place.
 
     Scoring uses the queries of the last ``window`` prompt positions that are in this row (a
     chunk boundary inside the window leaves fewer). When the whole prompt is in this step, its
@@ -132,32 +136,53 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     state = row.state
     plan = state.plan
     L, W = plan.prompt_len, plan.window
-    lo = max(L - max(1, rt.config.window), row.first)
-    q = query[row.start + lo - row.first : row.start + L - row.first]
-    scored = heads.compressed + heads.pivots
-    if not scored:  # (this rank's heads of the layer are all volatile)
+    c = tuple(h for h in heads.compressed if int(plan.budgets[layer, h]) < L)
+    pivots = heads.pivots if state.ring is not None else ()
+    if not c and not pivots:  # (nothing to select: this rank's heads of the layer keep everything)
         return
+    scored = (c if state.policy.selection == "scores" else ()) + pivots
     whole = row.first == 0
     if whole:
         k_prompt, v_prompt = key[row.start : row.start + L], value[row.start : row.start + L]
-        k = k_prompt[:, list(scored)]
-    else:
-        k = pools.keys(scored, row.index, L)
-    scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, rt.config.pool_kernel)
-    c = heads.compressed
+    if scored:
+        lo = max(L - max(1, rt.config.window), row.first)
+        q = query[row.start + lo - row.first : row.start + L - row.first]
+        k = k_prompt[:, list(scored)] if whole else pools.keys(scored, row.index, L)
+        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, rt.config.pool_kernel)
     if c:
-        chosen = ref.select_tokens(scores[: len(c)], plan.budgets[layer, list(c)], W)
+        budgets = plan.budgets[layer, list(c)]
+        if state.policy.selection == "scores":
+            chosen = ref.select_tokens(scores[: len(c)], budgets, W)
+        else:
+            chosen = ref.recent_tokens(budgets, L, SINK_TOKENS)
         for i, h in enumerate(c):
             keep = chosen[i][chosen[i] >= 0]
             kept_kv = (k_prompt[keep, h], v_prompt[keep, h]) if whole else pools.read(h, row.index, keep)
             pools.write(h, row.index, torch.arange(keep.numel()), *kept_kv)
-        state.kept[layer] = chosen
-    if heads.pivots:
-        n = len(heads.pivots)
+        state.kept[layer] = _every_compressed(heads.compressed, c, chosen, L)
+    if pivots:
+        n = len(pivots)
         state.references[layer] = ref.topk_positions(
-            scores[len(c) :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
+            scores[len(scored) - n :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
         )
     rt.counters.prefill_selections += 1
+
+
+def _every_compressed(compressed: tuple[int, ...], selected: tuple[int, ...], chosen: torch.Tensor,
+                      length: int) -> torch.Tensor:
+    """``RequestState.kept`` of a layer: the positions each compressed head holds, ``[C, B_max]``
+    (``chosen`` rows for the ``selected`` heads, all ``length`` positions for the others)."""
+    if selected == compressed:
+        return chosen
+    width = max(chosen.shape[1], length if len(selected) < len(compressed) else 0)
+    out = torch.full((len(compressed), width), -1, dtype=torch.int64)
+    for i, h in enumerate(compressed):
+        if h in selected:
+            row = chosen[selected.index(h)]
+            out[i, : row.numel()] = row
+        else:
+            out[i, :length] = torch.arange(length)
+    return out
 
 
 def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> None:

@@ -10,8 +10,10 @@ plans the step once (``runtime.step``); the layers only execute that plan.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +22,13 @@ from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
+from vllm_heterocache.policies import RequestChoice, RequestRules
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
 from vllm_heterocache.runtime.rings import QueryRings
-from vllm_heterocache.runtime.stats import Counters
+from vllm_heterocache.runtime.stats import KEPT_FRACTION_BUCKETS, Counters, Histogram
 from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
 from vllm_heterocache.sharding import FULL_POOL, away_from_pivot, model_caches, rank_of_heads, sharing_summary
 
@@ -74,12 +77,17 @@ class HeteroCacheRuntime:
         the same shape, in the same order); needed when pivot clusters cross ranks."""
         self.profile = profile
         self.config = config
-        self.tp_rank = tp_rank
+        self.tp_rank, self.tp_size, self.block_size = tp_rank, tp_size, block_size
         self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
+        self.heads_layout = layout = self.planner.layout  # the policy's layout of the profile (``policies``)
+        self.planner_for = functools.lru_cache(maxsize=64)(self._new_planner)  # RequestChoice -> its planner
         self.capacities, pool_of = self.planner.pools()
         self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         self._compresses = any(pool_of(layer, h) != FULL_POOL
                                for layer in range(profile.num_layers) for h in range(profile.num_kv_heads))
+        # What requests may ask for (``vllm_xargs``), and how each policy uses each pool class.
+        self.request_rules = RequestRules.of(profile, config.policy, config.compression_ratio, self._compresses)
+        self.class_rules = self.planner.class_rules(name for name, _ in self.request_rules.floors)
         self.sharing = sharing_summary(pool_of, self.caches, profile.num_kv_heads, tp_size) if tp_size > 1 else ""
         self.threshold = (
             config.stability_threshold
@@ -88,6 +96,7 @@ class HeteroCacheRuntime:
         )
         self.requests = RequestTable()
         self.counters = Counters()
+        self.kept = {name: Histogram(KEPT_FRACTION_BUCKETS) for name, _ in self.request_rules.floors}  # by policy
         self.refills = RefillQueue()
         self.host: HostTier | None = None
         self.layout: BlockLayout | None = None  # the KV caches' block layout (attach_layout)
@@ -98,11 +107,11 @@ class HeteroCacheRuntime:
         self.layers: list[LayerHeads] = []
         across_satellites = []  # per layer, per cluster across ranks: its satellites (global KV heads)
         rows = 0
-        for layer, types in enumerate(profile.head_types):
+        for layer, types in enumerate(layout.head_types):
             heads = [types[g] for g in self.planner.heads]
             pool = tuple(pool_of(layer, g) for g in self.planner.heads)
             pivots = tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT)
-            clusters = profile.clusters_of_layer(layer)
+            clusters = layout.clusters_of_layer(layer)
             inside = [c for c in clusters if not away_from_pivot(c, holders)]
             across = sorted((c for c in clusters if away_from_pivot(c, holders)), key=lambda c: c.pivot)
             sats = {local[c.pivot]: tuple(local[s] for s in c.satellites) for c in inside if c.pivot in local}
@@ -129,7 +138,7 @@ class HeteroCacheRuntime:
         self.num_host_rows = rows
         self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
         # Every rank plans the same drift checks (clusters across ranks exchange their results).
-        self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in profile.head_types for t in row)
+        self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in layout.head_types for t in row)
         self.exchange = exchange
         self._across = across_satellites if any(lh.shared for lh in self.layers) else []
         if self._across and exchange is None:
@@ -156,10 +165,11 @@ class HeteroCacheRuntime:
         self.layout = layout
 
     def begin_step(self, req_ids: list[str], prompt_lens: list[int], query_start_loc: list[int],
-                   seq_lens: list[int]) -> StepPlan:
+                   seq_lens: list[int], args_of: Callable[[str], Mapping | None] = lambda key: None) -> StepPlan:
         """The step hook, before vLLM builds the step's attention metadata: row ``i`` of the step
         is request ``req_ids[i]``, its tokens ``query_start_loc[i] .. query_start_loc[i + 1] - 1``
-        up to position ``seq_lens[i] - 1``.
+        up to position ``seq_lens[i] - 1``; ``args_of(key)``: request ``key``'s ``vllm_xargs``
+        (read when it is admitted: its policy and ratio, ``policies.RequestRules``).
 
         Admits the requests whose prefill starts (a fresh state, host-tier blocks for their
         satellites, a query-ring slot for their pivots), plans the step once (:attr:`step`), and
@@ -171,7 +181,7 @@ class HeteroCacheRuntime:
             q_len, seq_len = query_start_loc[i + 1] - query_start_loc[i], seq_lens[i]
             if q_len == 0:
                 continue
-            state = self._admit(key, prompt_lens[i]) if seq_len == q_len else self.requests.get(key)
+            state = self._admit(key, prompt_lens[i], args_of(key)) if seq_len == q_len else self.requests.get(key)
             rows.append(Row(query_start_loc[i], q_len, seq_len, i, state))
         kernels_read = self.layout is not None and kernels.compiled(self.layout)
         self.step = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval)
@@ -208,11 +218,26 @@ class HeteroCacheRuntime:
                 "heterocache_refill_failures_total.", state.key, type(failure).__name__, failure,
             )
 
-    def _admit(self, key: str, prompt_len: int) -> RequestState:
+    def _new_planner(self, choice: RequestChoice) -> BudgetPlanner:
+        """The budget planner of a request's policy and ratio (:attr:`planner_for`, cached)."""
+        options = {"policy": choice.policy}
+        if choice.ratio is not None:
+            options |= {"compression_ratio": choice.ratio, "token_budget": None}
+        return BudgetPlanner(self.profile, dataclasses.replace(self.config, **options), tp_rank=self.tp_rank,
+                             tp_size=self.tp_size, block_size=self.block_size)
+
+    def _admit(self, key: str, prompt_len: int, args: Mapping | None = None) -> RequestState:
         self.finish([key])
-        plan = self.planner.plan(prompt_len)
-        state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len))
-        if self._tracks_drift and not plan.keeps_all:
+        choice, error = self.request_rules.resolve(args)
+        if error is not None:  # the API server checks these: a client of the engine itself sent them
+            log.warning("heterocache: request %s: %s; it keeps its full KV (policy full)", key, error)
+        planner = self.planner_for(choice)
+        plan = planner.plan(prompt_len)
+        state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len),
+                                    policy=planner.policy)
+        self.kept[choice.policy].observe(plan.kept_fraction())
+        tracks = choice.policy == self.config.policy  # drift tracking is the server layout's
+        if self._tracks_drift and tracks and not plan.keeps_all:
             state.ring = self.rings.acquire(key)
             if self._across:  # the most refill positions a cluster across ranks needs
                 every = plan.every_budgets
@@ -220,7 +245,7 @@ class HeteroCacheRuntime:
                     max((int(every[layer, s]) - plan.window for sats in across for s in sats), default=0)
                     for layer, across in enumerate(self._across)
                 ]
-        if self.host is not None and self.num_host_rows and not plan.keeps_all:
+        if self.host is not None and self.num_host_rows and tracks and not plan.keeps_all:
             state.host = self.host.allocate(key, prompt_len)
             if not state.host:
                 log.warning(
@@ -233,7 +258,7 @@ class HeteroCacheRuntime:
 
     def describe(self, example_prompt: int = 4096) -> str:
         """The startup log line: profile, head counts, budgets, drift settings."""
-        counts = self.profile.counts()
+        counts = self.heads_layout.counts()
         cfg = self.config
         budget = (
             f"compression_ratio={cfg.compression_ratio} (fraction kept)"
@@ -244,11 +269,13 @@ class HeteroCacheRuntime:
         compressed = plan.budgets[~plan.full]
         span = f"{int(compressed.min())}-{int(compressed.max())}" if compressed.numel() else "all"
         return (
-            f"HeteroCache attention backend: profile {self.profile.source} ({self.profile.model.name}); "
-            f"heads: {counts['volatile']} volatile, {counts['pivot']} pivot, {counts['anchor']} anchor, "
-            f"{counts['satellite']} satellite; {budget}, window={cfg.window}, min_prompt_len={cfg.min_prompt_len}; "
+            f"HeteroCache attention backend: policy {cfg.policy} ({self.planner.policy.paper}); profile "
+            f"{self.profile.source} ({self.profile.model.name}); heads: {counts['volatile']} volatile, "
+            f"{counts['pivot']} pivot, {counts['anchor']} anchor, {counts['satellite']} satellite; {budget}, window={cfg.window}, min_prompt_len={cfg.min_prompt_len}; "
             f"a {example_prompt}-token prompt keeps {span} tokens per compressed head (fraction kept "
             f"{plan.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
             f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}; decode attention: {kernels.describe()}"
+            + f"; requests may choose (vllm_xargs heterocache_policy): {', '.join(n for n, _ in self.request_rules.floors)}"
             + (f"; {self.sharing}" if self.sharing else "")
         )
+

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_heterocache.budget import BudgetPlan
+from vllm_heterocache.policies import DEFAULT_POLICY, POLICIES, Policy
 
 
 @dataclass
@@ -20,6 +21,7 @@ class RequestState:
     key: str  # vLLM request id
     plan: BudgetPlan  # budgets of the prompt (prompt_len = the request's prompt length)
     work_template: torch.Tensor  # int64 [layers, H, 6]: its gather-kernel items (runtime.step.work_template)
+    policy: Policy = POLICIES[DEFAULT_POLICY]  # its policy (the server's, or its vllm_xargs'): how it selects
     host: bool = False  # the host tier holds this request's satellites (else: no refills)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (-1 padded; ascending at prefill, refills rewrite slots in place on the
@@ -49,9 +51,10 @@ class RequestTable:
     def __contains__(self, key: str) -> bool:
         return key in self._states
 
-    def begin(self, key: str, plan: BudgetPlan, work_template: torch.Tensor) -> RequestState:
+    def begin(self, key: str, plan: BudgetPlan, work_template: torch.Tensor,
+              policy: Policy = POLICIES[DEFAULT_POLICY]) -> RequestState:
         """A request starts (its first prefill chunk): a fresh state replaces any old one."""
-        state = RequestState(key, plan, work_template)
+        state = RequestState(key, plan, work_template, policy)
         self._states[key] = state
         return state
 

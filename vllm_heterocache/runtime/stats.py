@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 # Refill waits: from a copy that is already done (microseconds) to one that stalls a step.
 REFILL_WAIT_BUCKETS = (1e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+# The fraction of its prompt KV a request keeps (1: all of it), per policy.
+KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 
 
 @dataclass
@@ -57,7 +59,8 @@ class Histogram:
 def snapshot(rt) -> dict:
     """The runtime's counters and gauges (``rt``: a ``HeteroCacheRuntime``)::
 
-        {"counters": {name: int}, "gauges": {name: int}, "histograms": {name: Histogram.to_dict()}}
+        {"counters": {name: int}, "gauges": {name: int}, "histograms": {name: Histogram.to_dict()},
+         "by_policy": {"request_kept_fraction": {policy: Histogram.to_dict()}}}
 
     Host-tier entries are present only when the runtime has a host tier.
     """
@@ -68,4 +71,5 @@ def snapshot(rt) -> dict:
         counters |= {"host_tier_bytes_in": s.bytes_in, "host_tier_bytes_out": s.bytes_out,
                      "host_tier_rejections": s.rejected}
         gauges |= {"host_tier_blocks_used": rt.host.used_blocks, "host_tier_blocks_total": rt.host.num_blocks}
-    return {"counters": counters, "gauges": gauges, "histograms": {"refill_wait_seconds": rt.refills.waits.to_dict()}}
+    return {"counters": counters, "gauges": gauges, "histograms": {"refill_wait_seconds": rt.refills.waits.to_dict()},
+            "by_policy": {"request_kept_fraction": {p: h.to_dict() for p, h in rt.kept.items()}}}

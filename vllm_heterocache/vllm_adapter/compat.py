@@ -20,6 +20,9 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | ``ForwardContext.no_compile_layers`` | the companion cache layers' bound KV caches | vLLM passes a layer's companion caches to its impl |
 | ``Attention._k_scale_float``, ``_v_scale_float`` | the cache-write and attention ops take the layer's KV scales (1.0: fp8 KV caches are refused) | the impl receives the scales |
 | ``vllm._custom_ops.cpu_attn_reshape_and_cache``, ``cpu_attention_with_kv_cache``, ``cpu_attn_get_scheduler_metadata`` | the CPU backend's own cache-write and attention ops, run per head cache, and its kernel plan, built for the prefilling rows of a mixed step as ``CPUAttentionMetadataBuilder.build`` builds it for all rows | (stable ops of the CPU backend; private module) |
+| ``KVCacheManager.allocate_slots`` (patched), ``coordinator.single_type_managers``, ``Request.sampling_params`` | a compressed pool's block manager keeps a request's budget, which its policy and ratio (``vllm_xargs``) decide, but managers see request ids only | managers receive the request (or its KV budget) |
+| ``InputProcessor.__init__`` (patched), ``validate_logits_processors_params`` | a request's ``heterocache_policy`` / ``heterocache_ratio`` are checked where vLLM checks its parameters, so a bad value is an HTTP 400 naming the key; the only per-request hook is a logits processor's classmethod, which gets no config | vLLM offers a request-validation hook to plugins with the config |
+| ``GPUModelRunner.requests`` | the step hook reads a new request's ``vllm_xargs`` (its policy and ratio) | the lifecycle hooks above pass the sampling params |
 | ``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` | the ISA of the CPU kernels for a dtype / block size / head size (tests build caches in it) | |
 | ``GPUModelRunner.execute_model``, ``sample_tokens``, ``_build_attention_metadata``, ``CPUAttentionBackendImpl.forward``, ``do_kv_cache_update`` (patched only with ``HETEROCACHE_STEP_TIMING=1``) | the per-step time breakdown of the benchmarks (``runtime.timing``), for the stock backend as for HeteroCache | vLLM's own per-step profiling reports attention time |
 """
@@ -90,6 +93,79 @@ def register_kv_cache_spec(spec_cls, manager_cls) -> None:
 def remove_blocks_in_range(manager, request_id: str, start: int, end: int) -> None:
     """Free blocks ``start .. end - 1`` of a request in a single-type manager (null blocks remain)."""
     manager._remove_blocks_in_range(request_id, start, end)
+
+
+def observe_kv_allocation(observe) -> None:
+    """Call ``observe(kv_cache_manager, request)`` before the scheduler's KV cache manager
+    allocates a step's slots for ``request`` (every scheduled request, every step, in the
+    scheduler's process)."""
+    if "kv_allocation" in _APPLIED:
+        return
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    allocate_slots = KVCacheManager.allocate_slots
+
+    def _allocate_slots(self, request, *args, **kwargs):
+        observe(self, request)
+        return allocate_slots(self, request, *args, **kwargs)
+
+    KVCacheManager.allocate_slots = _allocate_slots
+    _APPLIED.add("kv_allocation")
+
+
+def single_type_managers(kv_cache_manager) -> tuple:
+    """The per-group block managers of a scheduler's KV cache manager."""
+    return tuple(kv_cache_manager.coordinator.single_type_managers)
+
+
+def request_extra_args(request):
+    """A scheduler request's ``SamplingParams.extra_args`` (``vllm_xargs``), or None."""
+    params = request.sampling_params
+    return None if params is None else params.extra_args
+
+
+def validate_requests(make_validator) -> None:
+    """Check every request's parameters where vLLM validates them, in the API server (or the
+    ``LLM`` front end), before it reaches the engine: ``make_validator(vllm_config)`` returns a
+    function of the request's ``SamplingParams`` raising ``ValueError`` (an HTTP 400), or None."""
+    if "input_validation" in _APPLIED:
+        return
+    from vllm.exceptions import VLLMValidationError
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    init = InputProcessor.__init__
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        init(self, vllm_config, *args, **kwargs)
+        validator = make_validator(vllm_config)
+        if validator is None:
+            return
+        inner = self.validate_logits_processors_params
+
+        def validate(params) -> None:
+            inner(params)
+            try:
+                validator(params)
+            except VLLMValidationError:
+                raise
+            except ValueError as e:
+                raise VLLMValidationError(str(e), parameter=getattr(e, "key", None)) from e
+
+        self.validate_logits_processors_params = validate
+
+    InputProcessor.__init__ = __init__
+    _APPLIED.add("input_validation")
+
+
+def request_args_of(runner):
+    """``req_id -> SamplingParams.extra_args`` (``vllm_xargs``) of the runner's requests."""
+    requests = runner.requests
+
+    def args_of(req_id: str):
+        params = requests[req_id].sampling_params
+        return None if params is None else params.extra_args
+
+    return args_of
 
 
 # -- the model runner ----------------------------------------------------------------------------

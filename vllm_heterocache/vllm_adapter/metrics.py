@@ -51,6 +51,8 @@ METRICS: dict[str, tuple[str, str]] = {
     "host_tier_rejections": ("counter", "Requests the host tier had no room for (served without refills)."),
     "device_pool_blocks": ("gauge", "KV cache blocks held by running requests, per pool kind (full, compressed)."),
     "device_pool_bytes": ("gauge", "KV cache bytes held by running requests, per pool kind (full, compressed)."),
+    "request_kept_fraction": ("histogram", "Fraction of its prompt KV cache each request kept, per policy (label "
+                              "policy: the server's or the request's vllm_xargs heterocache_policy)."),
 }
 
 _owned_dir: str | None = None
@@ -158,9 +160,18 @@ def families(snapshots: list[dict]):
                     family(name, names).add_metric(values, value)
         for name, h in snap.get("histograms", {}).items():
             if name in METRICS:
-                buckets = [(repr(float(b)), n) for b, n in zip(h["bounds"], h["cumulative"])]
-                family(name, names).add_metric(values, [*buckets, ("+Inf", h["cumulative"][-1])], h["sum"])
+                family(name, names).add_metric(values, *_buckets(h))
+        for name, by_policy in snap.get("by_policy", {}).items():
+            if name in METRICS:
+                for policy, h in by_policy.items():
+                    family(name, [*names, "policy"]).add_metric([*values, policy], *_buckets(h))
     return list(made.values())
+
+
+def _buckets(h: dict) -> tuple[list[tuple[str, int]], float]:
+    """A snapshot's histogram (``runtime.stats.Histogram.to_dict``) as prometheus_client takes it."""
+    buckets = [(repr(float(b)), n) for b, n in zip(h["bounds"], h["cumulative"])]
+    return [*buckets, ("+Inf", h["cumulative"][-1])], h["sum"]
 
 
 class Collector:

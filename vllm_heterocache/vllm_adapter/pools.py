@@ -10,9 +10,12 @@ one per local head; with tensor parallelism padded to the same caches on every r
 - compressed heads (anchor, satellite): a ``CompressedPoolSpec`` of the head's budget class,
   whose block manager (``CompressedPoolManager``) holds every prompt block while the prompt is
   prefilled (so prefill peak memory is NOT reduced, as in the reference code) and, once the
-  prompt is done, frees the blocks between the class's largest budget and the end of the prompt
-  (the worker has compacted each head's selection into the first positions by then,
-  ``runtime.layer``). Generated tokens get blocks at their own positions, as usual.
+  prompt is done, frees the blocks between the class's largest budget for the request and the
+  end of the prompt (the worker has compacted each head's selection into the first positions by
+  then, ``runtime.layer``). Generated tokens get blocks at their own positions, as usual. A
+  request's budget follows its policy and ratio (``vllm_xargs``): the manager reads them from
+  the request when the scheduler first allocates its slots (:func:`note_request`), by the same
+  rules as the workers (``policies.RequestRules``, ``budget.PoolCapacity.for_request``).
 
 One head per cache makes every page the same size (no padding when vLLM unifies pages), and
 vLLM groups the caches by spec: one KV cache group (block table) for all full heads, one per
@@ -32,7 +35,8 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 
-from vllm_heterocache.budget import PoolCapacity
+from vllm_heterocache.budget import ClassRule, PoolCapacity
+from vllm_heterocache.policies import RequestRules
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 from vllm_heterocache.sharding import FULL_POOL
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
@@ -43,9 +47,18 @@ COMPANION_INFIX = ".heterocache."
 @dataclass(frozen=True, kw_only=True)
 class CompressedPoolSpec(AttentionSpec):
     """KV of one compressed head of a budget class: every prompt token during prefill, then the
-    class's largest budget plus the generated tokens (``capacity`` says how many for a prompt)."""
+    class's largest budget plus the generated tokens (``capacity`` says how many for a prompt
+    of the server's policy; :meth:`capacity_for`, for a request's own)."""
 
     capacity: PoolCapacity
+    rules: RequestRules
+    class_rules: tuple[ClassRule, ...]  # one per policy of ``rules.floors``
+
+    def capacity_for(self, extra_args) -> PoolCapacity:
+        """The class's capacity for a request with ``SamplingParams.extra_args`` ``extra_args``."""
+        choice, _ = self.rules.resolve(extra_args)  # (the worker logs a bad one)
+        rule = next(r for r in self.class_rules if r.policy == choice.policy)
+        return self.capacity.for_request(rule, choice.ratio)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # A request's peak is its prefill, which holds every token.
@@ -53,7 +66,8 @@ class CompressedPoolSpec(AttentionSpec):
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
-            isinstance(s, CompressedPoolSpec) and s.capacity == self.capacity for s in kv_cache_specs.values()
+            isinstance(s, CompressedPoolSpec) and (s.capacity, s.class_rules) == (self.capacity, self.class_rules)
+            for s in kv_cache_specs.values()
         )
 
 
@@ -66,18 +80,36 @@ class CompressedPoolManager(FullAttentionManager):
     their block-table slots.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.capacities: dict[str, PoolCapacity] = {}  # request id -> its capacity (note_request)
+
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
-        if num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
-            return
-        spec: CompressedPoolSpec = self.kv_cache_spec
-        kept = cdiv(spec.capacity.max_budget(num_prompt_tokens), self.block_size)
+        capacity = self.capacities.get(request_id)
+        if capacity is None or num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
+            return  # (every request is noted before its first allocation; an unknown one keeps its blocks)
+        kept = cdiv(capacity.max_budget(num_prompt_tokens), self.block_size)
         compat.remove_blocks_in_range(self, request_id, kept, num_prompt_tokens // self.block_size)
+
+    def free(self, request_id: str) -> None:
+        super().free(request_id)
+        self.capacities.pop(request_id, None)
+
+
+def note_request(kv_cache_manager, request) -> None:
+    """Before the scheduler allocates slots for ``request``: the compressed pools' managers note
+    its capacity (once per admission: a preempted request is freed and noted again)."""
+    for manager in compat.single_type_managers(kv_cache_manager):
+        if isinstance(manager, CompressedPoolManager) and request.request_id not in manager.capacities:
+            spec: CompressedPoolSpec = manager.kv_cache_spec
+            manager.capacities[request.request_id] = spec.capacity_for(compat.request_extra_args(request))
 
 
 def register_pool_spec() -> None:
     """Map :class:`CompressedPoolSpec` to its manager in vLLM's KV cache spec registry (every
     process that may build KV cache managers; ``registration.register``)."""
     compat.register_kv_cache_spec(CompressedPoolSpec, CompressedPoolManager)
+    compat.observe_kv_allocation(note_request)
 
 
 class HeadCacheLayer(nn.Module, AttentionLayerBase):
@@ -142,6 +174,8 @@ def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], 
                 head_size_v=spec.head_size_v,
                 dtype=spec.dtype,
                 capacity=rt.capacities[pool],
+                rules=rt.request_rules,
+                class_rules=rt.class_rules[pool],
             )
             store = head_cache_name(name, c)
             if c and store not in forward_context:

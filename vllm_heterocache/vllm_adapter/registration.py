@@ -20,6 +20,9 @@ def register() -> None:
     from vllm_heterocache.vllm_adapter.pools import register_pool_spec
 
     register_pool_spec()
+    from vllm_heterocache.vllm_adapter.requests import validator
+
+    compat.validate_requests(validator)
     if current_platform.is_cpu():
         compat.honour_backend_on_cpu(BACKEND_NAME, BACKEND_PATH)
     from vllm_heterocache.runtime import timing

@@ -164,7 +164,7 @@ def step_begins(runner, num_reqs: int) -> None:
         if _state(runner)["dummy"]:
             rt.dummy_step()
         else:
-            rt.begin_step(*compat.step_batch(runner, num_reqs))
+            rt.begin_step(*compat.step_batch(runner, num_reqs), compat.request_args_of(runner))
 
 
 @contextlib.contextmanager
