@@ -70,7 +70,7 @@ def server(tmp_path_factory):
 def test_backend_is_selected(server):
     _, log = server
     text = log.read_text()
-    assert "HeteroCache attention backend: profile" in text
+    assert "HeteroCache attention backend: policy heterocache" in text
     assert "Cannot use" not in text
 
 
@@ -173,3 +173,50 @@ def test_metrics_on_the_servers_own_endpoint(server):
     assert value(after, h, h + "_bucket", le="+Inf") == value(after, h, h + "_count")
     refilled = value(after, "heterocache_refilled_heads", "heterocache_refilled_heads_total")
     assert (value(after, h, h + "_count") > 0) == (refilled > 0)  # every refill is waited for, once done
+
+
+def test_policy_and_ratio_per_request(server):
+    """``vllm_xargs`` through the openai client: mixed policies in one batch, each request's kept
+    fraction in /metrics under its policy, and a 400 naming the key for every bad value."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import BadRequestError, OpenAI
+
+    base, _ = server
+    client = OpenAI(base_url=f"{base}/v1", api_key="unused")
+    prompt = "And the spirit of God moved upon the face of the waters. " * 25
+
+    def complete(xargs):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=16, temperature=0,
+                                         extra_body={"vllm_xargs": xargs, "ignore_eos": True})
+
+    before = settled(base)
+    choices = [{"heterocache_policy": "full"}, {"heterocache_policy": "duo", "heterocache_ratio": 0.8}, {},
+               {"heterocache_ratio": 0.9}, {"heterocache_policy": "heterocache", "heterocache_ratio": "0.7"}]
+    with ThreadPoolExecutor(len(choices)) as pool:  # together: one batch of mixed policies
+        done = list(pool.map(complete, choices))
+    assert all(c.usage.completion_tokens == 16 for c in done)
+    after = settled(base)
+    h = "heterocache_request_kept_fraction"
+
+    def grew(policy, sample):
+        return value(after, h, h + sample, policy=policy) - value(before, h, h + sample, policy=policy)
+
+    assert grew("full", "_count") == 1 and grew("full", "_sum") == 1.0
+    assert grew("duo", "_count") == 1 and 0.75 < grew("duo", "_sum") < 0.85
+    assert grew("heterocache", "_count") == 3 and 0.6 * 3 - 0.05 < grew("heterocache", "_sum") < 0.6 + 0.9 + 0.7 + 0.05
+
+    bad = {
+        "heterocache_policy": [{"heterocache_policy": "snapkv"},  # compresses this server's full-pool heads
+                               {"heterocache_policy": "h2o"}],
+        "heterocache_ratio": [{"heterocache_ratio": 0.3},  # its full heads alone keep 0.5
+                              {"heterocache_ratio": 1.5}, {"heterocache_ratio": "lots"},
+                              {"heterocache_policy": "full", "heterocache_ratio": 0.7}],
+        "heterocache_ration": [{"heterocache_ration": 0.7}],
+    }
+    for key, cases in bad.items():
+        for xargs in cases:
+            with pytest.raises(BadRequestError) as e:
+                complete(xargs)
+            assert e.value.status_code == 400 and f"vllm_xargs.{key}" in str(e.value), (xargs, str(e.value))
+    assert complete({}).usage.completion_tokens == 16  # and the server goes on

@@ -1,0 +1,114 @@
+"""Policies (``vllm_heterocache.policies``): their layouts of a profile, the same budget rule for
+all, what a request may ask for, and the scheduler's pool capacities against the planner."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.errors import BudgetError, ConfigError
+from vllm_heterocache.ops import reference as ref
+from vllm_heterocache.policies import POLICIES, PYRAMID_BETA, SINK_TOKENS, RequestChoice, RequestError, RequestRules
+
+
+def _mean_ratio(layout):
+    ratios = [r for row in layout.budget_ratios for r in row if r is not None]
+    return sum(ratios) / len(ratios)
+
+
+def test_layouts(llama_profile):
+    p = llama_profile
+    total, profile_full = p.num_layers * p.num_kv_heads, p.num_full_heads()
+    full = {name: policy.layout(p).num_full_heads() for name, policy in POLICIES.items()}
+    assert full == {"full": total, "streamingllm": 0, "snapkv": 0, "pyramidkv": 0, "duo": profile_full,
+                    "heterocache": profile_full}
+    for name in ("streamingllm", "snapkv", "pyramidkv", "duo", "heterocache"):
+        assert _mean_ratio(POLICIES[name].layout(p)) == pytest.approx(1.0), name  # the same total for a ratio
+    assert POLICIES["heterocache"].layout(p) is p
+    assert not any(POLICIES[n].layout(p).clusters for n in ("streamingllm", "snapkv", "pyramidkv", "duo"))
+    pyramid = [row[0] for row in POLICIES["pyramidkv"].layout(p).budget_ratios]
+    assert pyramid == sorted(pyramid, reverse=True)  # falling with depth
+    assert pyramid[0] == pytest.approx(2 - 1 / PYRAMID_BETA) and pyramid[-1] == pytest.approx(1 / PYRAMID_BETA)
+
+
+@pytest.mark.parametrize("policy", ["streamingllm", "snapkv", "pyramidkv"])
+def test_every_head_compressed_keeps_the_ratio(llama_profile, policy):
+    plan = BudgetPlanner(llama_profile, HeteroCacheConfig(policy=policy, compression_ratio=0.1, window=8)).plan(8192)
+    assert not plan.full.any()
+    assert plan.kept_fraction() == pytest.approx(0.1, abs=0.01)  # (floors: a budget never drops below the window)
+
+
+def test_infeasible_budget_is_the_same_error_for_every_policy(llama_profile):
+    for policy in ("duo", "heterocache"):
+        with pytest.raises(BudgetError, match=f"infeasible for policy {policy}"):
+            BudgetPlanner(llama_profile, HeteroCacheConfig(policy=policy, compression_ratio=0.1))
+    with pytest.raises(ConfigError, match="heterocache.policy='h2o' is not a policy: choose one of full, streamingllm"):
+        HeteroCacheConfig(policy="h2o")
+
+
+def test_recent_tokens_keep_sinks_and_the_most_recent():
+    chosen = ref.recent_tokens(torch.tensor([10, 3, 50]), 50, SINK_TOKENS)
+    assert chosen[0, :10].tolist() == [0, 1, 2, 3, 44, 45, 46, 47, 48, 49] and (chosen[0, 10:] == -1).all()
+    assert chosen[1, :3].tolist() == [0, 1, 2] and (chosen[1, 3:] == -1).all()
+    assert chosen[2].tolist() == list(range(50))
+
+
+def test_what_requests_may_ask_for(llama_profile):
+    p, floor = llama_profile, llama_profile.num_full_heads() / 256
+    rules = RequestRules.of(p, "heterocache", 0.5, compresses=True)
+    assert dict(rules.floors) == {"full": 0.0, "duo": pytest.approx(floor), "heterocache": pytest.approx(floor)}
+    assert rules.parse(None) == RequestChoice("heterocache")
+    assert rules.parse({"heterocache_policy": "full"}) == RequestChoice("full")
+    assert rules.parse({"heterocache_policy": "duo", "heterocache_ratio": 0.3}) == RequestChoice("duo", 0.3)
+    assert rules.parse({"heterocache_ratio": "0.9", "other": 1}) == RequestChoice("heterocache", 0.9)
+    # an all-compressed server holds every policy but HeteroCache (drift tracking needs the
+    # server's pivots, clusters and host tier); a server that keeps everything only full
+    assert {n for n, _ in RequestRules.of(p, "snapkv", 0.5, compresses=True).floors} == set(POLICIES) - {"heterocache"}
+    assert RequestRules.of(p, "heterocache", 1.0, compresses=False).floors == (("full", 0.0),)
+    errors = {
+        "heterocache_policy": [{"heterocache_policy": "snapkv"}, {"heterocache_policy": 3}],
+        "heterocache_ratio": [{"heterocache_ratio": floor}, {"heterocache_ratio": 0}, {"heterocache_ratio": True},
+                              {"heterocache_ratio": float("nan")}, {"heterocache_ratio": "x"},
+                              {"heterocache_policy": "full", "heterocache_ratio": 0.5}],
+        "heterocache_ratios": [{"heterocache_ratios": 0.5}],
+    }
+    for key, cases in errors.items():
+        for args in cases:
+            with pytest.raises(RequestError, match=f"vllm_xargs.{key}") as e:
+                rules.parse(args)
+            assert e.value.key == key
+    # a policy infeasible at the server's ratio needs a ratio of its own
+    snap = RequestRules.of(p, "snapkv", 0.1, compresses=True)
+    with pytest.raises(RequestError, match="needs vllm_xargs.heterocache_ratio"):
+        snap.parse({"heterocache_policy": "duo"})
+    # the engine's reading of arguments the front end did not check: keep everything, and say why
+    choice, error = rules.resolve({"heterocache_policy": "nope"})
+    assert choice == RequestChoice("full") and "no such policy" in error
+
+
+@pytest.mark.parametrize("server", ["heterocache", "snapkv", "duo"])
+def test_pool_capacities_bound_every_request_budget(llama_profile, server):
+    """The scheduler's capacity of each pool class for a request (``PoolCapacity.for_request``)
+    is the largest budget the worker's planner gives that request's heads in the class."""
+    config = HeteroCacheConfig(policy=server, compression_ratio=0.5, window=16, budget_classes=3)
+    planner = BudgetPlanner(llama_profile, config)
+    capacities, _ = planner.pools()
+    _, class_of = planner.capacity_classes(config.budget_classes)
+    rules = RequestRules.of(llama_profile, server, 0.5, compresses=True)
+    class_rules = planner.class_rules(n for n, _ in rules.floors)
+    for name, floor in rules.floors:
+        for ratio in (None, 1.0, round(floor + 0.05, 3), 0.9):
+            if name == "full" and ratio not in (None, 1.0):
+                continue
+            choice = rules.parse({"heterocache_policy": name, **({} if ratio is None else {"heterocache_ratio": ratio})})
+            options = {"policy": name} | ({} if ratio is None else {"compression_ratio": ratio})
+            request = BudgetPlanner(llama_profile, dataclasses.replace(config, **options))
+            for L in (100, 700, 4096):
+                budgets = request.plan(L).every_budgets
+                for c, capacity in enumerate(capacities):
+                    rule = next(r for r in class_rules[c] if r.policy == name)
+                    cap = capacity.for_request(rule, choice.ratio).max_budget(L)
+                    heads = [budgets[l, h] for (l, h), k in class_of.items() if k == c]
+                    assert cap == max(heads), (name, ratio, L, c)
