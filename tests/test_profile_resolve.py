@@ -1,5 +1,7 @@
 """Which profile serves a model: explicit file, or the shipped one matching its fingerprint."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import PROFILES
@@ -35,3 +37,57 @@ def test_explicit_profile_must_match():
     with pytest.raises(ProfileMismatchError, match="model.num_layers: profile has 32, model has 30"):
         resolve_profile(SMOL, "/m/smol", str(PROFILES / "Llama-3.1-8B-Instruct.json"))
     assert resolve_profile(SMOL, "/m/smol", str(PROFILES / "SmolLM2-135M-Instruct.json")).model.num_layers == 30
+
+
+# --- several shipped profiles of one model (the SmolLM2 default and its sparse variant) ----------
+
+def test_the_default_of_several_profiles_is_the_file_named_after_the_model():
+    """profiles/ holds SmolLM2-135M-Instruct.json and SmolLM2-135M-Instruct-sparse.json (which sorts
+    first); the model's fingerprint picks the one named after it, whatever the served path."""
+    assert (PROFILES / "SmolLM2-135M-Instruct-sparse.json").is_file()
+    for model in ("/somewhere/my-smol-copy", "HuggingFaceTB/SmolLM2-135M-Instruct"):
+        assert Path(resolve_profile(SMOL, model).source).name == "SmolLM2-135M-Instruct.json"
+
+
+def test_a_variant_is_picked_by_name_or_path():
+    by_name = resolve_profile(SMOL, "/m/smol", "SmolLM2-135M-Instruct-sparse")
+    by_path = resolve_profile(SMOL, "/m/smol", str(PROFILES / "SmolLM2-135M-Instruct-sparse.json"))
+    assert Path(by_name.source).name == Path(by_path.source).name == "SmolLM2-135M-Instruct-sparse.json"
+    assert by_name.calibration["tau_stable"] == 0.45
+    assert Path(resolve_profile(SMOL, "/m/smol", "SmolLM2-135M-Instruct").source).name == "SmolLM2-135M-Instruct.json"
+
+
+def test_a_wrong_name_lists_the_shipped_names():
+    with pytest.raises(ProfileError, match=r"no shipped head profile named 'SmolLM2-sparse'.*"
+                       r"SmolLM2-135M-Instruct, SmolLM2-135M-Instruct-sparse for this model; all: .*Llama-3.1-8B-Instruct"):
+        resolve_profile(SMOL, "/m/smol", "SmolLM2-sparse")
+    # a shipped name for another model is refused like a file for another model
+    with pytest.raises(ProfileMismatchError, match="model.num_layers: profile has 32, model has 30"):
+        resolve_profile(SMOL, "/m/smol", "Llama-3.1-8B-Instruct")
+    # a path that does not exist stays a path
+    with pytest.raises(ProfileError, match="profile file .*nope.json' does not exist"):
+        resolve_profile(SMOL, "/m/smol", "/tmp/nope.json")
+
+
+def test_several_profiles_of_a_model_without_a_default_must_be_chosen(tmp_path, monkeypatch):
+    import shutil
+
+    for name in ("smol-a", "smol-b"):
+        shutil.copy(PROFILES / "SmolLM2-135M-Instruct.json", tmp_path / f"{name}.json")
+    monkeypatch.setenv("HETEROCACHE_PROFILE_DIR", str(tmp_path))
+    with pytest.raises(ProfileError, match=r"several shipped profiles for 'HuggingFaceTB/SmolLM2-135M-Instruct' and "
+                       r"none named after it \(smollm2-135m-instruct.json\).*choose one with the `profile` option"):
+        resolve_profile(SMOL, "/m/smol")
+    assert Path(resolve_profile(SMOL, "/m/smol", "smol-b").source) == tmp_path / "smol-b.json"
+    # one profile of the model in the first folder overrides the shipped ones, whatever its file name
+    (tmp_path / "smol-a.json").unlink()
+    assert Path(resolve_profile(SMOL, "/m/smol").source) == tmp_path / "smol-b.json"
+
+
+def test_cli_show_takes_a_shipped_name(capsys):
+    from vllm_heterocache.cli import main as cli_main
+
+    assert cli_main(["show", "SmolLM2-135M-Instruct-sparse"]) == 0
+    assert "full           17   18.9%" in capsys.readouterr().out
+    assert cli_main(["show", "no-such-profile"]) == 2
+    assert "SmolLM2-135M-Instruct-sparse" in capsys.readouterr().err

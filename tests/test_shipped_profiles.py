@@ -44,6 +44,13 @@ PROFILE_FILES = {
     "Qwen/Qwen2.5-14B-Instruct": "Qwen2.5-14B-Instruct.json",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "SmolLM2-135M-Instruct.json",
 }
+# Further profiles of a model (other thresholds), picked with the `profile` option by name or path;
+# the files above are the defaults (resolve.py: the file named after the model).
+VARIANT_FILES = {
+    "SmolLM2-135M-Instruct-sparse.json": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+ALL_FILES = sorted([(name, f) for name, f in PROFILE_FILES.items()] + [(name, f) for f, name in VARIANT_FILES.items()],
+                   key=lambda nf: nf[1])
 # Head-type counts (volatile, pivot, anchor, satellite) of the profiles published with the
 # HeteroCache reference code (Head_Analysis_*.json, meta.counts). SmolLM2's profile was measured
 # by this project's profiler, so it has no published counts.
@@ -56,7 +63,7 @@ PUBLISHED_COUNTS = {
 
 def test_shipped_profiles_are_those_with_published_facts():
     """A new profile must come with its model's facts here, or it would go unchecked."""
-    assert {p.name for p in SHIPPED} == set(PROFILE_FILES.values())
+    assert {p.name for p in SHIPPED} == set(PROFILE_FILES.values()) | set(VARIANT_FILES)
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -66,10 +73,10 @@ def test_shipped_profile_loads_with_provenance(path):
     assert sum(profile.counts().values()) == profile.num_layers * profile.num_kv_heads
 
 
-@pytest.mark.parametrize("name", sorted(PROFILE_FILES))
-def test_shipped_profile_matches_the_published_config(name):
+@pytest.mark.parametrize("name,file", ALL_FILES, ids=[f for _, f in ALL_FILES])
+def test_shipped_profile_matches_the_published_config(name, file):
     config = PUBLISHED_CONFIGS[name]
-    model = load_profile(PROFILES / PROFILE_FILES[name]).model
+    model = load_profile(PROFILES / file).model
     assert model.name == name
     assert model.architecture == config["architectures"][0]
     assert (model.num_layers, model.num_attention_heads, model.num_kv_heads, model.head_dim) == (
@@ -118,14 +125,79 @@ def test_smollm2_published_config_matches_the_wheels_gguf():
     assert value("llama.rope.freq_base") == config["rope_theta"]
 
 
+SMOL_COMMANDS = {
+    "SmolLM2-135M-Instruct.json":
+        "python -m vllm_heterocache.profiler --model default --output profiles/SmolLM2-135M-Instruct.json",
+    "SmolLM2-135M-Instruct-sparse.json":
+        "python -m vllm_heterocache.profiler --model default --tau-stable 0.45 --tau-sim 0.65 "
+        "--output profiles/SmolLM2-135M-Instruct-sparse.json",
+}
+
+
 @pytest.mark.model
-def test_smollm2_profile_matches_the_prepared_default_model():
+@pytest.mark.parametrize("file", sorted(SMOL_COMMANDS))
+def test_smollm2_profile_matches_the_prepared_default_model(file):
     from vllm_heterocache.models.smollm2 import prepare_default_model
 
     config = json.loads((prepare_default_model() / "config.json").read_text())
-    profile = load_profile(PROFILES / "SmolLM2-135M-Instruct.json")
+    profile = load_profile(PROFILES / file)
     profile.model.check_matches(ModelFingerprint.from_hf_config(config))
     assert profile.provenance["source"] == "profiler"
-    assert profile.provenance["command"].startswith(
-        "python -m vllm_heterocache.profiler --model default --output profiles/SmolLM2-135M-Instruct.json"
+    assert profile.provenance["command"].startswith(SMOL_COMMANDS[file])
+
+
+# --- the sparse SmolLM2 profile (issue 13): ratio 0.25 must be feasible --------------------------
+
+SPARSE = PROFILES / "SmolLM2-135M-Instruct-sparse.json"
+FULL_SHARE_LIMIT = 0.20  # the paper's Llama-3.1-8B profile: 50 of 256 heads full (0.195)
+GRID = [round(0.05 * i, 2) for i in range(21)]
+
+
+def _full_heads(stability, similarity, tau_stable, tau_sim) -> int:
+    from vllm_heterocache.taxonomy import classify
+
+    types, _ = classify(stability, similarity, tau_stable, tau_sim)
+    return sum(t.is_full for row in types for t in row)
+
+
+def test_sparse_profile_thresholds_follow_the_stated_rule():
+    """The rule (README, Head profiles): on the 0.05 grid, the largest tau_stable for which some
+    tau_sim leaves <= 20% of the heads full, then the smallest such tau_sim. Applied to the
+    stability and similarity both SmolLM2 profiles measured, it gives the sparse profile's
+    thresholds, and the measurements of the two runs are the same."""
+    import torch
+
+    sparse, default = load_profile(SPARSE), load_profile(PROFILES / "SmolLM2-135M-Instruct.json")
+    assert sparse.stability == default.stability and sparse.similarity == default.similarity
+    stability, similarity = torch.tensor(sparse.stability), torch.tensor(sparse.similarity)
+    total = sparse.num_layers * sparse.num_kv_heads
+    chosen = next(
+        (ts, min(fits))
+        for ts in sorted(GRID, reverse=True)
+        if (fits := [tm for tm in GRID if _full_heads(stability, similarity, ts, tm) <= FULL_SHARE_LIMIT * total])
     )
+    assert chosen == (sparse.calibration["tau_stable"], sparse.calibration["tau_sim"]) == (0.45, 0.65)
+    # the profile's types are those thresholds applied to its measurements
+    assert _full_heads(stability, similarity, *chosen) == sparse.num_full_heads()
+
+
+def test_sparse_profile_keeps_at_most_a_fifth_of_the_heads_full():
+    sparse = load_profile(SPARSE)
+    total = sparse.num_layers * sparse.num_kv_heads
+    assert sparse.counts() == {"volatile": 11, "pivot": 6, "anchor": 66, "satellite": 7}
+    assert sparse.num_full_heads() == 17 and sparse.num_full_heads() / total <= FULL_SHARE_LIMIT
+    assert load_profile(PROFILES / "SmolLM2-135M-Instruct.json").num_full_heads() == 35
+
+
+def test_ratio_one_quarter_is_feasible_with_the_sparse_profile_only():
+    from vllm_heterocache.budget import BudgetPlanner, min_feasible_ratio
+    from vllm_heterocache.config import HeteroCacheConfig
+    from vllm_heterocache.errors import HeteroCacheError
+
+    config = HeteroCacheConfig(compression_ratio=0.25)
+    sparse = load_profile(SPARSE)
+    assert min_feasible_ratio(sparse) == pytest.approx(17 / 90)
+    plan = BudgetPlanner(sparse, config).plan(4096)
+    assert plan.kept_fraction() == pytest.approx(0.25, abs=0.02)
+    with pytest.raises(HeteroCacheError, match="infeasible.*The smallest feasible ratio is 0.389"):
+        BudgetPlanner(load_profile(PROFILES / "SmolLM2-135M-Instruct.json"), config)

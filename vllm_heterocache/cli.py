@@ -81,7 +81,9 @@ def _import_reference(args: argparse.Namespace, argv: list[str]) -> int:
 def _show(args: argparse.Namespace) -> int:
     from vllm_heterocache.profile import ModelFingerprint, load_profile
     from vllm_heterocache.profile.report import summary_table
+    from vllm_heterocache.profile.resolve import profile_file
 
+    args.profile = profile_file(args.profile)  # a path, or a shipped profile's name
     profile = load_profile(args.profile)
     print(summary_table(profile))
     if args.tp_size:
@@ -143,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model-config", type=Path, help="the model's config.json (needed for models not built in)")
     i.add_argument("--output", type=Path, required=True)
     s = sub.add_parser("show", help="validate a profile and print its summary")
-    s.add_argument("profile", type=Path)
+    s.add_argument("profile", help="profile JSON, or a shipped profile's name (e.g. SmolLM2-135M-Instruct-sparse)")
     s.add_argument("--model", type=Path, help="model folder to check the profile's fingerprint against")
     s.add_argument("--heatmap", type=Path, help="also write its heatmap PNG here")
     s.add_argument("--tp-size", type=int, help="also print how this many tensor-parallel ranks share one KV cache layout")

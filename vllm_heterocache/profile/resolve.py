@@ -4,6 +4,12 @@ Shipped profiles are looked up in ``$HETEROCACHE_PROFILE_DIR`` (if set), the rep
 ``profiles/`` (source checkouts and editable installs) and ``<prefix>/share/vllm-heterocache/
 profiles`` (wheel installs). A shipped profile matches when its fingerprint equals the model's
 (geometry and config hash); fine-tunes that share a config are told apart by the model name.
+
+A shipped profile's *name* is its file stem (``SmolLM2-135M-Instruct-sparse``). A model may have
+several shipped profiles (variants made with other thresholds); the default one is the file named
+after the model (its stem is the model name's last part, ``SmolLM2-135M-Instruct.json`` for
+``HuggingFaceTB/SmolLM2-135M-Instruct``, case-insensitive), or the only one. The others are picked
+with the ``profile`` option, by name or by path.
 """
 
 from __future__ import annotations
@@ -30,6 +36,57 @@ def shipped_profile_dirs() -> list[Path]:
     return [d for d in dirs if d.is_dir()]
 
 
+def shipped_profiles() -> dict[str, Path]:
+    """Shipped profile files by name (file stem); when folders share a name, the first folder wins."""
+    out: dict[str, Path] = {}
+    for d in shipped_profile_dirs():
+        for path in sorted(d.glob("*.json")):
+            out.setdefault(path.stem, path)
+    return out
+
+
+def _looks_like_name(spec: str) -> bool:
+    """A ``profile`` value that is no file and has no folder or ``.json`` in it names a shipped profile."""
+    return not (Path(spec).is_file() or "/" in spec or "\\" in spec or spec.lower().endswith(".json"))
+
+
+def shipped_profile_path(name: str, fingerprint: ModelFingerprint | None = None) -> Path:
+    """The file of the shipped profile ``name``; ProfileError listing the shipped names if none."""
+    shipped = shipped_profiles()
+    if name in shipped:
+        return shipped[name]
+    if not shipped:
+        raise ProfileError(f"no shipped head profile named {name!r}: no profile folder found; pass a profile file path")
+    listing = ", ".join(sorted(shipped))
+    if fingerprint is not None:
+        fitting = sorted(n for n, p in shipped.items() if not load_profile(p).model.differences(fingerprint))
+        if fitting:
+            listing = f"{', '.join(fitting)} for this model; all: {listing}"
+    raise ProfileError(
+        f"no shipped head profile named {name!r} (the `profile` option takes a file path or the name of "
+        f"a shipped profile: {listing})"
+    )
+
+
+def profile_file(spec: str, fingerprint: ModelFingerprint | None = None) -> Path:
+    """The file a ``profile`` value names: a path, or the name of a shipped profile."""
+    return shipped_profile_path(spec, fingerprint) if _looks_like_name(spec) else Path(spec)
+
+
+def _default_of(model_name: str, profiles: list[HeadProfile]) -> HeadProfile:
+    """One folder's profiles of one model: the only one, else the file named after the model."""
+    if len(profiles) == 1:
+        return profiles[0]
+    named = [p for p in profiles if Path(p.source).stem.lower() == _short(model_name)]
+    if len(named) == 1:
+        return named[0]
+    raise ProfileError(
+        f"several shipped profiles for {model_name!r} and none named after it ({_short(model_name)}.json): "
+        + ", ".join(p.source for p in profiles)
+        + "; choose one with the `profile` option (heterocache.profile), by path or name"
+    )
+
+
 def _short(name: str) -> str:
     return Path(name.rstrip("/")).name.lower()
 
@@ -49,30 +106,34 @@ def resolve_profile(hf_config: Any, model: str, explicit: str | None = None) -> 
     """
     fingerprint = ModelFingerprint.from_hf_config(hf_config, name=model)
     if explicit:
-        profile = load_profile(explicit)
-        profile.model.check_matches(fingerprint, profile_path=explicit)
+        path = profile_file(explicit, fingerprint)
+        profile = load_profile(path)
+        profile.model.check_matches(fingerprint, profile_path=str(path))
         return profile
     dirs = shipped_profile_dirs()
-    candidates: dict[str, HeadProfile] = {}  # by model name: the first folder wins
+    by_model: dict[str, list[HeadProfile]] = {}  # by model name: the first folder that has any wins
     for d in dirs:
+        here: dict[str, list[HeadProfile]] = {}
         for path in sorted(d.glob("*.json")):
             profile = load_profile(path)
             if not profile.model.differences(fingerprint):
-                candidates.setdefault(profile.model.name, profile)
-    if not candidates:
+                here.setdefault(profile.model.name, []).append(profile)
+        for name, found in here.items():
+            by_model.setdefault(name, found)
+    if not by_model:
         searched = ", ".join(str(d) for d in dirs) or "(no profile folder found)"
         raise ProfileError(
             f"no shipped head profile matches the model {model!r} ({fingerprint.architecture}, "
             f"{fingerprint.num_layers} layers x {fingerprint.num_kv_heads} KV heads, config "
             f"{fingerprint.config_hash}; searched {searched}): {profiler_hint(model)}"
         )
-    named = [p for p in candidates.values() if _short(p.model.name) == _short(model)]
-    if len(candidates) == 1:
-        return next(iter(candidates.values()))
+    named = [name for name in by_model if _short(name) == _short(model)]
+    if len(by_model) == 1:
+        return _default_of(*next(iter(by_model.items())))
     if len(named) == 1:
-        return named[0]
+        return _default_of(named[0], by_model[named[0]])
     raise ProfileError(
         f"several shipped profiles match the architecture of {model!r}: "
-        + ", ".join(f"{p.source} ({p.model.name})" for p in candidates.values())
-        + "; choose one with the `profile` option (heterocache.profile)"
+        + ", ".join(f"{p.source} ({p.model.name})" for found in by_model.values() for p in found)
+        + "; choose one with the `profile` option (heterocache.profile), by path or name"
     )
