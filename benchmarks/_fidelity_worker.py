@@ -1,5 +1,14 @@
-"""One setting of bench_fidelity.py in its own process (one vLLM engine)."""
+"""One vLLM engine of bench_fidelity.py, in its own process: every case under every setting that
+the engine's server policy serves, as per-request policies and ratios (``vllm_xargs``).
 
+    python benchmarks/_fidelity_worker.py MODEL CASES.json RUN.json OUT.json
+
+RUN.json: ``{"server": {heterocache options, or null for vLLM's own backend}, "settings":
+[{"name", "policy", "ratio"}, ...]}``. OUT.json: per setting, its answers and the fraction of
+the KV cache each request kept (the runtime's own budget plan for its prompt).
+"""
+
+import dataclasses
 import json
 import os
 import sys
@@ -10,56 +19,51 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 def main():
     from vllm import LLM, SamplingParams
 
-    model, cases_file, setting, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+    model, cases_file, run_file, out = sys.argv[1:5]
     cases = json.loads(open(cases_file).read())
+    run = json.loads(open(run_file).read())
+    server, settings = run["server"], run["settings"]
     longest = max(len(c["prompt_ids"]) for c in cases)
     kw = dict(model=model, dtype="float32", max_model_len=longest + 64, enable_prefix_caching=False, seed=0,
               enforce_eager=True)  # no torch.compile: minutes of start-up per engine saved, same for all settings
-    kept = 1.0
-    if setting["name"] != "full":
-        from vllm_heterocache.budget import BudgetPlanner
-        from vllm_heterocache.config import HeteroCacheConfig
-        from vllm_heterocache.profile import load_profile
-        from vllm_heterocache.profile.resolve import shipped_profile_dirs
-
-        options = {"refill": setting["refill"]}
-        if "compression_ratio" in setting:
-            options["compression_ratio"] = setting["compression_ratio"]
-        kw.update(attention_backend="heterocache", additional_config={"heterocache": options})
-    outputs, kept_fractions = [], []
-    if "budget_fraction" in setting:  # one engine per context length: the budget is absolute
-        groups = {}
-        for i, c in enumerate(cases):
-            groups.setdefault(c["context"], []).append(i)
-        results = [None] * len(cases)
-        for ctx, idx in groups.items():
-            kw["additional_config"]["heterocache"]["token_budget"] = int(setting["budget_fraction"] * ctx)
-            texts = _generate(LLM, SamplingParams, kw, [cases[i] for i in idx])
-            for i, t in zip(idx, texts):
-                results[i] = t
-        outputs = results
-    else:
-        outputs = _generate(LLM, SamplingParams, kw, cases)
-    if setting["name"] != "full":
-        profile = load_profile(next(p for d in shipped_profile_dirs() for p in d.glob("SmolLM2-135M-Instruct.json")))
+    if server is not None:
+        kw.update(attention_backend="heterocache", additional_config={"heterocache": server})
+    prompts, params = [], []
+    for s in settings:
+        xargs = None if server is None else {"heterocache_policy": s["policy"]}
+        if xargs is not None and s["policy"] != "full":
+            xargs["heterocache_ratio"] = s["ratio"]
         for c in cases:
-            opts = dict(kw["additional_config"]["heterocache"])
-            if "budget_fraction" in setting:
-                opts["token_budget"] = int(setting["budget_fraction"] * c["context"])
-            kept_fractions.append(BudgetPlanner(profile, HeteroCacheConfig(**opts)).plan(len(c["prompt_ids"])).kept_fraction())
-        kept = sum(kept_fractions) / len(kept_fractions)
-    answers = [{"text": t, "correct": all(a in t for a in c["answers"])} for t, c in zip(outputs, cases)]
-    json.dump({"setting": setting, "kept_fraction": kept, "answers": answers}, open(out, "w"))
-
-
-def _generate(LLM, SamplingParams, kw, cases):
+            prompts.append({"prompt_token_ids": c["prompt_ids"]})
+            params.append(SamplingParams(temperature=0, max_tokens=32, extra_args=xargs))
     llm = LLM(**kw)
-    outs = llm.generate([{"prompt_token_ids": c["prompt_ids"]} for c in cases],
-                        SamplingParams(temperature=0, max_tokens=32))
-    texts = [o.outputs[0].text for o in outs]
-    llm.llm_engine.engine_core.shutdown() if hasattr(llm.llm_engine, "engine_core") else None
-    del llm
-    return texts
+    texts = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    kept = _kept_fractions(llm, server, settings, cases)
+    results = []
+    for n, s in enumerate(settings):
+        answers = texts[n * len(cases) : (n + 1) * len(cases)]
+        results.append({"setting": s, "kept": kept[n], "answers": answers})
+    json.dump({"server": server, "results": results}, open(out, "w"))
+
+
+def _kept_fractions(llm, server, settings, cases) -> list[list[float]]:
+    """Per setting and case, the fraction of the prompt's KV cache kept, as the engine planned it."""
+    if server is None:
+        return [[1.0] * len(cases) for _ in settings]
+    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.config import HeteroCacheConfig
+    from vllm_heterocache.profile.resolve import resolve_profile
+
+    config = HeteroCacheConfig.from_dict(server)
+    model_config = llm.llm_engine.vllm_config.model_config
+    profile = resolve_profile(model_config.hf_config, model_config.model, config.profile)
+    out = []
+    for s in settings:
+        ratio = 1.0 if s["policy"] == "full" else s["ratio"]
+        planner = BudgetPlanner(profile, dataclasses.replace(config, policy=s["policy"], compression_ratio=ratio,
+                                                             token_budget=None))
+        out.append([planner.plan(len(c["prompt_ids"])).kept_fraction() for c in cases])
+    return out
 
 
 if __name__ == "__main__":

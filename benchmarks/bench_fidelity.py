@@ -1,17 +1,31 @@
-"""Answer fidelity of HeteroCache on needle-in-a-haystack tasks, against the full KV cache.
+"""How each KV-compression policy trades KV for answers, on the same cases, in the same engine,
+beside kvpress on Hugging Face transformers.
 
-    python benchmarks/bench_fidelity.py --contexts 2048:12,4096:12,8000:8 --out /tmp/fidelity.json
+    python benchmarks/bench_fidelity.py --out /tmp/fidelity          # ~1-2 h on 2 cores
 
-(SmolLM2 has 8192 positions: the "8K" cases are 8000 tokens, leaving room for the answer.)
+Cases (``needles.make_cases``): needle-in-a-haystack (one key, four keys, one key with three
+values) and variable tracking (a chain of assignments among a distractor chain; RULER's ``vt``),
+over the packaged public-domain texts, at 2K, 4K and 8K tokens (SmolLM2 has 8192 positions: the
+"8K" cases are 8000 tokens), ``--cases`` of each kind per length: a point of the plot is
+``3 x --cases`` cases of a kind (24 by default; small samples, labelled so in the table).
 
-Runs SmolLM2-135M-Instruct (the embedded default model, chat template) in vLLM once per setting,
-all cases batched, greedy. Settings: ``full`` (vLLM's own CPU backend) and HeteroCache at the
-given compression settings, with refills on and off. Prints accuracy per context length and the
-rate at which each setting's answer equals the full cache's answer, plus the KV fraction kept.
+vLLM (SmolLM2-135M-Instruct, the embedded default model; greedy, 32 new tokens):
 
-A ratio below the profile's share of full heads is infeasible under the paper's formula; such a
-setting runs as ``token_budget = ratio * context`` (each compressed head keeps that share) and is
-labelled so, with the fraction of the whole cache it actually keeps.
+- ``full``: vLLM's own CPU backend, the reference;
+- one engine with policy ``snapkv`` (every head in compressed pools), whose requests ask for
+  ``streamingllm``, ``snapkv``, ``pyramidkv`` and ``duo`` at each kept fraction through
+  ``vllm_xargs`` -- the per-request control the server offers;
+- per head profile (``--profiles``: the shipped one and the sparse one), one engine with policy
+  ``heterocache``, whose requests ask for ``heterocache`` and ``duo`` at each fraction.
+
+A fraction at or below a policy's share of full heads (F / H of its layout) is infeasible and is
+reported so. kvpress (``--kvpress``): its presses of the same methods on HF transformers, in a
+virtual environment of its own that the script creates (``kvpress_env.py``), against its own
+full-cache answers.
+
+Written to ``--out``: ``results.json`` (every answer), ``table.md`` (accuracy per task kind,
+agreement with the full cache's answer, fraction kept) and ``fidelity.png`` (the same, against
+the fraction kept).
 """
 
 from __future__ import annotations
@@ -24,64 +38,242 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+POLICY_ENGINE = ("streamingllm", "snapkv", "pyramidkv", "duo")  # served per request by a snapkv server
+PROFILE_ENGINE = ("heterocache", "duo")  # served per request by a heterocache server, per profile
 
 
-def run_setting(model: str, cases_file: Path, setting: dict, out: Path) -> dict:
-    cmd = [sys.executable, str(HERE / "_fidelity_worker.py"), model, str(cases_file), json.dumps(setting), str(out)]
+def correct(text: str, case: dict) -> bool:
+    """Every answer in the text and no distractor (variable tracking names the other chain's)."""
+    return all(a in text for a in case["answers"]) and not any(a in text for a in case.get("absent", ()))
+
+
+def run_vllm(model: str, cases_file: Path, server: dict | None, settings: list[dict], work: Path, tag: str) -> dict:
+    run_file, out = work / f"{tag}-run.json", work / f"{tag}-out.json"
+    run_file.write_text(json.dumps({"server": server, "settings": settings}))
     t = time.time()
-    subprocess.run(cmd, check=True)
-    result = json.loads(out.read_text())
-    result["seconds"] = round(time.time() - t, 1)
-    return result
+    subprocess.run([sys.executable, str(HERE / "_fidelity_worker.py"), model, str(cases_file), str(run_file), str(out)],
+                   check=True)
+    print(f"[fidelity] {tag}: {len(settings)} settings in {time.time() - t:.0f} s", flush=True)
+    return json.loads(out.read_text())
+
+
+def run_kvpress(python: Path, model: str, cases_file: Path, setting: dict, work: Path) -> dict:
+    out = work / f"kvpress-{setting['name']}.json"
+    t = time.time()
+    subprocess.run([str(python), str(HERE / "_kvpress_worker.py"), model, str(cases_file), json.dumps(setting),
+                    str(out)], check=True)
+    print(f"[fidelity] kvpress {setting['name']} in {time.time() - t:.0f} s", flush=True)
+    return json.loads(out.read_text())
+
+
+def floors(profile) -> dict[str, float]:
+    """Policy -> the fraction its full heads alone keep with ``profile`` (a ratio must exceed it)."""
+    from vllm_heterocache.policies import POLICIES, full_share
+
+    return {name: full_share(policy.layout(profile)) for name, policy in POLICIES.items()}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="2048:12,4096:12,8000:8", help="length:cases,...")
-    p.add_argument("--settings", default="full,r0.5,b0.25,b0.25-norefill,b0.1",
-                   help="full | rR (compression_ratio R) | bR (token_budget R*context); suffix -norefill")
-    p.add_argument("--out", type=Path, default=Path("/tmp/heterocache-fidelity.json"))
+    p.add_argument("--contexts", default="2048,4096,8000", help="prompt lengths in tokens")
+    p.add_argument("--cases", type=int, default=8, help="cases of each task kind per length (default 8)")
+    p.add_argument("--tasks", default="needle,vartrack", help="task kinds (needles.KINDS)")
+    p.add_argument("--fractions", default="0.5,0.4,0.25,0.1", help="fractions of the KV cache kept")
+    p.add_argument("--profiles", default="SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-sparse",
+                   help="shipped head profiles (names) for heterocache and duo")
+    p.add_argument("--kvpress", default="streamingllm,snapkv,pyramidkv",
+                   help="kvpress presses to run on HF transformers ('' for none)")
+    p.add_argument("--kvpress-env", type=Path, default=Path.home() / ".cache" / "vllm-heterocache" / "kvpress-venv")
+    p.add_argument("--out", type=Path, default=Path("/tmp/heterocache-fidelity"))
     a = p.parse_args()
     from transformers import AutoTokenizer
 
-    sys.path.insert(0, str(HERE))
     from needles import make_cases
 
     from vllm_heterocache.models.smollm2 import prepare_default_model
+    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.profile.resolve import shipped_profile_path
+
+    def shipped_profile(name: str):
+        return load_profile(shipped_profile_path(name))
 
     model = str(prepare_default_model())
     tok = AutoTokenizer.from_pretrained(model)
-    contexts = {int(c.split(":")[0]): int(c.split(":")[1]) for c in a.contexts.split(",")}
-    cases = make_cases(tok, contexts)
-    work = a.out.parent / (a.out.stem + "-work")
+    contexts = {int(c): a.cases for c in a.contexts.split(",")}
+    cases = [c.__dict__ for c in make_cases(tok, contexts, tasks=tuple(a.tasks.split(",")))]
+    fractions = [float(f) for f in a.fractions.split(",")]
+    work = a.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     cases_file = work / "cases.json"
-    cases_file.write_text(json.dumps([c.__dict__ for c in cases]))
-    results = {}
-    for name in a.settings.split(","):
-        refill = not name.endswith("-norefill")
-        base = name.removesuffix("-norefill")
-        setting = {"name": name, "refill": refill}
-        if base != "full":
-            setting[{"r": "compression_ratio", "b": "budget_fraction"}[base[0]]] = float(base[1:])
-        results[name] = run_setting(model, cases_file, setting, work / f"{name}.json")
-        a.out.write_text(json.dumps({"cases": len(cases), "contexts": contexts, "results": results}, indent=1))
-    report(cases, results)
+    cases_file.write_text(json.dumps(cases))
+    profiles = a.profiles.split(",")
+    rows: list[dict] = []  # one per (engine, label, fraction)
+
+    def add(engine: str, label: str, fraction: float | None, kept: list[float] | None, texts: list[str] | None,
+            reference: list[str] | None) -> None:
+        rows.append({"engine": engine, "policy": label, "fraction": fraction, "kept": kept, "texts": texts,
+                     "correct": None if texts is None else [correct(t, c) for t, c in zip(texts, cases)],
+                     "agrees": None if texts is None else [t.strip() == r.strip() for t, r in zip(texts, reference)]})
+
+    full = run_vllm(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock")
+    reference = full["results"][0]["answers"]
+    add("vllm", "full", 1.0, [1.0] * len(cases), reference, reference)
+
+    def engine(server: dict, policies: tuple[str, ...], profile_name: str, suffix: str, tag: str) -> None:
+        limits = floors(shipped_profile(profile_name))
+        settings, skipped = [], []
+        for policy in policies:
+            for f in fractions:
+                (settings if f > limits[policy] else skipped).append({"name": f"{policy}{suffix}@{f}", "policy": policy,
+                                                                      "ratio": f, "label": policy + suffix})
+        for s in skipped:
+            add("vllm", s["label"], s["ratio"], None, None, None)
+        for r in run_vllm(model, cases_file, server, settings, work, tag)["results"]:
+            s = r["setting"]
+            add("vllm", s["label"], s["ratio"], r["kept"], r["answers"], reference)
+
+    engine({"policy": "snapkv", "compression_ratio": max(fractions), "profile": profiles[0]}, POLICY_ENGINE,
+           profiles[0], "", "policies")
+    for n, name in enumerate(profiles):
+        suffix = "" if n == 0 else f" ({name.removeprefix('SmolLM2-135M-Instruct-') or name} profile)"
+        limits = floors(shipped_profile(name))
+        ratio = max(f for f in [*fractions, 0.9] if f > limits["heterocache"])
+        policies = ("heterocache",) if n == 0 else PROFILE_ENGINE  # (duo with the first profile ran above)
+        engine({"policy": "heterocache", "compression_ratio": ratio, "profile": name}, policies, name, suffix,
+               f"heterocache-{n}")
+
+    presses = [x for x in a.kvpress.split(",") if x]
+    if presses:
+        from kvpress_env import ensure_env
+
+        python = ensure_env(a.kvpress_env)
+        ref_run = run_kvpress(python, model, cases_file, {"name": "kvpress-full"}, work)
+        kv_reference = [x["text"] for x in ref_run["answers"]]
+        add("kvpress", "full", 1.0, [1.0] * len(cases), kv_reference, kv_reference)
+        for press in presses:
+            for f in fractions:
+                r = run_kvpress(python, model, cases_file, {"name": f"kvpress-{press}@{f}", "press": press,
+                                                            "fraction": f}, work)
+                add("kvpress", press, f, [r["kept_fraction"]] * len(cases), [x["text"] for x in r["answers"]],
+                    kv_reference)
+
+    (a.out / "results.json").write_text(json.dumps({"cases": [{k: v for k, v in c.items() if k != "prompt_ids"}
+                                                               for c in cases], "rows": rows}, indent=1))
+    rows.sort(key=lambda r: (r["engine"] != "vllm", r["policy"] != "full", r["policy"], -r["fraction"]))
+    kinds = sorted({c["kind"] for c in cases})
+    table = render_table(rows, cases, kinds)
+    (a.out / "table.md").write_text(table)
+    draw_plot(rows, cases, kinds, a.out / "fidelity.png")
+    print(table)
+    print(f"[fidelity] wrote {a.out}/table.md, results.json, fidelity.png")
 
 
-def report(cases, results) -> None:
-    full = results.get("full")
-    print(f"\n{'setting':<16} {'kept':>6} " + " ".join(f"{f'acc@{c}':>9}" for c in sorted({c.context for c in cases}))
-          + f" {'acc':>6} {'=full':>6} {'secs':>6}")
-    for name, r in results.items():
-        rows = r["answers"]
-        line = f"{name:<16} {r['kept_fraction']:>6.3f} "
-        for ctx in sorted({c.context for c in cases}):
-            idx = [i for i, c in enumerate(cases) if c.context == ctx]
-            line += f"{sum(rows[i]['correct'] for i in idx) / len(idx):>9.2f} "
-        acc = sum(x["correct"] for x in rows) / len(rows)
-        same = sum(x["text"].strip() == y["text"].strip() for x, y in zip(rows, full["answers"])) / len(rows) if full else float("nan")
-        print(line + f"{acc:>6.2f} {same:>6.2f} {r['seconds']:>6.0f}")
+def _share(values: list) -> float:
+    """The mean (of flags: the share that is true)."""
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _by_kind(row: dict, cases: list[dict], kind: str) -> list[bool]:
+    return [ok for ok, c in zip(row["correct"], cases) if c["kind"] == kind]
+
+
+def render_table(rows: list[dict], cases: list[dict], kinds: list[str]) -> str:
+    per = {k: sum(c["kind"] == k for c in cases) for k in kinds}
+    lengths = sorted({c["context"] for c in cases})
+    head = ["engine", "policy", "target kept", "kept"] + [f"{k} accuracy (n={per[k]})" for k in kinds] + [
+        f"agrees with full (n={len(cases)})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["texts"] is None:
+            cells = [r["engine"], r["policy"], f"{r['fraction']}", "infeasible"] + ["—"] * (len(kinds) + 1)
+        else:
+            cells = [r["engine"], r["policy"], f"{r['fraction']}", f"{_share(r['kept']):.3f}"]
+            cells += [f"{_share(_by_kind(r, cases, k)):.2f}" for k in kinds]
+            cells.append(f"{_share(r['agrees']):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\nSmall samples: {', '.join(f'{per[k]} {k} cases' for k in kinds)} per point "
+            f"({len(lengths)} lengths: {', '.join(map(str, lengths))} tokens); one case moves an accuracy by "
+            f"{1 / min(per.values()):.3f}. Agreement: the answer equals the same engine's full-cache answer.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+# Plot: one panel per task kind (accuracy) and one for agreement with the full cache, against
+# the fraction kept; vLLM's policies solid, kvpress's dashed, in the same colour per method.
+COLOURS = {"full": (0, 0, 0), "streamingllm": (31, 119, 180), "snapkv": (255, 127, 14), "pyramidkv": (44, 160, 44),
+           "duo": (148, 103, 189), "heterocache": (214, 39, 40)}
+_W, _H, _PAD = 360, 300, 52
+
+
+def _colour(label: str) -> tuple[int, int, int]:
+    base = COLOURS.get(label.split(" ")[0], (120, 120, 120))
+    return tuple(int(c * 0.55) for c in base) if "(" in label else base  # other profiles: darker
+
+
+def draw_plot(rows: list[dict], cases: list[dict], kinds: list[str], path: Path) -> None:
+    from PIL import Image, ImageDraw, ImageFont
+
+    def font(size):
+        try:
+            return ImageFont.load_default(size=size)
+        except TypeError:
+            return ImageFont.load_default()
+
+    panels = [(f"{k} accuracy", lambda r, k=k: _share(_by_kind(r, cases, k))) for k in kinds]
+    panels.append(("agreement with full", lambda r: _share(r["agrees"])))
+    series: dict[tuple[str, str], list[tuple[float, list]]] = {}
+    for r in rows:
+        if r["texts"] is not None:
+            series.setdefault((r["engine"], r["policy"]), []).append((_share(r["kept"]), r))
+    legend_h = 18 * (len(series) // 3 + 2)
+    img = Image.new("RGB", (_W * len(panels), _H + legend_h + 30), "white")
+    d = ImageDraw.Draw(img)
+    small, big = font(11), font(13)
+    d.text((8, 6), f"SmolLM2-135M-Instruct: answers vs fraction of the KV cache kept "
+                   f"({len(cases)} cases; small samples)", fill="black", font=big)
+    for n, (title, metric) in enumerate(panels):
+        x0, y0 = n * _W + _PAD, 30 + 24
+        w, h = _W - _PAD - 16, _H - 24 - _PAD
+        d.text((x0, y0 - 18), title, fill="black", font=big)
+
+        def at(x, y):
+            return x0 + x * w, y0 + (1 - y) * h
+
+        for t in (0, 0.25, 0.5, 0.75, 1.0):
+            d.text((x0 - 30, at(0, t)[1] - 6), f"{t:.2f}", fill="black", font=small)
+            d.text((at(t, 0)[0] - 10, y0 + h + 4), f"{t:.2f}", fill="black", font=small)
+            d.line([at(0, t), at(1, t)], fill=(230, 230, 230))
+        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        for (engine, label), points in series.items():  # the full cache: a level to compare with
+            if label == "full":
+                level = at(0, metric(points[0][1]))[1]
+                for k in range(0, 40, 2):
+                    d.line([(x0 + w * k / 40, level), (x0 + w * (k + 1) / 40, level)],
+                           fill=(90, 90, 90) if engine == "vllm" else (170, 170, 170), width=1)
+        d.text((x0 + w / 2 - 30, y0 + h + 18), "fraction kept", fill="black", font=small)
+        for (engine, label), points in series.items():
+            pts = sorted((x, metric(r)) for x, r in points)
+            xy = [at(x, y) for x, y in pts]
+            colour = _colour(label)
+            for (a, b) in zip(xy, xy[1:]):
+                if engine == "kvpress":  # dashed
+                    for k in range(0, 10, 2):
+                        d.line([(a[0] + (b[0] - a[0]) * k / 10, a[1] + (b[1] - a[1]) * k / 10),
+                                (a[0] + (b[0] - a[0]) * (k + 1) / 10, a[1] + (b[1] - a[1]) * (k + 1) / 10)],
+                               fill=colour, width=2)
+                else:
+                    d.line([a, b], fill=colour, width=2)
+            for x, y in xy:
+                box = [x - 3, y - 3, x + 3, y + 3]
+                d.rectangle(box, outline=colour) if engine == "kvpress" else d.ellipse(box, fill=colour)
+    for i, (engine, label) in enumerate(series):
+        x, y = 10 + (i % 3) * (_W * len(panels) // 3), _H + 34 + 18 * (i // 3)
+        colour = _colour(label)
+        d.line([(x, y + 6), (x + 24, y + 6)], fill=colour, width=3)
+        d.text((x + 30, y), f"{label} ({'vLLM' if engine == 'vllm' else 'kvpress on HF, dashed'})", fill="black",
+               font=small)
+    img.save(path)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ class HeteroCacheConfig:
         policy: the KV-compression policy (``policies``): ``heterocache`` (default), ``full``,
             ``streamingllm``, ``snapkv``, ``pyramidkv`` or ``duo``. It lays out the KV pools; a
             request may pick another policy those pools hold (``vllm_xargs``, README "Policies").
-        profile: path of a head profile (JSON). None: the shipped profile whose model
-            fingerprint matches the served model.
+        profile: path of a head profile (JSON), or the name of a shipped profile (its file
+            stem, e.g. ``SmolLM2-135M-Instruct-sparse``). None: the shipped profile whose model
+            fingerprint matches the served model (the one named after it, if several match).
         compression_ratio: fraction of the prompt KV cache KEPT, over all heads, in (0, 1]
             (1 keeps everything). Exclusive with ``token_budget``. Default 0.5 when neither is set.
         token_budget: prompt tokens kept by an average compressed head (before its budget ratio
