@@ -6,8 +6,9 @@ beside kvpress on Hugging Face transformers.
 Cases (``needles.make_cases``): needle-in-a-haystack (one key, four keys, one key with three
 values) and variable tracking (a chain of assignments among a distractor chain; RULER's ``vt``),
 over the packaged public-domain texts, at 2K, 4K and 8K tokens (SmolLM2 has 8192 positions: the
-"8K" cases are 8000 tokens), ``--cases`` of each kind per length: a point of the plot is
-``3 x --cases`` cases of a kind (24 by default; small samples, labelled so in the table).
+"8K" cases are 8000 tokens), ``--cases`` of each kind per length: a point of the plot is every
+case, ``3 x 2 x --cases`` (24 by default; the table splits them by kind). Small samples,
+labelled so.
 
 vLLM (SmolLM2-135M-Instruct, the embedded default model; greedy, 32 new tokens):
 
@@ -23,6 +24,7 @@ reported so. kvpress (``--kvpress``): its presses of the same methods on HF tran
 virtual environment of its own that the script creates (``kvpress_env.py``), against its own
 full-cache answers.
 
+A run resumes: a setting whose answers are in ``--out`` for the same cases is not run again.
 Written to ``--out``: ``results.json`` (every answer), ``table.md`` (accuracy per task kind,
 agreement with the full cache's answer, fraction kept) and ``fidelity.png`` (the same, against
 the fraction kept).
@@ -31,6 +33,7 @@ the fraction kept).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -51,7 +54,12 @@ def correct(text: str, case: dict) -> bool:
 
 def run_vllm(model: str, cases_file: Path, server: dict | None, settings: list[dict], work: Path, tag: str) -> dict:
     run_file, out = work / f"{tag}-run.json", work / f"{tag}-out.json"
-    run_file.write_text(json.dumps({"server": server, "settings": settings}))
+    run = json.dumps({"server": server, "settings": settings, "cases": _digest(cases_file)})
+    if out.exists() and run_file.exists() and run_file.read_text() == run:  # done before: --out resumes
+        print(f"[fidelity] {tag}: reusing {out}", flush=True)
+        return json.loads(out.read_text())
+    out.unlink(missing_ok=True)
+    run_file.write_text(run)
     t = time.time()
     subprocess.run([sys.executable, str(HERE / "_fidelity_worker.py"), model, str(cases_file), str(run_file), str(out)],
                    check=True)
@@ -61,11 +69,22 @@ def run_vllm(model: str, cases_file: Path, server: dict | None, settings: list[d
 
 def run_kvpress(python: Path, model: str, cases_file: Path, setting: dict, work: Path) -> dict:
     out = work / f"kvpress-{setting['name']}.json"
+    stamp = out.with_suffix(".run")
+    run = json.dumps({"setting": setting, "cases": _digest(cases_file)})
+    if out.exists() and stamp.exists() and stamp.read_text() == run:
+        print(f"[fidelity] kvpress {setting['name']}: reusing {out}", flush=True)
+        return json.loads(out.read_text())
+    out.unlink(missing_ok=True)
+    stamp.write_text(run)
     t = time.time()
     subprocess.run([str(python), str(HERE / "_kvpress_worker.py"), model, str(cases_file), json.dumps(setting),
                     str(out)], check=True)
     print(f"[fidelity] kvpress {setting['name']} in {time.time() - t:.0f} s", flush=True)
     return json.loads(out.read_text())
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def floors(profile) -> dict[str, float]:
@@ -78,7 +97,7 @@ def floors(profile) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", default="2048,4096,8000", help="prompt lengths in tokens")
-    p.add_argument("--cases", type=int, default=8, help="cases of each task kind per length (default 8)")
+    p.add_argument("--cases", type=int, default=4, help="cases of each task kind per length (default 4)")
     p.add_argument("--tasks", default="needle,vartrack", help="task kinds (needles.KINDS)")
     p.add_argument("--fractions", default="0.5,0.4,0.25,0.1", help="fractions of the KV cache kept")
     p.add_argument("--profiles", default="SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-sparse",
@@ -182,14 +201,15 @@ def _by_kind(row: dict, cases: list[dict], kind: str) -> list[bool]:
 def render_table(rows: list[dict], cases: list[dict], kinds: list[str]) -> str:
     per = {k: sum(c["kind"] == k for c in cases) for k in kinds}
     lengths = sorted({c["context"] for c in cases})
-    head = ["engine", "policy", "target kept", "kept"] + [f"{k} accuracy (n={per[k]})" for k in kinds] + [
-        f"agrees with full (n={len(cases)})"]
+    head = ["engine", "policy", "target kept", "kept", f"accuracy (n={len(cases)})"] + [
+        f"{k} (n={per[k]})" for k in kinds] + [f"agrees with full (n={len(cases)})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["texts"] is None:
-            cells = [r["engine"], r["policy"], f"{r['fraction']}", "infeasible"] + ["—"] * (len(kinds) + 1)
+            cells = [r["engine"], r["policy"], f"{r['fraction']}", "infeasible"] + ["—"] * (len(kinds) + 2)
         else:
             cells = [r["engine"], r["policy"], f"{r['fraction']}", f"{_share(r['kept']):.3f}"]
+            cells.append(f"{_share(r['correct']):.2f}")
             cells += [f"{_share(_by_kind(r, cases, k)):.2f}" for k in kinds]
             cells.append(f"{_share(r['agrees']):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -220,8 +240,8 @@ def draw_plot(rows: list[dict], cases: list[dict], kinds: list[str], path: Path)
         except TypeError:
             return ImageFont.load_default()
 
-    panels = [(f"{k} accuracy", lambda r, k=k: _share(_by_kind(r, cases, k))) for k in kinds]
-    panels.append(("agreement with full", lambda r: _share(r["agrees"])))
+    panels = [(f"accuracy ({' + '.join(kinds)})", lambda r: _share(r["correct"])),
+              ("agreement with the full cache's answer", lambda r: _share(r["agrees"]))]
     series: dict[tuple[str, str], list[tuple[float, list]]] = {}
     for r in rows:
         if r["texts"] is not None:

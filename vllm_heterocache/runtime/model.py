@@ -278,4 +278,3 @@ class HeteroCacheRuntime:
             + f"; requests may choose (vllm_xargs heterocache_policy): {', '.join(n for n, _ in self.request_rules.floors)}"
             + (f"; {self.sharing}" if self.sharing else "")
         )
-
