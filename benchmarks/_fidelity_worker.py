@@ -14,6 +14,7 @@ import os
 import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+MAX_TOKENS = 48  # three 7-digit values (multivalue needles) take ~40 of SmolLM2's tokens
 
 
 def main():
@@ -35,7 +36,7 @@ def main():
             xargs["heterocache_ratio"] = s["ratio"]
         for c in cases:
             prompts.append({"prompt_token_ids": c["prompt_ids"]})
-            params.append(SamplingParams(temperature=0, max_tokens=32, extra_args=xargs))
+            params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args=xargs))
     llm = LLM(**kw)
     texts = [o.outputs[0].text for o in llm.generate(prompts, params)]
     kept = _kept_fractions(llm, server, settings, cases)

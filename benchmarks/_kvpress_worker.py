@@ -7,7 +7,7 @@ SETTING_JSON: {"name": "kvpress-full"} (no press) or {"name": ..., "press": "str
 Writes {"setting", "kept_fraction", "answers": [{"text", "correct"}], "seconds_per_case"}, as
 _fidelity_worker.py does for vLLM.
 
-HF transformers on the CPU, float32, one case at a time, greedy, 32 new tokens. The whole prompt
+HF transformers on the CPU, float32, one case at a time, greedy, 48 new tokens. The whole prompt
 (context, question and chat-template tail, as the vLLM engine sees it) is prefilled with full
 attention under the press, which then compresses each layer's KV cache; the answer is decoded
 against the compressed cache at the original positions (as kvpress's own pipeline decodes, except
@@ -23,7 +23,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model folder; nothing is fetched
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-MAX_NEW_TOKENS = 32
+MAX_NEW_TOKENS = 48  # three 7-digit values (multivalue needles) take ~40 of SmolLM2's tokens
 
 
 def make_press(setting: dict):

@@ -10,7 +10,7 @@ over the packaged public-domain texts, at 2K, 4K and 8K tokens (SmolLM2 has 8192
 case, ``3 x 2 x --cases`` (24 by default; the table splits them by kind). Small samples,
 labelled so.
 
-vLLM (SmolLM2-135M-Instruct, the embedded default model; greedy, 32 new tokens):
+vLLM (SmolLM2-135M-Instruct, the embedded default model; greedy, 48 new tokens):
 
 - ``full``: vLLM's own CPU backend, the reference;
 - one engine with policy ``snapkv`` (every head in compressed pools), whose requests ask for
@@ -94,51 +94,11 @@ def floors(profile) -> dict[str, float]:
     return {name: full_share(policy.layout(profile)) for name, policy in POLICIES.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="2048,4096,8000", help="prompt lengths in tokens")
-    p.add_argument("--cases", type=int, default=4, help="cases of each task kind per length (default 4)")
-    p.add_argument("--tasks", default="needle,vartrack", help="task kinds (needles.KINDS)")
-    p.add_argument("--fractions", default="0.5,0.4,0.25,0.1", help="fractions of the KV cache kept")
-    p.add_argument("--profiles", default="SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-sparse",
-                   help="shipped head profiles (names) for heterocache and duo")
-    p.add_argument("--kvpress", default="streamingllm,snapkv,pyramidkv",
-                   help="kvpress presses to run on HF transformers ('' for none)")
-    p.add_argument("--kvpress-env", type=Path, default=Path.home() / ".cache" / "vllm-heterocache" / "kvpress-venv")
-    p.add_argument("--out", type=Path, default=Path("/tmp/heterocache-fidelity"))
-    a = p.parse_args()
-    from transformers import AutoTokenizer
-
-    from needles import make_cases
-
-    from vllm_heterocache.models.smollm2 import prepare_default_model
-    from vllm_heterocache.profile import load_profile
-    from vllm_heterocache.profile.resolve import shipped_profile_path
-
-    def shipped_profile(name: str):
-        return load_profile(shipped_profile_path(name))
-
-    model = str(prepare_default_model())
-    tok = AutoTokenizer.from_pretrained(model)
-    contexts = {int(c): a.cases for c in a.contexts.split(",")}
-    cases = [c.__dict__ for c in make_cases(tok, contexts, tasks=tuple(a.tasks.split(",")))]
-    fractions = [float(f) for f in a.fractions.split(",")]
-    work = a.out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    cases_file = work / "cases.json"
-    cases_file.write_text(json.dumps(cases))
-    profiles = a.profiles.split(",")
-    rows: list[dict] = []  # one per (engine, label, fraction)
-
-    def add(engine: str, label: str, fraction: float | None, kept: list[float] | None, texts: list[str] | None,
-            reference: list[str] | None) -> None:
-        rows.append({"engine": engine, "policy": label, "fraction": fraction, "kept": kept, "texts": texts,
-                     "correct": None if texts is None else [correct(t, c) for t, c in zip(texts, cases)],
-                     "agrees": None if texts is None else [t.strip() == r.strip() for t, r in zip(texts, reference)]})
-
+def run_vllm_policies(model, cases_file, fractions, profiles, work, add, shipped_profile) -> None:
+    """vLLM's own backend, then the policy engines (module docstring); ``add`` records each setting."""
     full = run_vllm(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock")
     reference = full["results"][0]["answers"]
-    add("vllm", "full", 1.0, [1.0] * len(cases), reference, reference)
+    add("vllm", "full", 1.0, [1.0] * len(reference), reference, reference)
 
     def engine(server: dict, policies: tuple[str, ...], profile_name: str, suffix: str, tag: str) -> None:
         limits = floors(shipped_profile(profile_name))
@@ -163,8 +123,56 @@ def main() -> None:
         engine({"policy": "heterocache", "compression_ratio": ratio, "profile": name}, policies, name, suffix,
                f"heterocache-{n}")
 
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", default="2048,4096,8000", help="prompt lengths in tokens")
+    p.add_argument("--cases", type=int, default=4, help="cases of each task kind per length (default 4)")
+    p.add_argument("--tasks", default="needle,vartrack", help="task kinds (needles.KINDS)")
+    p.add_argument("--fractions", default="0.5,0.4,0.25,0.1", help="fractions of the KV cache kept")
+    p.add_argument("--profiles", default="SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-sparse",
+                   help="shipped head profiles (names) for heterocache and duo")
+    p.add_argument("--kvpress", default="streamingllm,snapkv,pyramidkv",
+                   help="kvpress presses to run on HF transformers ('' for none)")
+    p.add_argument("--kvpress-fractions", help="fractions for kvpress (default: --fractions; HF is slower)")
+    p.add_argument("--kvpress-env", type=Path, help="kvpress's virtual environment (default: kvpress_env.py's)")
+    p.add_argument("--engines", default="vllm,kvpress", help="which to run: vllm, kvpress (default both; a run "
+                   "of one can go beside a run of the other, each with its own --out)")
+    p.add_argument("--out", type=Path, default=Path("/tmp/heterocache-fidelity"))
+    a = p.parse_args()
+    from transformers import AutoTokenizer
+
+    from needles import make_cases
+
+    from vllm_heterocache.models.smollm2 import prepare_default_model
+    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.profile.resolve import shipped_profile_path
+
+    def shipped_profile(name: str):
+        return load_profile(shipped_profile_path(name))
+
+    model = str(prepare_default_model())
+    tok = AutoTokenizer.from_pretrained(model)
+    contexts = {int(c): a.cases for c in a.contexts.split(",")}
+    cases = [c.__dict__ for c in make_cases(tok, contexts, tasks=tuple(a.tasks.split(",")))]
+    fractions = [float(f) for f in a.fractions.split(",")]
+    work = a.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    cases_file = work / "cases.json"
+    cases_file.write_text(json.dumps(cases))
+    rows: list[dict] = []  # one per (engine, label, fraction)
+
+    def add(engine: str, label: str, fraction: float | None, kept: list[float] | None, texts: list[str] | None,
+            reference: list[str] | None) -> None:
+        rows.append({"engine": engine, "policy": label, "fraction": fraction, "kept": kept, "texts": texts,
+                     "correct": None if texts is None else [correct(t, c) for t, c in zip(texts, cases)],
+                     "agrees": None if texts is None else [t.strip() == r.strip() for t, r in zip(texts, reference)]})
+
+    engines = set(a.engines.split(","))
+    if "vllm" in engines:
+        run_vllm_policies(model, cases_file, fractions, a.profiles.split(","), work, add, shipped_profile)
     presses = [x for x in a.kvpress.split(",") if x]
-    if presses:
+    if "kvpress" in engines and presses:
         from kvpress_env import ensure_env
 
         python = ensure_env(a.kvpress_env)
@@ -172,9 +180,9 @@ def main() -> None:
         kv_reference = [x["text"] for x in ref_run["answers"]]
         add("kvpress", "full", 1.0, [1.0] * len(cases), kv_reference, kv_reference)
         for press in presses:
-            for f in fractions:
+            for f in [float(x) for x in (a.kvpress_fractions or a.fractions).split(",")]:
                 r = run_kvpress(python, model, cases_file, {"name": f"kvpress-{press}@{f}", "press": press,
-                                                            "fraction": f}, work)
+                                                            "kept_fraction": f}, work)
                 add("kvpress", press, f, [r["kept_fraction"]] * len(cases), [x["text"] for x in r["answers"]],
                     kv_reference)
 
