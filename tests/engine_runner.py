@@ -26,12 +26,20 @@ def prompts(tokenizer, lengths):
     return out
 
 
-def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, **kw):
-    """``extra_args``: per prompt, its ``SamplingParams.extra_args`` (``vllm_xargs``)."""
+def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, refused_args=None, **kw):
+    """``extra_args``: per prompt, its ``SamplingParams.extra_args`` (``vllm_xargs``);
+    ``refused_args``: extra args that the engine must refuse (the error goes in ``refused``)."""
     from vllm import LLM, SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enable_prefix_caching=False,
               enforce_eager=True, seed=0, **kw)
+    refused = None
+    if refused_args is not None:
+        try:
+            llm.generate(prompts(llm.get_tokenizer(), lengths[:1]), SamplingParams(max_tokens=1, extra_args=refused_args))
+        except VLLMValidationError as e:  # what the API server answers with HTTP 400
+            refused = str(e)
     preemptions = []
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     if core is not None:  # in-process engine: count the scheduler's preemptions
@@ -44,7 +52,8 @@ def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, **
         core.scheduler._preempt_request = counting
     params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=x) for x in extra_args or [None] * len(lengths)]
     outs = llm.generate(prompts(llm.get_tokenizer(), lengths), params)
-    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions)}
+    result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions),
+              "refused": refused}
     if core is not None:  # vLLM's own block accounting once every request is done
         while core.scheduler.has_requests():  # the step that tells the worker who finished
             llm.llm_engine.step()
@@ -125,14 +134,14 @@ def main():
                                          **heterocache(profile, **options))
     elif scenario == "policies":  # every policy for the server, and mixed policies per request in one batch
         long = [300, 1100, 700, 500]
-        results["stock"] = generate(model, long, 24)
+        results["stock"] = generate(model, long, 24, refused_args={"heterocache_policy": "full"})
         options = {"window": 8, "drift_interval": 3}
         for policy, ratio in (("streamingllm", 0.3), ("snapkv", 0.3), ("pyramidkv", 0.3), ("duo", 0.7), ("full", 0.5)):
             results[policy] = generate(model, long, 24, **heterocache(profile, policy=policy, compression_ratio=ratio,
                                                                       **options))
         mixed = [{"heterocache_policy": "full"}, {"heterocache_policy": "duo", "heterocache_ratio": 0.9}, None,
                  {"heterocache_ratio": 0.9}]
-        results["mixed"] = generate(model, long, 24, extra_args=mixed,
+        results["mixed"] = generate(model, long, 24, extra_args=mixed, refused_args={"heterocache_policy": "snapkv"},
                                     **heterocache(profile, compression_ratio=0.6, **options))
         mixed_snapkv = [{"heterocache_policy": "full"}, {"heterocache_policy": "streamingllm"},
                         {"heterocache_policy": "pyramidkv", "heterocache_ratio": 0.2}, {"heterocache_policy": "duo",
