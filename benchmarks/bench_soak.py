@@ -30,6 +30,13 @@ An allocator keeps what the largest step so far needed (vLLM's CPU worker grows 
 rarer combinations of long prompts meet in one step, with either backend): ``--replay`` sends
 the warm-up's requests again as the measured load, so that growth then can only be per request.
 
+To find what grows: ``--rss-every N`` samples every N measured requests (``--verbose-rss`` prints
+each), the worker's RSS is split by kind (anonymous, file-backed, shared) and by mapping between
+the warm-up and the end; ``--server-env KEY=VALUE`` sets a variable for the servers (e.g.
+``ONEDNN_PRIMITIVE_CACHE_CAPACITY=128``: oneDNN keeps up to 1,024 matmul primitives by default,
+one per linear shape and distinct token count, ~0.3 MiB each, which is the worker's growth);
+``--prompt-len N`` makes every prompt N tokens long.
+
 Reported per setting: throughput (completed requests/s and output tokens/s of the requests that
 were not disconnected), TTFT and inter-token latency p50/p99, failures, RSS growth; and the
 ratios heterocache / stock. ``--repeats N`` runs each setting N times, interleaved, in fresh
@@ -90,16 +97,21 @@ class Outcome:
     latency_s: float = 0.0
 
 
-def make_requests(n: int, max_model_len: int, vocab: int, disconnect: float, seed: int) -> list[Request]:
+def make_requests(n: int, max_model_len: int, vocab: int, disconnect: float, seed: int,
+                  prompt_len: int | None = None) -> list[Request]:
     """``n`` requests: prompts log-uniform in [MIN_PROMPT, max_model_len - MARGIN] tokens of random
-    ids (above the special tokens), answers of ANSWER tokens, a ``disconnect`` share cut mid-stream."""
+    ids (above the special tokens), or all of ``prompt_len`` tokens, answers of ANSWER tokens, a
+    ``disconnect`` share cut mid-stream."""
     rng = random.Random(seed)
     longest = max_model_len - MARGIN
-    if longest < MIN_PROMPT:
-        raise SystemExit(f"error: --max-model-len must be at least {MIN_PROMPT + MARGIN}")
+    if longest < MIN_PROMPT or (prompt_len is not None and not MIN_PROMPT <= prompt_len <= longest):
+        raise SystemExit(f"error: --max-model-len must be at least {MIN_PROMPT + MARGIN} and --prompt-len "
+                         f"in [{MIN_PROMPT}, max-model-len - {MARGIN}]")
     out = []
     for i in range(n):
         length = int(math.exp(rng.uniform(math.log(MIN_PROMPT), math.log(longest))))
+        if prompt_len is not None:
+            length = prompt_len
         prompt = [rng.randrange(16, vocab) for _ in range(length)]
         out.append(Request(i, prompt, rng.randint(*ANSWER), rng.randint(1, 3) if rng.random() < disconnect else None))
     return out
@@ -200,6 +212,58 @@ def tree_rss(pid: int) -> dict[str, int]:
     return out
 
 
+def worker_pid(pid: int) -> int | None:
+    """The pid of the server's ``VLLM::Worker`` process (the one that grows), if there is one."""
+    try:
+        for p in psutil.Process(pid).children(recursive=True):
+            if (p.cmdline() or [""])[0].strip() == "VLLM::Worker":
+                return p.pid
+    except psutil.NoSuchProcess:
+        pass
+    return None
+
+
+def rss_kinds(pid: int | None) -> dict[str, int]:
+    """A process's resident bytes by kind, from /proc/PID/status: anonymous (the heap, malloc's
+    mmaps, torch tensors), file-backed (code and data of the libraries, mapped files) and shared
+    memory; {} where unavailable."""
+    out: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, TypeError):
+        return {}
+    return out
+
+
+def rss_by_mapping(pid: int | None) -> dict[str, int]:
+    """A process's resident bytes per mapped file (anonymous mappings under ``[anon]``, the brk heap
+    under ``[heap]``), from /proc/PID/smaps; {} where unavailable."""
+    out: dict[str, int] = {}
+    name = "[anon]"
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except (OSError, TypeError):
+        return {}
+    for line in text.splitlines():
+        head = line.split()
+        if not head:
+            continue
+        if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line: range perms offset dev inode [path]
+            name = head[5] if len(head) > 5 else "[anon]"
+        elif head[0] == "Rss:":
+            out[name] = out.get(name, 0) + int(head[1]) * 1024
+    return out
+
+
+def mapping_growth(before: dict[str, int], after: dict[str, int], top: int = 12) -> list[tuple[str, int]]:
+    """The mappings whose resident bytes changed most, largest change first."""
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)}
+    return sorted(((k, v) for k, v in delta.items() if v), key=lambda kv: -abs(kv[1]))[:top]
+
+
 def scrape(base: str) -> dict[str, float]:
     """``/metrics`` as ``{sample name{labels}: value}`` summed over labels, per sample name."""
     import urllib.request
@@ -294,24 +358,33 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override --kv-cache-memory-bytes
     if a.malloc == "tcmalloc":
         env["LD_PRELOAD"] = ":".join(filter(None, (tcmalloc(), env.get("LD_PRELOAD"))))
+    env |= dict(kv.split("=", 1) for kv in getattr(a, "server_env", None) or [])
     server = start(server_command(vllm, model, served, port, a, options if heterocache else None), log, env)
     record: dict = {"setting": setting, "repeat": repeat + 1, "server_log": str(log)}
     try:
         record["ready_s"] = wait_ready(server, base, served, log, a.ready_timeout)
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        requests = make_requests(a.requests, a.max_model_len, vocab, a.disconnect, seed=repeat)
+        requests = make_requests(a.requests, a.max_model_len, vocab, a.disconnect, seed=repeat,
+                                 prompt_len=getattr(a, "prompt_len", None))
         warm, rest = requests[: a.warmup], requests[a.warmup :]
         if a.replay:  # the warm-up's requests again: growth now is per request, not a new high-water mark
             rest = [warm[i % len(warm)] for i in range(len(rest))]
         asyncio.run(drive(base, served, fill_requests(a.concurrency, a.max_model_len, vocab), a.concurrency))
         asyncio.run(drive(base, served, warm, a.concurrency))
         record["baseline_after_warmup"] = asyncio.run(settle(base, heterocache))[1]
-        rss0 = tree_rss(server.pid)
-        samples = [(a.warmup, rss0)]  # (requests done, tree_rss)
+        rss0, worker = tree_rss(server.pid), worker_pid(server.pid)
+        maps0 = rss_by_mapping(worker)
+        every = getattr(a, "rss_every", 100)
+        samples = [(a.warmup, rss0 | {"worker_kinds": rss_kinds(worker)})]  # (requests done, tree_rss)
 
         async def progress(done: int) -> None:
-            if done % 100 == 0:
-                samples.append((a.warmup + done, tree_rss(server.pid)))
+            if done % every == 0:
+                samples.append((a.warmup + done, tree_rss(server.pid) | {"worker_kinds": rss_kinds(worker)}))
+                if getattr(a, "verbose_rss", False):
+                    r, k = samples[-1][1], samples[-1][1]["worker_kinds"]
+                    print(f"  {a.warmup + done} requests: total {r['total'] / 2**20:.0f} MiB, worker "
+                          f"{r.get('VLLM::Worker', 0) / 2**20:.0f} MiB (anon {k.get('RssAnon', 0) / 2**20:.0f}, "
+                          f"file {k.get('RssFile', 0) / 2**20:.0f})", flush=True)
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited with status {server.returncode} during the load ({log})")
 
@@ -320,7 +393,8 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
         wall = time.perf_counter() - t0
         values, off = asyncio.run(settle(base, heterocache))
         rss1 = tree_rss(server.pid)
-        samples.append((a.requests, rss1))
+        samples.append((a.requests, rss1 | {"worker_kinds": rss_kinds(worker)}))
+        record["worker_mapping_growth"] = mapping_growth(maps0, rss_by_mapping(worker))
         record |= summarize(outcomes, wall)
         record |= {"off_baseline": off, "rss_warm_bytes": rss0["total"], "rss_end_bytes": rss1["total"],
                    "rss_growth": rss1["total"] / rss0["total"] - 1, "rss_samples": samples,
@@ -382,6 +456,15 @@ def print_report(table: dict, runs: list[dict], problems: list[str], a) -> None:
               f"{r['rss_end_bytes'] / 2**20:.0f} MiB, back at baseline: {not r['off_baseline']}")
         print(f"{'':<12} RSS growth by process: "
               + ", ".join(f"{k} {100 * v:+.1f}%" for k, v in r["rss_growth_by_process"].items() if k != "total"))
+        first, last = r["rss_samples"][0][1].get("worker_kinds", {}), r["rss_samples"][-1][1].get("worker_kinds", {})
+        if first and last:
+            print(f"{'':<12} worker growth by kind: " + ", ".join(
+                f"{k} {(last.get(k, 0) - first.get(k, 0)) / 2**20:+.0f} MiB" for k in ("RssAnon", "RssFile", "RssShmem")))
+        if r.get("worker_mapping_growth"):
+            print(f"{'':<12} worker growth by mapping: " + ", ".join(
+                f"{Path(k).name or k} {v / 2**20:+.1f} MiB" for k, v in r["worker_mapping_growth"][:6]))
+        print(f"{'':<12} RSS (MiB) by requests done: " + ", ".join(
+            f"{n}: {x['total'] / 2**20:.0f}" for n, x in r["rss_samples"]))
         if r["setting"] == "heterocache":
             h = r["heterocache"]
             print(f"{'':<12} drifts {h.get('heterocache_drifts_total', 0):.0f}, refilled heads "
@@ -427,12 +510,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", action="store_true",
                    help="measure on the warm-up's requests again (same prompts and lengths): what grows then "
                         "grows per request (a leak), not with the largest batch seen so far")
+    p.add_argument("--prompt-len", type=int, help="every prompt of this many tokens instead of mixed lengths")
+    p.add_argument("--rss-every", type=int, default=100, help="sample RSS every this many measured requests")
+    p.add_argument("--verbose-rss", action="store_true", help="print each RSS sample as it is taken")
+    p.add_argument("--server-env", action="append", metavar="KEY=VALUE",
+                   help="an environment variable for the servers (repeatable), e.g. ONEDNN_PRIMITIVE_CACHE_CAPACITY=8")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max-rss-growth", type=float, default=0.05)
     p.add_argument("--ready-timeout", type=float, default=600)
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     settings = a.settings.split(",")
+    if any("=" not in kv for kv in a.server_env or []) or a.rss_every < 1:
+        p.error("--server-env takes KEY=VALUE; --rss-every is at least 1")
     if not set(settings) <= {"stock", "heterocache"} or not 0 <= a.disconnect < 1 or a.warmup >= a.requests:
         p.error("--settings takes stock and/or heterocache; --disconnect is in [0, 1); --warmup < --requests")
     out = (a.out or Path(tempfile.mkdtemp(prefix="heterocache-soak-"))).resolve()

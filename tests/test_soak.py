@@ -31,3 +31,23 @@ def test_short_soak_under_64_streams_with_disconnects(tmp_path):
     missing = [m for m in METRICS if not {f"heterocache_{m}{suffix}" for suffix in ("", "_total", "_count")} & seen]
     assert not missing, missing
     assert r["heterocache"]["heterocache_drifts_total"] > 0 and r["heterocache"]["heterocache_refill_failures_total"] == 0
+
+
+def test_rss_helpers_and_fixed_prompt_length():
+    """The worker's RSS by kind and by mapping (what grows: anonymous memory or a library), and
+    --prompt-len (one prompt length: per-shape caches then see one shape)."""
+    import os
+
+    import bench_soak
+
+    kinds = bench_soak.rss_kinds(os.getpid())
+    assert kinds["VmRSS"] > 0 and kinds["RssAnon"] + kinds["RssFile"] + kinds["RssShmem"] == kinds["VmRSS"]
+    maps = bench_soak.rss_by_mapping(os.getpid())
+    assert sum(maps.values()) > 0 and any(k.endswith(".so") or ".so." in k for k in maps)
+    assert bench_soak.rss_kinds(None) == {} and bench_soak.rss_by_mapping(None) == {}
+    assert bench_soak.mapping_growth({"a": 1, "b": 5}, {"a": 4, "c": 1}) == [("b", -5), ("a", 3), ("c", 1)]
+    fixed = bench_soak.make_requests(20, 2048, 4096, 0.1, seed=0, prompt_len=100)
+    mixed = bench_soak.make_requests(20, 2048, 4096, 0.1, seed=0)
+    assert {len(r.prompt) for r in fixed} == {100} and len({len(r.prompt) for r in mixed}) > 1
+    with pytest.raises(SystemExit):
+        bench_soak.make_requests(1, 2048, 4096, 0.1, seed=0, prompt_len=4000)
