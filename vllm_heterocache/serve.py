@@ -44,6 +44,7 @@ ENV_CONFIG_FILE = "HETEROCACHE_CONFIG_FILE"
 ENV_HOST = "HETEROCACHE_HOST"
 ENV_PORT = "HETEROCACHE_PORT"
 DEFAULT_HOST = "127.0.0.1"  # the images set HETEROCACHE_HOST=0.0.0.0; outside one, stay local
+ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY = "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128"
 DEFAULT_PORT = 8000
 CONFIG_EXAMPLE = '{"compression_ratio": 0.25}'
 
@@ -209,6 +210,10 @@ def main(argv: Sequence[str]) -> int:
     if ours.print_command:
         print(shlex.join(cmd))
         return 0
+    # vLLM's CPU linear layers compile a oneDNN primitive per weight shape and token count; oneDNN
+    # keeps 1,024 (~0.3 MiB each on SmolLM2-sized layers): RSS creeps up for thousands of requests
+    # (README, Performance: soak). 128 is filled by a warm-up and then holds.
+    os.environ.setdefault(ONEDNN_CACHE_ENV, ONEDNN_CACHE_CAPACITY)
     print(f"heterocache serve: exec {shlex.join(cmd)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os.execvp(cmd[0], cmd)  # does not return: this process is vllm serve from here on
