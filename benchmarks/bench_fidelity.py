@@ -94,7 +94,8 @@ def floors(profile) -> dict[str, float]:
     return {name: full_share(policy.layout(profile)) for name, policy in POLICIES.items()}
 
 
-def run_vllm_policies(model, cases_file, fractions, profiles, work, add, shipped_profile) -> None:
+def run_vllm_policies(model, cases_file, fractions, profiles, work, add, shipped_profile,
+                      profile_policies=PROFILE_ENGINE) -> None:
     """vLLM's own backend, then the policy engines (module docstring); ``add`` records each setting."""
     full = run_vllm(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock")
     reference = full["results"][0]["answers"]
@@ -119,7 +120,7 @@ def run_vllm_policies(model, cases_file, fractions, profiles, work, add, shipped
         suffix = "" if n == 0 else f" ({name.removeprefix('SmolLM2-135M-Instruct-') or name} profile)"
         limits = floors(shipped_profile(name))
         ratio = max(f for f in [*fractions, 0.9] if f > limits["heterocache"])
-        policies = ("heterocache",) if n == 0 else PROFILE_ENGINE  # (duo with the first profile ran above)
+        policies = ("heterocache",) if n == 0 else profile_policies  # (duo with the first profile ran above)
         engine({"policy": "heterocache", "compression_ratio": ratio, "profile": name}, policies, name, suffix,
                f"heterocache-{n}")
 
@@ -132,6 +133,8 @@ def main() -> None:
     p.add_argument("--fractions", default="0.5,0.4,0.25,0.1", help="fractions of the KV cache kept")
     p.add_argument("--profiles", default="SmolLM2-135M-Instruct,SmolLM2-135M-Instruct-sparse",
                    help="shipped head profiles (names) for heterocache and duo")
+    p.add_argument("--profile-policies", default=",".join(PROFILE_ENGINE),
+                   help="policies run with the other profiles (default heterocache,duo)")
     p.add_argument("--kvpress", default="streamingllm,snapkv,pyramidkv",
                    help="kvpress presses to run on HF transformers ('' for none)")
     p.add_argument("--kvpress-fractions", help="fractions for kvpress (default: --fractions; HF is slower)")
@@ -170,7 +173,8 @@ def main() -> None:
 
     engines = set(a.engines.split(","))
     if "vllm" in engines:
-        run_vllm_policies(model, cases_file, fractions, a.profiles.split(","), work, add, shipped_profile)
+        run_vllm_policies(model, cases_file, fractions, a.profiles.split(","), work, add, shipped_profile,
+                          tuple(a.profile_policies.split(",")))
     presses = [x for x in a.kvpress.split(",") if x]
     if "kvpress" in engines and presses:
         from kvpress_env import ensure_env
