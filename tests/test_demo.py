@@ -19,6 +19,6 @@ def test_demo_serves_the_default_model_and_answers():
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]
-    assert "HeteroCache attention backend: profile" in log and "SmolLM2-135M-Instruct.json" in log
+    assert "HeteroCache attention backend: policy heterocache" in log and "SmolLM2-135M-Instruct.json" in log
     answer = next(line for line in out.stdout.splitlines() if line.startswith("A: "))
     assert "Paris" in answer

@@ -129,7 +129,7 @@ def test_serve_is_vllm_itself_and_stops_on(sig, tiny, tiny_profile, tmp_path):
         cmdline = psutil.Process(proc.pid).cmdline()
         assert Path(cmdline[1]).name == "vllm" and cmdline[2] == "serve", cmdline  # replaced, not wrapped
         text = log.read_text()
-        assert "HeteroCache attention backend: profile" in text and "compression_ratio=0.6" in text
+        assert "HeteroCache attention backend: policy heterocache" in text and "compression_ratio=0.6" in text
         assert assert_stops(proc, sig, port, log) == 0
 
 
