@@ -30,7 +30,7 @@ import torch
 
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError
-from vllm_heterocache.policies import POLICIES
+from vllm_heterocache.policies import POLICIES, RequestRules
 from vllm_heterocache.profile.schema import HeadProfile
 from vllm_heterocache.sharding import FULL_POOL, local_kv_heads
 
@@ -132,6 +132,15 @@ class BudgetPlanner:
 
     def base(self, prompt_len: int) -> float:
         return self.rule.base(prompt_len)
+
+    @property
+    def compresses(self) -> bool:
+        """Some head keeps fewer than every prompt token (:meth:`pools` gives it a compressed pool)."""
+        return not self.keep_all and self.n_full < self.total
+
+    def request_rules(self) -> RequestRules:
+        """What a server planned by this planner takes per request (``vllm_xargs``)."""
+        return RequestRules.of(self.profile, self.config.policy, self.config.compression_ratio, self.compresses)
 
     def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
         """Compressed heads (all ranks) in ``count`` classes of equal size by budget ratio.

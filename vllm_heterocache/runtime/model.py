@@ -22,7 +22,7 @@ from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
-from vllm_heterocache.policies import RequestChoice, RequestRules
+from vllm_heterocache.policies import RequestChoice
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
@@ -83,10 +83,9 @@ class HeteroCacheRuntime:
         self.planner_for = functools.lru_cache(maxsize=64)(self._new_planner)  # RequestChoice -> its planner
         self.capacities, pool_of = self.planner.pools()
         self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
-        self._compresses = any(pool_of(layer, h) != FULL_POOL
-                               for layer in range(profile.num_layers) for h in range(profile.num_kv_heads))
+        self._compresses = self.planner.compresses
         # What requests may ask for (``vllm_xargs``), and how each policy uses each pool class.
-        self.request_rules = RequestRules.of(profile, config.policy, config.compression_ratio, self._compresses)
+        self.request_rules = self.planner.request_rules()
         self.class_rules = self.planner.class_rules(name for name, _ in self.request_rules.floors)
         self.sharing = sharing_summary(pool_of, self.caches, profile.num_kv_heads, tp_size) if tp_size > 1 else ""
         self.threshold = (

@@ -119,7 +119,8 @@ def single_type_managers(kv_cache_manager) -> tuple:
 
 
 def request_extra_args(request):
-    """A scheduler request's ``SamplingParams.extra_args`` (``vllm_xargs``), or None."""
+    """A request's ``SamplingParams.extra_args`` (``vllm_xargs``), or None: a scheduler's
+    ``Request`` or a runner's ``CachedRequestState``."""
     params = request.sampling_params
     return None if params is None else params.extra_args
 
@@ -160,12 +161,7 @@ def validate_requests(make_validator) -> None:
 def request_args_of(runner):
     """``req_id -> SamplingParams.extra_args`` (``vllm_xargs``) of the runner's requests."""
     requests = runner.requests
-
-    def args_of(req_id: str):
-        params = requests[req_id].sampling_params
-        return None if params is None else params.extra_args
-
-    return args_of
+    return lambda req_id: request_extra_args(requests[req_id])
 
 
 # -- the model runner ----------------------------------------------------------------------------

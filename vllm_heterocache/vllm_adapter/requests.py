@@ -21,9 +21,7 @@ def server_rules(vllm_config) -> RequestRules:
     ``HeteroCacheRuntime.request_rules``)."""
     config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
     model = vllm_config.model_config
-    profile = resolve_profile(model.hf_config, model.model, config.profile)
-    planner = BudgetPlanner(profile, config)
-    return RequestRules.of(profile, config.policy, config.compression_ratio, compresses=not planner.keep_all)
+    return BudgetPlanner(resolve_profile(model.hf_config, model.model, config.profile), config).request_rules()
 
 
 def validator(vllm_config) -> Callable | None:
