@@ -1,7 +1,7 @@
 """How each KV-compression policy trades KV for answers, on the same cases, in the same engine,
 beside kvpress on Hugging Face transformers.
 
-    python benchmarks/bench_fidelity.py --out /tmp/fidelity          # ~1-2 h on 2 cores
+    python benchmarks/bench_fidelity.py --jobs 2 --out /tmp/fidelity   # ~2 h on 2 cores
 
 Cases (``needles.make_cases``): needle-in-a-haystack (one key, four keys, one key with three
 values) and variable tracking (a chain of assignments among a distractor chain; RULER's ``vt``),
@@ -13,9 +13,9 @@ labelled so.
 vLLM (SmolLM2-135M-Instruct, the embedded default model; greedy, 48 new tokens):
 
 - ``full``: vLLM's own CPU backend, the reference;
-- one engine with policy ``snapkv`` (every head in compressed pools), whose requests ask for
-  ``streamingllm``, ``snapkv``, ``pyramidkv`` and ``duo`` at each kept fraction through
-  ``vllm_xargs`` -- the per-request control the server offers;
+- per kept fraction, one engine with policy ``snapkv`` (every head in compressed pools), whose
+  requests ask for ``streamingllm``, ``snapkv``, ``pyramidkv`` and ``duo`` at that fraction
+  through ``vllm_xargs`` -- the per-request control the server offers;
 - per head profile (``--profiles``: the shipped one and the sparse one), one engine with policy
   ``heterocache``, whose requests ask for ``heterocache`` and ``duo`` at each fraction.
 
@@ -24,7 +24,9 @@ reported so. kvpress (``--kvpress``): its presses of the same methods on HF tran
 virtual environment of its own that the script creates (``kvpress_env.py``), against its own
 full-cache answers.
 
-A run resumes: a setting whose answers are in ``--out`` for the same cases is not run again.
+Each engine and each kvpress setting is a process of its own; ``--jobs N`` runs N of them at
+once, each pinned to one core. The report resumes: a process whose answers are in ``--out`` for
+the same settings and cases is not run again (so a report can grow a fraction or a policy).
 Written to ``--out``: ``results.json`` (every answer), ``table.md`` (accuracy per task kind,
 agreement with the full cache's answer, fraction kept) and ``fidelity.png`` (the same, against
 the fraction kept).
@@ -33,11 +35,15 @@ the fraction kept).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
+import os
+import queue
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,35 +58,68 @@ def correct(text: str, case: dict) -> bool:
     return all(a in text for a in case["answers"]) and not any(a in text for a in case.get("absent", ()))
 
 
-def run_vllm(model: str, cases_file: Path, server: dict | None, settings: list[dict], work: Path, tag: str) -> dict:
-    run_file, out = work / f"{tag}-run.json", work / f"{tag}-out.json"
-    run = json.dumps({"server": server, "settings": settings, "cases": _digest(cases_file)})
-    if out.exists() and run_file.exists() and run_file.read_text() == run:  # done before: --out resumes
-        print(f"[fidelity] {tag}: reusing {out}", flush=True)
-        return json.loads(out.read_text())
-    out.unlink(missing_ok=True)
-    run_file.write_text(run)
-    t = time.time()
-    subprocess.run([sys.executable, str(HERE / "_fidelity_worker.py"), model, str(cases_file), str(run_file), str(out)],
-                   check=True)
-    print(f"[fidelity] {tag}: {len(settings)} settings in {time.time() - t:.0f} s", flush=True)
-    return json.loads(out.read_text())
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One process of the report: a vLLM engine serving ``settings`` (``_fidelity_worker.py``) or one
+    kvpress setting (``_kvpress_worker.py``). Its answers are cached in ``--out`` under ``tag`` with
+    what they were made from (``key``): a run whose key is unchanged is not run again."""
+
+    tag: str
+    argv: tuple[str, ...]  # the interpreter, the worker and its arguments
+    key: str
+    seconds: float  # a rough estimate on one core, so that the longest runs start first
 
 
-def run_kvpress(python: Path, model: str, cases_file: Path, setting: dict, work: Path) -> dict:
-    out = work / f"kvpress-{setting['name']}.json"
-    stamp = out.with_suffix(".run")
-    run = json.dumps({"setting": setting, "cases": _digest(cases_file)})
-    if out.exists() and stamp.exists() and stamp.read_text() == run:
-        print(f"[fidelity] kvpress {setting['name']}: reusing {out}", flush=True)
+def vllm_run(model: str, cases_file: Path, server: dict | None, settings: list[dict], work: Path, tag: str) -> Run:
+    run_file = work / f"{tag}.settings.json"
+    key = json.dumps({"server": server, "settings": settings, "cases": _digest(cases_file)})
+    run_file.write_text(key)
+    return Run(tag, (sys.executable, str(HERE / "_fidelity_worker.py"), model, str(cases_file), str(run_file),
+                     str(work / f"{tag}.json")), key, ENGINE_START_S + len(settings) * SETTING_S)
+
+
+def kvpress_run(python: Path, model: str, cases_file: Path, setting: dict, work: Path) -> Run:
+    key = json.dumps({"setting": setting, "cases": _digest(cases_file)})
+    return Run(setting["name"], (str(python), str(HERE / "_kvpress_worker.py"), model, str(cases_file),
+                                 json.dumps(setting), str(work / f"{setting['name']}.json")), key, KVPRESS_SETTING_S)
+
+
+# Rough seconds on one core of the 2-core dev machine for the default 24 cases: only the order uses them.
+ENGINE_START_S, SETTING_S, KVPRESS_SETTING_S = 60, 400, 500
+
+
+def execute(runs: list[Run], work: Path, jobs: int) -> dict[str, dict]:
+    """Every run's answers, by tag: cached ones read back, the others run ``jobs`` at a time, each
+    pinned to a core of its own when ``jobs`` > 1 (vLLM's ``VLLM_CPU_OMP_THREADS_BIND``, ``taskset``
+    and one OpenMP thread), longest first."""
+    cores: queue.Queue[int] = queue.Queue()
+    for core in range(jobs):
+        cores.put(core)
+
+    def one(run: Run) -> dict:
+        out, stamp = work / f"{run.tag}.json", work / f"{run.tag}.run"
+        if out.exists() and stamp.exists() and stamp.read_text() == run.key:
+            print(f"[fidelity] {run.tag}: reusing {out}", flush=True)
+            return json.loads(out.read_text())
+        out.unlink(missing_ok=True)
+        core = cores.get()
+        try:
+            env, argv = dict(os.environ), list(run.argv)
+            if jobs > 1:
+                env.update(VLLM_CPU_OMP_THREADS_BIND=str(core), OMP_NUM_THREADS="1")
+                argv = ["taskset", "-c", str(core), *argv]
+            t = time.time()
+            print(f"[fidelity] {run.tag}: running" + (f" on core {core}" if jobs > 1 else ""), flush=True)
+            subprocess.run(argv, check=True, env=env)
+            print(f"[fidelity] {run.tag}: {time.time() - t:.0f} s", flush=True)
+        finally:
+            cores.put(core)
+        stamp.write_text(run.key)
         return json.loads(out.read_text())
-    out.unlink(missing_ok=True)
-    stamp.write_text(run)
-    t = time.time()
-    subprocess.run([str(python), str(HERE / "_kvpress_worker.py"), model, str(cases_file), json.dumps(setting),
-                    str(out)], check=True)
-    print(f"[fidelity] kvpress {setting['name']} in {time.time() - t:.0f} s", flush=True)
-    return json.loads(out.read_text())
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        ordered = sorted(runs, key=lambda r: -r.seconds)
+        return dict(zip((r.tag for r in ordered), pool.map(one, ordered)))
 
 
 def _digest(path: Path) -> str:
@@ -94,35 +133,35 @@ def floors(profile) -> dict[str, float]:
     return {name: full_share(policy.layout(profile)) for name, policy in POLICIES.items()}
 
 
-def run_vllm_policies(model, cases_file, fractions, profiles, work, add, shipped_profile,
-                      profile_policies=PROFILE_ENGINE) -> None:
-    """vLLM's own backend, then the policy engines (module docstring); ``add`` records each setting."""
-    full = run_vllm(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock")
-    reference = full["results"][0]["answers"]
-    add("vllm", "full", 1.0, [1.0] * len(reference), reference, reference)
+def vllm_runs(model, cases_file, fractions, profiles, work, shipped_profile,
+              profile_policies=PROFILE_ENGINE) -> tuple[list[Run], list[dict]]:
+    """vLLM's own backend, the policy engine (one per fraction, so that they can run side by side)
+    and the per-profile engines (module docstring); with the settings found infeasible."""
+    runs = [vllm_run(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock")]
+    infeasible = []
 
-    def engine(server: dict, policies: tuple[str, ...], profile_name: str, suffix: str, tag: str) -> None:
+    def engine(server: dict, policies: tuple[str, ...], fs: list[float], profile_name: str, suffix: str,
+               tag: str) -> None:
         limits = floors(shipped_profile(profile_name))
-        settings, skipped = [], []
+        settings = []
         for policy in policies:
-            for f in fractions:
-                (settings if f > limits[policy] else skipped).append({"name": f"{policy}{suffix}@{f}", "policy": policy,
-                                                                      "ratio": f, "label": policy + suffix})
-        for s in skipped:
-            add("vllm", s["label"], s["ratio"], None, None, None)
-        for r in run_vllm(model, cases_file, server, settings, work, tag)["results"]:
-            s = r["setting"]
-            add("vllm", s["label"], s["ratio"], r["kept"], r["answers"], reference)
+            for f in fs:
+                s = {"name": f"{policy}{suffix}@{f}", "policy": policy, "ratio": f, "label": policy + suffix}
+                (settings if f > limits[policy] else infeasible).append(s)
+        if settings:
+            runs.append(vllm_run(model, cases_file, server, settings, work, tag))
 
-    engine({"policy": "snapkv", "compression_ratio": max(fractions), "profile": profiles[0]}, POLICY_ENGINE,
-           profiles[0], "", "policies")
+    for f in fractions:
+        engine({"policy": "snapkv", "compression_ratio": f, "profile": profiles[0]}, POLICY_ENGINE, [f],
+               profiles[0], "", f"policies@{f}")
     for n, name in enumerate(profiles):
         suffix = "" if n == 0 else f" ({name.removeprefix('SmolLM2-135M-Instruct-') or name} profile)"
         limits = floors(shipped_profile(name))
         ratio = max(f for f in [*fractions, 0.9] if f > limits["heterocache"])
         policies = ("heterocache",) if n == 0 else profile_policies  # (duo with the first profile ran above)
-        engine({"policy": "heterocache", "compression_ratio": ratio, "profile": name}, policies, name, suffix,
-               f"heterocache-{n}")
+        engine({"policy": "heterocache", "compression_ratio": ratio, "profile": name}, policies, fractions, name,
+               suffix, f"heterocache-{n}")
+    return runs, infeasible
 
 
 def main() -> None:
@@ -141,8 +180,12 @@ def main() -> None:
     p.add_argument("--kvpress-env", type=Path, help="kvpress's virtual environment (default: kvpress_env.py's)")
     p.add_argument("--engines", default="vllm,kvpress", help="which to run: vllm, kvpress (default both; a run "
                    "of one can go beside a run of the other, each with its own --out)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once, one core each (default 1: one run, "
+                   "threads as its engine sets them)")
     p.add_argument("--out", type=Path, default=Path("/tmp/heterocache-fidelity"))
     a = p.parse_args()
+    if not 1 <= a.jobs <= len(os.sched_getaffinity(0)):
+        p.error(f"--jobs {a.jobs}: this process may use {len(os.sched_getaffinity(0))} cores; one run per core")
     from transformers import AutoTokenizer
 
     from needles import make_cases
@@ -172,23 +215,35 @@ def main() -> None:
                      "agrees": None if texts is None else [t.strip() == r.strip() for t, r in zip(texts, reference)]})
 
     engines = set(a.engines.split(","))
+    runs, infeasible, kvpress_settings = [], [], []
     if "vllm" in engines:
-        run_vllm_policies(model, cases_file, fractions, a.profiles.split(","), work, add, shipped_profile,
-                          tuple(a.profile_policies.split(",")))
+        runs, infeasible = vllm_runs(model, cases_file, fractions, a.profiles.split(","), work, shipped_profile,
+                                     tuple(a.profile_policies.split(",")))
     presses = [x for x in a.kvpress.split(",") if x]
     if "kvpress" in engines and presses:
         from kvpress_env import ensure_env
 
         python = ensure_env(a.kvpress_env)
-        ref_run = run_kvpress(python, model, cases_file, {"name": "kvpress-full"}, work)
-        kv_reference = [x["text"] for x in ref_run["answers"]]
-        add("kvpress", "full", 1.0, [1.0] * len(cases), kv_reference, kv_reference)
-        for press in presses:
-            for f in [float(x) for x in (a.kvpress_fractions or a.fractions).split(",")]:
-                r = run_kvpress(python, model, cases_file, {"name": f"kvpress-{press}@{f}", "press": press,
-                                                            "kept_fraction": f}, work)
-                add("kvpress", press, f, [r["kept_fraction"]] * len(cases), [x["text"] for x in r["answers"]],
-                    kv_reference)
+        kvpress_settings = [{"name": "kvpress-full"}] + [
+            {"name": f"kvpress-{press}@{f}", "press": press, "kept_fraction": f}
+            for press in presses for f in [float(x) for x in (a.kvpress_fractions or a.fractions).split(",")]]
+        runs += [kvpress_run(python, model, cases_file, s, work) for s in kvpress_settings]
+    done = execute(runs, work, a.jobs)
+
+    if "vllm" in engines:
+        reference = done["stock"]["results"][0]["answers"]
+        for run in runs:
+            for r in done[run.tag].get("results", ()):
+                s = r["setting"]
+                add("vllm", s.get("label", "full"), s["ratio"], r["kept"], r["answers"], reference)
+        for s in infeasible:
+            add("vllm", s["label"], s["ratio"], None, None, None)
+    if kvpress_settings:
+        kv_reference = [x["text"] for x in done["kvpress-full"]["answers"]]
+        for s in kvpress_settings:
+            r = done[s["name"]]
+            add("kvpress", s.get("press", "full"), s.get("kept_fraction", 1.0), [r["kept_fraction"]] * len(cases),
+                [x["text"] for x in r["answers"]], kv_reference)
 
     (a.out / "results.json").write_text(json.dumps({"cases": [{k: v for k, v in c.items() if k != "prompt_ids"}
                                                                for c in cases], "rows": rows}, indent=1))
