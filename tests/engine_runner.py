@@ -28,18 +28,21 @@ def prompts(tokenizer, lengths):
 
 def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, refused_args=None, **kw):
     """``extra_args``: per prompt, its ``SamplingParams.extra_args`` (``vllm_xargs``);
-    ``refused_args``: extra args that the engine must refuse (the error goes in ``refused``)."""
+    ``refused_args``: extra args, each of which the engine must refuse (the errors go in ``refused``,
+    one line each; an accepted one leaves its line empty)."""
     from vllm import LLM, SamplingParams
     from vllm.exceptions import VLLMValidationError
 
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enable_prefix_caching=False,
               enforce_eager=True, seed=0, **kw)
-    refused = None
-    if refused_args is not None:
+    refused = []
+    for args in refused_args or ():
         try:
-            llm.generate(prompts(llm.get_tokenizer(), lengths[:1]), SamplingParams(max_tokens=1, extra_args=refused_args))
+            llm.generate(prompts(llm.get_tokenizer(), lengths[:1]), SamplingParams(max_tokens=1, extra_args=args))
+            refused.append("")
         except VLLMValidationError as e:  # what the API server answers with HTTP 400
-            refused = str(e)
+            refused.append(str(e))
+    refused = "\n".join(refused)
     preemptions = []
     core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
     if core is not None:  # in-process engine: count the scheduler's preemptions
@@ -134,14 +137,15 @@ def main():
                                          **heterocache(profile, **options))
     elif scenario == "policies":  # every policy for the server, and mixed policies per request in one batch
         long = [300, 1100, 700, 500]
-        results["stock"] = generate(model, long, 24, refused_args={"heterocache_policy": "full"})
+        results["stock"] = generate(model, long, 24, refused_args=[{"heterocache_policy": "full"},
+                                                                   {"heterocache_polcy": "full"}])
         options = {"window": 8, "drift_interval": 3}
         for policy, ratio in (("streamingllm", 0.3), ("snapkv", 0.3), ("pyramidkv", 0.3), ("duo", 0.7), ("full", 0.5)):
             results[policy] = generate(model, long, 24, **heterocache(profile, policy=policy, compression_ratio=ratio,
                                                                       **options))
         mixed = [{"heterocache_policy": "full"}, {"heterocache_policy": "duo", "heterocache_ratio": 0.9}, None,
                  {"heterocache_ratio": 0.9}]
-        results["mixed"] = generate(model, long, 24, extra_args=mixed, refused_args={"heterocache_policy": "snapkv"},
+        results["mixed"] = generate(model, long, 24, extra_args=mixed, refused_args=[{"heterocache_policy": "snapkv"}],
                                     **heterocache(profile, compression_ratio=0.6, **options))
         mixed_snapkv = [{"heterocache_policy": "full"}, {"heterocache_policy": "streamingllm"},
                         {"heterocache_policy": "pyramidkv", "heterocache_ratio": 0.2}, {"heterocache_policy": "duo",

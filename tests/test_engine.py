@@ -82,9 +82,10 @@ def test_policies_per_server_and_per_request(tiny, tiny_profile):
     # every head compressed at 0.3 (window 8, prompts of 300-1100 tokens): about 0.3 of the KV kept
     assert 0.25 < results["snapkv"]["kept"]["snapkv"]["sum"] / 4 < 0.35
     # the front end refuses what an engine cannot do, naming the key: HeteroCache keys on a server
-    # of another backend, a policy this server's pools cannot hold
-    assert "vllm_xargs.heterocache_policy needs a server started with --attention-backend heterocache" in \
-        results["stock"]["refused"]
+    # of another backend (misspelt ones too), a policy this server's pools cannot hold
+    for key in ("heterocache_policy", "heterocache_polcy"):
+        assert f"vllm_xargs.{key} needs a server started with --attention-backend heterocache" in \
+            results["stock"]["refused"]
     assert "vllm_xargs.heterocache_policy='snapkv'" in results["mixed"]["refused"]
     # policy full: every token, vLLM's own kernels: the stock backend's tokens
     assert results["full"]["compresses"] is False and results["full"]["tokens"] == stock

@@ -35,8 +35,10 @@ SINK_TOKENS = 4
 #: PyramidKV's beta: the top layer keeps 1 / beta of the average budget (the paper's default).
 PYRAMID_BETA = 20.0
 
-POLICY_KEY = "heterocache_policy"
-RATIO_KEY = "heterocache_ratio"
+#: Request arguments (``vllm_xargs``) with this prefix are this plugin's: unknown ones are refused.
+REQUEST_KEY_PREFIX = "heterocache_"
+POLICY_KEY = REQUEST_KEY_PREFIX + "policy"
+RATIO_KEY = REQUEST_KEY_PREFIX + "ratio"
 REQUEST_KEYS = (POLICY_KEY, RATIO_KEY)
 
 
@@ -208,7 +210,7 @@ class RequestRules:
         args = extra_args or {}
         allowed = dict(self.floors)
         for key in args:
-            if key.startswith("heterocache_") and key not in REQUEST_KEYS:
+            if key.startswith(REQUEST_KEY_PREFIX) and key not in REQUEST_KEYS:
                 raise RequestError(key, f"unknown request argument vllm_xargs.{key}: valid keys are "
                                    + ", ".join(REQUEST_KEYS))
         default = self.server_policy if self.server_policy in allowed else Full.name

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import HeteroCacheError
-from vllm_heterocache.policies import REQUEST_KEYS, RequestError, RequestRules
+from vllm_heterocache.policies import REQUEST_KEY_PREFIX, RequestError, RequestRules
 from vllm_heterocache.profile.resolve import resolve_profile
 from vllm_heterocache.vllm_adapter import BACKEND_NAME
 
@@ -41,8 +41,8 @@ def validator(vllm_config) -> Callable | None:
 
 
 def _refuse_heterocache_args(params) -> None:
-    """A server that does not run this backend would ignore them: say so instead."""
+    """A server that does not run this backend would ignore them (known or misspelt): say so instead."""
     for key in params.extra_args or ():
-        if key in REQUEST_KEYS:
+        if key.startswith(REQUEST_KEY_PREFIX):
             raise RequestError(key, f"vllm_xargs.{key} needs a server started with --attention-backend heterocache; "
                                "this one runs another attention backend: drop the key or use a HeteroCache server")
