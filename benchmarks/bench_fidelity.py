@@ -215,9 +215,9 @@ def main() -> None:
                      "agrees": None if texts is None else [t.strip() == r.strip() for t, r in zip(texts, reference)]})
 
     engines = set(a.engines.split(","))
-    runs, infeasible, kvpress_settings = [], [], []
+    vllm, infeasible, kvpress_settings, kvpress = [], [], [], []
     if "vllm" in engines:
-        runs, infeasible = vllm_runs(model, cases_file, fractions, a.profiles.split(","), work, shipped_profile,
+        vllm, infeasible = vllm_runs(model, cases_file, fractions, a.profiles.split(","), work, shipped_profile,
                                      tuple(a.profile_policies.split(",")))
     presses = [x for x in a.kvpress.split(",") if x]
     if "kvpress" in engines and presses:
@@ -227,13 +227,13 @@ def main() -> None:
         kvpress_settings = [{"name": "kvpress-full"}] + [
             {"name": f"kvpress-{press}@{f}", "press": press, "kept_fraction": f}
             for press in presses for f in [float(x) for x in (a.kvpress_fractions or a.fractions).split(",")]]
-        runs += [kvpress_run(python, model, cases_file, s, work) for s in kvpress_settings]
-    done = execute(runs, work, a.jobs)
+        kvpress = [kvpress_run(python, model, cases_file, s, work) for s in kvpress_settings]
+    done = execute(vllm + kvpress, work, a.jobs)
 
-    if "vllm" in engines:
+    if vllm:
         reference = done["stock"]["results"][0]["answers"]
-        for run in runs:
-            for r in done[run.tag].get("results", ()):
+        for run in vllm:
+            for r in done[run.tag]["results"]:
                 s = r["setting"]
                 add("vllm", s.get("label", "full"), s["ratio"], r["kept"], r["answers"], reference)
         for s in infeasible:
