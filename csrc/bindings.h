@@ -70,8 +70,9 @@ inline GatherPacked pack_gather(const at::Tensor& query, at::Tensor& output, at:
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query must be contiguous in [Hq, D]");
   TORCH_CHECK(output.stride(2) == 1 && output.stride(1) == output.size(2), "output must be contiguous in [Hq, D]");
   TORCH_CHECK(output.scalar_type() == query.scalar_type(), "output dtype must equal query dtype");
-  TORCH_CHECK(work.scalar_type() == at::kLong && work.dim() == 2 && work.size(1) == 6 && work.is_contiguous(),
-              "work must be contiguous int64 [n, 6]");
+  TORCH_CHECK(work.scalar_type() == at::kLong && work.dim() == 2 && work.size(1) == kWorkColumns &&
+                  work.is_contiguous(),
+              "work must be contiguous int64 [n, 7]");
   TORCH_CHECK(work.device() == query.device(), "work must be on the query's device");
   const int64_t hkv = static_cast<int64_t>(caches.size());
   TORCH_CHECK(hkv > 0 && static_cast<int64_t>(tables.size()) == hkv, "one cache and one table per KV head");

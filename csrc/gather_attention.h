@@ -12,8 +12,9 @@
 //                                       (the AVX2 "vec" kernels), else [bs, D]. Blocks are
 //                                       block_stride elements apart (vLLM may pad pages).
 //   table of head h [rows, table_stride] int32 block ids of each batch row
-//   work item       {t, h, row, n_front, gen_start, seq_len} (int64): attend over positions
-//                   0 .. n_front-1 and gen_start .. seq_len-1 of (head h, row)
+//   work item       {t, h, row, n_front, gen_start, gen_end, front_start} (int64): attend over
+//                   positions front_start .. front_start+n_front-1 and gen_start .. gen_end-1 of
+//                   (head h, row) (positions in the row's block table: runtime/placement)
 //
 // Softmax in float32 (online, one pass over K and V), inputs and outputs in T
 // (float, bf16 or fp16). An item with no positions writes zeros.
@@ -25,6 +26,8 @@ namespace heterocache {
 
 enum class DType { kFloat32, kBFloat16, kFloat16 };
 
+constexpr int64_t kWorkColumns = 7;  // t, h, row, n_front, gen_start, gen_end, front_start
+
 struct GatherAttentionArgs {
   DType dtype;
   const void* query;
@@ -35,7 +38,7 @@ struct GatherAttentionArgs {
   const int64_t* block_strides; // [Hkv] elements between blocks
   const int32_t* const* tables; // [Hkv] block tables
   const int64_t* table_strides; // [Hkv] entries between rows
-  const int64_t* work;          // [num_items, 6]
+  const int64_t* work;          // [num_items, kWorkColumns]
   int64_t num_items;
   int64_t group;                // G, query heads per KV head
   int64_t head_size;            // D

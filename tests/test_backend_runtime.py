@@ -21,7 +21,7 @@ from vllm_heterocache.runtime.layer import (
 )
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 
-HQ, HKV, D, BS, NB = 6, 2, 64, 16, 24
+HQ, HKV, D, BS, NB = 6, 2, 64, 16, 48
 CONFIG = {"model_type": "llama", "hidden_size": HQ * D, "num_hidden_layers": 1, "num_attention_heads": HQ,
           "num_key_value_heads": HKV, "head_dim": D, "vocab_size": 100, "architectures": ["LlamaForCausalLM"]}
 
@@ -50,7 +50,7 @@ class Setup:
         rt.attach_layout(layout)
         self.isa = isa
         perm = torch.randperm(NB, generator=g)  # scrambled block order, one table per pool kind
-        n = (length + 40) // BS + 1
+        n = 2 * ((length + 40) // BS + 1)  # the prompt, the selection region and generated tokens
         tables = {-1: perm[:n].int()[None], 0: perm[n : 2 * n].int()[None]}
         self.pools = LayerPools(
             tuple(torch.zeros(NB, 1, BS, 2 * D) for _ in range(HKV)),
@@ -74,9 +74,21 @@ class Setup:
         plan = self.rt.begin_step(["r0"], [self.length], [0, q_len], [seq_len])
         return LayerStep(self.rt, 0, self.heads, self.pools, plan, 0.125)
 
+    def placement(self, head):
+        """Where head ``head`` keeps request r0's tokens (``placement``; None: the full pool)."""
+        pool = self.heads.pool[head]
+        return None if pool < 0 else self.state.placements[pool]
+
+    def slots(self, head, n):
+        """Row positions of selection slots ``0 .. n - 1`` of compressed head ``head``."""
+        return torch.arange(n) + self.placement(head).selection_start
+
     def write(self, start, k, v):
+        """K/V of tokens ``start ..`` into every head's cache, where the head keeps them."""
         for j in range(HKV):
-            write_tokens(self.pools.caches[j], self.isa, self.pools.tables[j][0], start, k[:, j : j + 1], v[:, j : j + 1])
+            placement = self.placement(j) if hasattr(self, "state") else None
+            at = start if placement is None else placement.row_position(start)
+            write_tokens(self.pools.caches[j], self.isa, self.pools.tables[j][0], at, k[:, j : j + 1], v[:, j : j + 1])
 
     def append(self, n, seed):
         """K, V and queries of ``n`` generated tokens after the prompt, K/V written to the pools."""
@@ -105,7 +117,8 @@ def test_prefill_selection_is_compacted_in_position_order(isa, from_cache):
     want = ref.select_tokens(scores[[1]], plan.budgets[0, [1]], plan.window)[0]
     want = want[want >= 0]
     assert 4 <= want.numel() < L  # really compressed, window included
-    k, v = s.pools.read(1, 0, torch.arange(want.numel()))
+    k, v = s.pools.read(1, 0, s.slots(1, want.numel()))  # in the selection region, after the prompt
+    assert s.slots(1, 1)[0] >= L
     assert torch.equal(k, s.k[want, 1]) and torch.equal(v, s.v[want, 1])
     ref_topk = ref.topk_positions(scores[[0]], torch.tensor([plan.reference_topk]), torch.tensor([L - plan.window]))
     assert torch.equal(s.state.references[0], ref_topk)
@@ -209,10 +222,10 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     assert want.numel() == count
     held = s.state.kept[0][0, :count]
     assert sorted(held.tolist()) == want.tolist()  # the new selection, each position in one slot
-    k, v = s.pools.read(1, 0, torch.arange(count))
+    k, v = s.pools.read(1, 0, s.slots(1, count))
     assert torch.equal(k, s.k[held, 1]) and torch.equal(v, s.v[held, 1])  # the satellite's true K/V
     window = torch.arange(cut, 61)  # the window slots are untouched
-    k, _ = s.pools.read(1, 0, torch.arange(count, count + plan.window))
+    k, _ = s.pools.read(1, 0, s.slots(1, count + plan.window)[count:])
     assert torch.equal(k, s.k[window, 1])
     assert torch.equal(s.state.references[0][0], result.latest_topk[0])
     moved = set(want.tolist()) - before  # only positions the satellite did not hold are copied
@@ -227,7 +240,7 @@ def test_a_failed_refill_copy_degrades_its_request_and_the_step_goes_on(isa, cap
     s.prefill()
     rt = s.rt
     count = int(s.state.plan.budgets[0, 1]) - s.state.plan.window
-    kept, slots = s.state.kept[0].clone(), s.pools.read(1, 0, torch.arange(count))
+    kept, slots = s.state.kept[0].clone(), s.pools.read(1, 0, s.slots(1, count))
     rt.host.free("r0")
     _, ks, vs = decode_to_a_drift(s)
     assert rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
@@ -241,7 +254,7 @@ def test_a_failed_refill_copy_degrades_its_request_and_the_step_goes_on(isa, cap
     assert rt.counters.refill_failures == 1 and not s.state.host and len(rt.refills) == 0
     assert "refill copy of request r0 failed (KeyError" in caplog.text
     assert torch.equal(s.state.kept[0], kept)  # the selection it holds, as it was
-    assert all(torch.equal(a, b) for a, b in zip(s.pools.read(1, 0, torch.arange(count)), slots))
+    assert all(torch.equal(a, b) for a, b in zip(s.pools.read(1, 0, s.slots(1, count)), slots))
     want = masked_dense(s, qn, torch.cat([s.k, ks, kn]), torch.cat([s.v, vs, vn]), [64])
     satellite = slice(3, 6)  # the query heads of KV head 1
     torch.testing.assert_close(out[:, satellite], want[:, satellite], rtol=1e-5, atol=1e-6)

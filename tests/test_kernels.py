@@ -38,11 +38,17 @@ def on(device, *tensors):
     return [[x.to(device) for x in t] if isinstance(t, list) else t.to(device) for t in tensors]
 
 
+def work_items(items) -> list[list[int]]:
+    """Items of 6 columns (front at position 0) or 7 (with front_start) as the kernels' 7."""
+    return [list(i) + [0] * (7 - len(i)) for i in items]
+
+
 def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0):
     """Random single-head caches holding dense K/V ``[rows, L, hkv, D]`` in scrambled blocks."""
     gen = torch.Generator().manual_seed(seed)
+    items = work_items(items)
     rows = 1 + max(i[2] for i in items)
-    length = max(max(i[5], i[3]) for i in items) + 1
+    length = max(max(i[5], i[6] + i[3]) for i in items) + 1
     nblk = -(-length // bs)
     nb = rows * nblk + 3
     k = torch.randn(rows, nblk * bs, hkv, d, generator=gen)
@@ -70,8 +76,8 @@ def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0):
 def dense_reference(q, k, v, items, g, scale, dtype=torch.float32):
     """Each item's attention computed densely in ``dtype`` (float32 for the oracle)."""
     out = torch.zeros(q.shape, dtype=dtype)
-    for t, h, row, n_front, gen_start, seq_len in items.tolist():
-        pos = torch.cat([torch.arange(n_front), torch.arange(gen_start, seq_len)])
+    for t, h, row, n_front, gen_start, gen_end, front_start in items.tolist():
+        pos = torch.cat([torch.arange(front_start, front_start + n_front), torch.arange(gen_start, gen_end)])
         if pos.numel() == 0:
             continue
         qq = q[t, h * g : (h + 1) * g].to(dtype)
@@ -99,6 +105,11 @@ CASES = {
     # of transposed K), with ranges that start and end inside blocks (narrower tiles, scalar tail)
     "gqa1-bs128-wide-tiles": (1, 2, 64, 128, [[0, 0, 0, 200, 300, 333], [0, 1, 0, 0, 5, 262]]),
     "gqa2-bs64-wide-tiles": (2, 1, 64, 64, [[0, 0, 0, 70, 100, 190]]),
+    # fronts that start away from position 0 (a compressed head's selection after its prompt,
+    # runtime/placement): inside a block, at a block boundary, and next to a front at 0
+    "gqa4-front-start": (4, 2, 64, 16, [[0, 0, 0, 37, 200, 230, 101], [0, 1, 1, 20, 96, 97, 48],
+                                        [1, 1, 0, 10, 10, 12, 0]]),
+    "gqa1-bs128-front-start-long": (1, 1, 64, 128, [[0, 0, 0, 700, 1000, 1100, 257]]),
 }
 
 

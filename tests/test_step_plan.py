@@ -3,29 +3,38 @@
 import pytest
 import torch
 
+from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.runtime.requests import RequestState
 from vllm_heterocache.runtime.step import Row, empty_plan, plan_step, work_template
 
 FULL = torch.tensor([[True, False, False], [False, False, True]])  # 2 layers x 3 KV heads
+POOL = torch.where(FULL, -1, 0)  # the compressed heads in one pool class
+BS = 16  # block size: a 20- or 30-token prompt fills columns 0-1, its selection (1 block) column 2,
+# its generated tokens from column 3 on (row position p + 32: token 24 at 56)
 
 
-def state(key: str, prompt_len: int) -> RequestState:
+def state(key: str, prompt_len: int, selection_blocks: int = 1) -> RequestState:
     budgets = torch.where(FULL, prompt_len, torch.tensor([[5, 7, 9], [4, 6, 8]]))
     plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL, "keeps_all": False})()
-    return RequestState(key, plan, work_template(budgets, FULL, prompt_len))
+    placements = (RowPlacement(prompt_len, BS, selection_blocks),)
+    return RequestState(key, plan, work_template(plan, POOL, placements), placements=placements)
 
 
 def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layout():
     a, b = state("a", 20), state("b", 30)
     rows = (Row(0, 1, 25, 0, a), Row(1, 1, 31, 1, b))
-    plan = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4)
+    plan = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
     assert plan.fused and not plan.prefill and plan.decoding == rows and not plan.ends_prompt
-    # every head of every decoding token: compressed heads over budget + generated, full heads over all
+    # every head of every decoding token: compressed heads over their selection (from row position
+    # 32) + generated tokens (shifted by 32), full heads over all
     assert plan.work[0].tolist() == [
-        [0, 0, 0, 0, 0, 25], [0, 1, 0, 7, 20, 25], [0, 2, 0, 9, 20, 25],
-        [1, 0, 1, 0, 0, 31], [1, 1, 1, 7, 30, 31], [1, 2, 1, 9, 30, 31],
+        [0, 0, 0, 0, 0, 25, 0], [0, 1, 0, 7, 52, 57, 32], [0, 2, 0, 9, 52, 57, 32],
+        [1, 0, 1, 0, 0, 31, 0], [1, 1, 1, 7, 62, 63, 32], [1, 2, 1, 9, 62, 63, 32],
     ]
-    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 20, 25]
+    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 52, 57, 32]
+    # the compressed pool stores both generated tokens at their row positions
+    moved = plan.moved[0]
+    assert moved.tokens.tolist() == [0, 1] and moved.rows.tolist() == [0, 1] and moved.positions.tolist() == [56, 62]
     unfused = plan_step(rows, FULL, kernels_read_layout=False, drift_interval=4)  # full heads stay with vLLM's kernel
     assert not unfused.fused and unfused.work[0][:, 1].tolist() == [1, 2, 1, 2]
 
@@ -37,9 +46,9 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
     assert plan.prefill and not plan.fused and plan.ends_prompt == (rows[1],) and plan.decoding == (rows[0],)
     # causal among a's tokens: token j sees positions up to 20 + j
     assert plan.work[0].tolist() == [
-        [0, 1, 0, 7, 20, 21], [0, 2, 0, 9, 20, 21],
-        [1, 1, 0, 7, 20, 22], [1, 2, 0, 9, 20, 22],
-        [2, 1, 0, 7, 20, 23], [2, 2, 0, 9, 20, 23],
+        [0, 1, 0, 7, 52, 53, 32], [0, 2, 0, 9, 52, 53, 32],
+        [1, 1, 0, 7, 52, 54, 32], [1, 2, 0, 9, 52, 54, 32],
+        [2, 1, 0, 7, 52, 55, 32], [2, 2, 0, 9, 52, 55, 32],
     ]
     assert plan.work[1][:, 1].tolist() == [0, 1, 0, 1, 0, 1]
     # vLLM's kernel runs compressed heads over the prefilling row only: b's 10 tokens, re-based
@@ -47,6 +56,13 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
     assert sub.rows == (rows[1],) and sub.tokens == slice(3, 13) and sub.index.tolist() == [1]
     assert sub.query_start_loc.tolist() == [0, 10] and sub.seq_lens.tolist() == [30]
     assert (sub.num_tokens, sub.max_query_len, sub.max_seq_len) == (10, 10, 30)
+
+
+def test_a_pool_that_keeps_a_request_whole_addresses_it_by_position():
+    a = state("a", 20, selection_blocks=0)  # e.g. a request whose policy keeps every head full
+    plan = plan_step((Row(0, 1, 25, 0, a),), FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
+    assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0], [0, 1, 0, 0, 0, 25, 0], [0, 2, 0, 0, 0, 25, 0]]
+    assert plan.moved == (None,) and not plan.ends_prompt
 
 
 def test_prefilling_rows_between_decoding_rows_take_their_tokens_by_index():

@@ -30,6 +30,7 @@ import torch
 
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError
+from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import POLICIES, RequestRules
 from vllm_heterocache.profile.schema import HeadProfile
 from vllm_heterocache.sharding import FULL_POOL, local_kv_heads
@@ -195,6 +196,7 @@ class BudgetPlanner:
                     full_heads=layout.num_full_heads(),
                     max_ratio=max(layout.budget_ratios[l][h] or 0.0 for l, h in heads),
                     keeps_all=any(layout.head_types[l][h].is_full for l, h in heads),
+                    compresses=not all(layout.head_types[l][h].is_full for l, h in heads),
                 ))
         return tuple(tuple(rules) for rules in out)
 
@@ -225,6 +227,7 @@ class ClassRule:
     full_heads: int  # F of the policy's layout
     max_ratio: float  # the class's largest budget ratio under the policy
     keeps_all: bool  # the policy keeps a head of the class full
+    compresses: bool = True  # the policy compresses a head of the class
 
 
 def _round_up(x, multiple: int):
@@ -251,6 +254,7 @@ class PoolCapacity:
     min_prompt_len: int
     round_to: int  # 0: no rounding
     keep_all: bool
+    selects: bool = True  # some head of the class may keep fewer than all prompt tokens
 
     def base(self, prompt_len: int) -> float:
         """The base budget of a compressed head (module docstring)."""
@@ -275,11 +279,21 @@ class PoolCapacity:
         (None: the server's ratio or token budget): the bound of the budgets that
         ``BudgetPlanner`` plans for it (the same rule, the same numbers)."""
         capacity = replace(self, full_heads=rule.full_heads, max_ratio=rule.max_ratio,
-                           keep_all=self.keep_all or rule.keeps_all)
+                           keep_all=self.keep_all or rule.keeps_all,
+                           selects=self.selects and not self.keep_all and rule.compresses)
         if ratio is not None:
             capacity = replace(capacity, compression_ratio=ratio, token_budget=None,
-                               keep_all=capacity.keep_all or ratio >= 1.0)
+                               keep_all=capacity.keep_all or ratio >= 1.0, selects=capacity.selects and ratio < 1.0)
         return capacity
+
+    def keeps_prompt(self, prompt_len: int) -> bool:
+        """Every head of the class keeps every prompt token (nothing is selected)."""
+        return not self.selects or prompt_len < self.min_prompt_len
+
+    def placement(self, prompt_len: int, block_size: int) -> RowPlacement:
+        """Where a request's tokens of prompt length ``prompt_len`` live in this class's pool
+        (``placement``): the scheduler sizes its blocks by it, the workers address them by it."""
+        return RowPlacement.of(prompt_len, block_size, self.max_budget(prompt_len), self.keeps_prompt(prompt_len))
 
     def max_budget(self, prompt_len: int) -> int:
         """The budget of the class's largest ratio: what its pool keeps per head and request

@@ -95,8 +95,8 @@ template <DType DT>
 void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
   using E = Elem<DT>;
   using T = typename E::T;
-  const int64_t* w = a.work + 6 * task.item;
-  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4];
+  const int64_t* w = a.work + kWorkColumns * task.item;
+  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4], front_start = w[6];
   const int64_t G = a.group, D = a.head_size, bs = a.block_size;
   const T* cache = static_cast<const T*>(a.caches[h]);
   const int32_t* table = a.tables[h] + row * a.table_strides[h];
@@ -117,7 +117,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
 
   // the task's positions as (up to) two physical ranges, cut at block boundaries into segments
   const int64_t f1 = std::min(task.v1, n_front);
-  const int64_t ranges[2][2] = {{std::min(task.v0, n_front), f1},
+  const int64_t ranges[2][2] = {{front_start + std::min(task.v0, n_front), front_start + f1},
                                 {gen_start + std::max<int64_t>(0, task.v0 - n_front),
                                  gen_start + std::max<int64_t>(0, task.v1 - n_front)}};
   struct Segment {
@@ -176,7 +176,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
 
 template <typename T>
 void merge_item(const GatherAttentionArgs& a, int64_t item, const Partial* parts, int64_t count) {
-  const int64_t* w = a.work + 6 * item;
+  const int64_t* w = a.work + kWorkColumns * item;
   const int64_t G = a.group, D = a.head_size;
   T* obase = static_cast<T*>(a.output) + w[0] * a.output_token_stride + w[1] * G * D;
   for (int64_t g = 0; g < G; ++g) {
@@ -209,7 +209,7 @@ void run(const GatherAttentionArgs& a) {
   std::vector<int64_t> first(a.num_items + 1, 0);
   int64_t total = 0;
   for (int64_t i = 0; i < a.num_items; ++i) {
-    const int64_t* w = a.work + 6 * i;
+    const int64_t* w = a.work + kWorkColumns * i;
     total += w[3] + std::max<int64_t>(0, w[5] - w[4]);
   }
   const int64_t threads = omp_get_max_threads(), bs = a.block_size;
@@ -217,7 +217,7 @@ void run(const GatherAttentionArgs& a) {
   chunk = (chunk + bs - 1) / bs * bs;
   std::vector<Task> tasks;
   for (int64_t i = 0; i < a.num_items; ++i) {
-    const int64_t* w = a.work + 6 * i;
+    const int64_t* w = a.work + kWorkColumns * i;
     const int64_t count = w[3] + std::max<int64_t>(0, w[5] - w[4]);
     first[i] = static_cast<int64_t>(tasks.size());
     int64_t v = 0;

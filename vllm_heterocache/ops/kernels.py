@@ -71,8 +71,9 @@ def gather_attention(
         query, output: ``[T, Hq, D]``; ``output`` is written at the items' (token, query heads).
         caches: per KV head ``[num_blocks, 1, block_size, 2 * D]`` (vLLM CPU_ATTN block layout).
         tables: per KV head int32 ``[rows, max_blocks]`` block tables.
-        work: int64 ``[n, 6]``: token, KV head, row, n_front, gen_start, seq_len; the item
-            attends over positions ``0 .. n_front-1`` and ``gen_start .. seq_len-1``.
+        work: int64 ``[n, 7]``: token, KV head, row, n_front, gen_start, gen_end, front_start; the
+            item attends over positions ``front_start .. front_start + n_front - 1`` and
+            ``gen_start .. gen_end - 1`` of its row (``placement``: where a head's tokens are).
         layout: the caches' block layout.
     """
     if compiled(layout):
@@ -85,8 +86,8 @@ def gather_attention_reference(query, output, caches, tables, work, layout: Bloc
     """PyTorch version of :func:`gather_attention` (the oracle of the kernel tests)."""
     hkv = len(caches)
     g = query.shape[1] // hkv
-    for t, h, row, n_front, gen_start, seq_len in work.tolist():
-        positions = torch.cat([torch.arange(n_front), torch.arange(gen_start, seq_len)])
+    for t, h, row, n_front, gen_start, gen_end, front_start in work.tolist():
+        positions = torch.cat([torch.arange(front_start, front_start + n_front), torch.arange(gen_start, gen_end)])
         k, v = read_positions(caches[h], layout, tables[h][row], positions)
         idx = torch.arange(positions.numel())[None, None]
         out = ref.subset_attention(query[t, h * g : (h + 1) * g][None], k[None, :, None], v[None, :, None], idx, scale)

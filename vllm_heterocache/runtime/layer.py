@@ -44,6 +44,11 @@ class LayerPools:
     tables: tuple[torch.Tensor, ...]
     layout: BlockLayout
 
+    def prefix(self, heads, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]`` each."""
+        kv = [read_prefix(self.caches[h], self.layout, self.tables[h][row], length) for h in heads]
+        return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)
+
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
         return torch.cat([read_prefix(self.caches[h], self.layout, self.tables[h][row], length)[0] for h in heads],
@@ -106,7 +111,9 @@ def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
 
 def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> None:
     """Copy the prompt tokens of this step's prefilling rows of the layer's satellites into the
-    host tier (their host rows are consecutive, ``HeteroCacheRuntime``)."""
+    host tier (their host rows are consecutive, ``HeteroCacheRuntime``). A request's first row
+    after a prefix-cache hit also copies the hit's tokens, read from the shared blocks, so that
+    refills can bring back any prompt position."""
     rt, rows = ls.rt, ls.heads.host_rows
     if not rows:
         return
@@ -116,29 +123,34 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         end = min(row.seq_len, state.prompt_len)
         if not state.host or row.first >= end:
             continue
+        if state.hit and row.first == state.hit:
+            rt.host.write(state.key, rows[sats[0]], 0, *ls.pools.prefix(sats, row.index, state.hit))
         tokens = slice(row.start, row.start + end - row.first)
         rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
 
 def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """After the last prompt token: compressed heads choose their budget by the request's policy
-    (``policies``: scored, or sinks plus recent tokens) and compact it to positions
-    ``0 .. B_c - 1`` of their cache; pivots of a request that tracks drift record their
-    reference top-K. A head whose budget is the whole prompt (the request's policy keeps it
-    full) is already in place.
+    (``policies``: scored, or sinks plus recent tokens) and copy it, in prompt order, to slots
+    ``0 .. B_c - 1`` of their pool's selection region (``placement``: never a block that the
+    prefix cache shares); a head whose budget is the whole prompt copies all of it there; pivots
+    of a request that tracks drift record their reference top-K. Heads of a pool that keeps the
+    request's tokens at their own positions are already in place.
 
     Scoring uses the queries of the last ``window`` prompt positions that are in this row (a
-    chunk boundary inside the window leaves fewer). When the whole prompt is in this step, its
-    K/V are the step's own ``key``/``value`` (the values just written to the caches), else they
-    are read from the caches.
+    chunk boundary inside the window leaves fewer; a prefix-cache hit never reaches into the
+    window, ``vllm_adapter.pools.hit_limit``). When the whole prompt is in this step, its K/V
+    are the step's own ``key``/``value`` (the values just written to the caches), else they are
+    read from the caches.
     """
     rt, heads, pools, layer = ls.rt, ls.heads, ls.pools, ls.layer
     state = row.state
     plan = state.plan
     L, W = plan.prompt_len, plan.window
-    c = tuple(h for h in heads.compressed if int(plan.budgets[layer, h]) < L)
+    moved = tuple(h for h in heads.compressed if not state.placements[heads.pool[h]].positional)
+    c = tuple(h for h in moved if int(plan.budgets[layer, h]) < L)
     pivots = heads.pivots if state.ring is not None else ()
-    if not c and not pivots:  # (nothing to select: this rank's heads of the layer keep everything)
+    if not moved and not pivots:  # (nothing to select: this rank's heads of the layer keep everything)
         return
     scored = (c if state.policy.selection == "scores" else ()) + pivots
     whole = row.first == 0
@@ -155,17 +167,21 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
             chosen = ref.select_tokens(scores[: len(c)], budgets, W)
         else:
             chosen = ref.recent_tokens(budgets, L, SINK_TOKENS)
-        for i, h in enumerate(c):
-            keep = chosen[i][chosen[i] >= 0]
-            kept_kv = (k_prompt[keep, h], v_prompt[keep, h]) if whole else pools.read(h, row.index, keep)
-            pools.write(h, row.index, torch.arange(keep.numel()), *kept_kv)
         state.kept[layer] = _every_compressed(heads.compressed, c, chosen, L)
+    everything = torch.arange(L)
+    for h in moved:
+        keep = chosen[c.index(h)] if h in c else everything
+        keep = keep[keep >= 0]
+        kept_kv = (k_prompt[keep, h], v_prompt[keep, h]) if whole else pools.read(h, row.index, keep)
+        start = state.placements[heads.pool[h]].selection_start
+        pools.write(h, row.index, torch.arange(start, start + keep.numel()), *kept_kv)
     if pivots:
         n = len(pivots)
         state.references[layer] = ref.topk_positions(
             scores[len(scored) - n :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
         )
-    rt.counters.prefill_selections += 1
+    if c or pivots:
+        rt.counters.prefill_selections += 1
 
 
 def _every_compressed(compressed: tuple[int, ...], selected: tuple[int, ...], chosen: torch.Tensor,
@@ -297,7 +313,10 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     host, key = rt.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
     caches = [pools.caches[s] for s in sats]
-    tables = [pools.tables[s][row.index].clone() for s in sats]  # this step's; the copy runs later
+    # this step's rows from each satellite's selection region (slot i: column i // bs of it); the copy runs later
+    columns = [state.placements[heads.pool[s]].prompt_blocks if not state.placements[heads.pool[s]].positional else 0
+               for s in sats]
+    tables = [pools.tables[s][row.index][col:].clone() for s, col in zip(sats, columns)]
 
     def copy() -> None:
         """On the refill thread, after this request's and layer's earlier refills: only the

@@ -135,6 +135,7 @@ class HeteroCacheRuntime:
                 )
             )
         self.num_host_rows = rows
+        self.pool_of = torch.tensor([lh.pool for lh in self.layers], dtype=torch.int64)  # [layers, H] (LayerHeads.pool)
         self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
         # Every rank plans the same drift checks (clusters across ranks exchange their results).
         self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in layout.head_types for t in row)
@@ -170,20 +171,35 @@ class HeteroCacheRuntime:
         up to position ``seq_lens[i] - 1``; ``args_of(key)``: request ``key``'s ``vllm_xargs``
         (read when it is admitted: its policy and ratio, ``policies.RequestRules``).
 
-        Admits the requests whose prefill starts (a fresh state, host-tier blocks for their
-        satellites, a query-ring slot for their pivots), plans the step once (:attr:`step`), and
-        counts the decoding rows' queries as buffered: every layer with pivots buffers them in
-        this step's forward (exactly one forward follows each call).
+        Admits the requests whose prefill starts -- at position 0, or after a prefix-cache hit at
+        the row's first position -- (a fresh state, host-tier blocks for their satellites, a
+        query-ring slot for their pivots), plans the step once (:attr:`step`), and counts the
+        decoding rows' queries as buffered: every layer with pivots buffers them in this step's
+        forward (exactly one forward follows each call).
+
+        A row that holds a request's last prompt token and generated tokens after it (a resumed
+        request recomputing its output) is planned as two rows, its prompt part and its
+        generated part, when its compressed heads keep their tokens away from their own
+        positions (``placement``): vLLM's kernel reads a row by position.
         """
         rows = []
         for i, key in enumerate(req_ids):
-            q_len, seq_len = query_start_loc[i + 1] - query_start_loc[i], seq_lens[i]
+            start, q_len, seq_len = query_start_loc[i], query_start_loc[i + 1] - query_start_loc[i], seq_lens[i]
             if q_len == 0:
                 continue
-            state = self._admit(key, prompt_lens[i], args_of(key)) if seq_len == q_len else self.requests.get(key)
-            rows.append(Row(query_start_loc[i], q_len, seq_len, i, state))
+            first = seq_len - q_len
+            if first == 0 or key not in self.requests:
+                state = self._admit(key, prompt_lens[i], args_of(key), hit=first)
+            else:
+                state = self.requests.get(key)
+            L = state.prompt_len
+            if first < L < seq_len and not state.positional:
+                rows.append(Row(start, L - first, L, i, state))
+                start, q_len = start + L - first, seq_len - L
+            rows.append(Row(start, q_len, seq_len, i, state))
         kernels_read = self.layout is not None and kernels.compiled(self.layout)
-        self.step = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval)
+        self.step = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval,
+                              len(self.capacities))
         for row in self.step.decoding:  # the step buffers these queries in every layer with pivots
             row.state.buffered = (row.state.buffered + row.q_len) % self.config.drift_interval
         return self.step
@@ -225,15 +241,23 @@ class HeteroCacheRuntime:
         return BudgetPlanner(self.profile, dataclasses.replace(self.config, **options), tp_rank=self.tp_rank,
                              tp_size=self.tp_size, block_size=self.block_size)
 
-    def _admit(self, key: str, prompt_len: int, args: Mapping | None = None) -> RequestState:
+    def _admit(self, key: str, prompt_len: int, args: Mapping | None = None, hit: int = 0) -> RequestState:
+        """A request's state from its first row; ``hit``: prompt tokens vLLM's prefix cache gave it."""
         self.finish([key])
         choice, error = self.request_rules.resolve(args)
         if error is not None:  # the API server checks these: a client of the engine itself sent them
             log.warning("heterocache: request %s: %s; it keeps its full KV (policy full)", key, error)
         planner = self.planner_for(choice)
         plan = planner.plan(prompt_len)
-        state = self.requests.begin(key, plan, work_template(plan.budgets, plan.full, prompt_len),
-                                    policy=planner.policy)
+        placements = tuple(
+            capacity.for_request(next(r for r in rules if r.policy == choice.policy), choice.ratio)
+            .placement(prompt_len, self.block_size)
+            for capacity, rules in zip(self.capacities, self.class_rules)
+        )
+        state = self.requests.begin(key, plan, work_template(plan, self.pool_of, placements),
+                                    policy=planner.policy, placements=placements, hit=hit)
+        if hit and not state.positional:
+            self.counters.prefix_cache_hit_tokens += hit
         self.kept[choice.policy].observe(plan.kept_fraction())
         tracks = choice.policy == self.config.policy  # drift tracking is the server layout's
         if self._tracks_drift and tracks and not plan.keeps_all:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vllm_heterocache.budget import BudgetPlan
+from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import DEFAULT_POLICY, POLICIES, Policy
 
 
@@ -20,8 +21,10 @@ from vllm_heterocache.policies import DEFAULT_POLICY, POLICIES, Policy
 class RequestState:
     key: str  # vLLM request id
     plan: BudgetPlan  # budgets of the prompt (prompt_len = the request's prompt length)
-    work_template: torch.Tensor  # int64 [layers, H, 6]: its gather-kernel items (runtime.step.work_template)
+    work_template: torch.Tensor  # int64 [layers, H, 7]: its gather-kernel items (runtime.step.work_template)
     policy: Policy = POLICIES[DEFAULT_POLICY]  # its policy (the server's, or its vllm_xargs'): how it selects
+    placements: tuple[RowPlacement, ...] = ()  # per compressed pool class: where its tokens live there
+    hit: int = 0  # its prompt tokens that came from vLLM's prefix cache (its first row starts there)
     host: bool = False  # the host tier holds this request's satellites (else: no refills)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (-1 padded; ascending at prefill, refills rewrite slots in place on the
@@ -35,6 +38,11 @@ class RequestState:
     @property
     def prompt_len(self) -> int:
         return self.plan.prompt_len
+
+    @property
+    def positional(self) -> bool:
+        """Every pool keeps this request's tokens at their own positions: nothing is selected."""
+        return all(p.positional for p in self.placements)
 
 
 class StateLost(RuntimeError):
@@ -52,9 +60,10 @@ class RequestTable:
         return key in self._states
 
     def begin(self, key: str, plan: BudgetPlan, work_template: torch.Tensor,
-              policy: Policy = POLICIES[DEFAULT_POLICY]) -> RequestState:
+              policy: Policy = POLICIES[DEFAULT_POLICY], placements: tuple[RowPlacement, ...] = (),
+              hit: int = 0) -> RequestState:
         """A request starts (its first prefill chunk): a fresh state replaces any old one."""
-        state = RequestState(key, plan, work_template, policy)
+        state = RequestState(key, plan, work_template, policy, placements, hit)
         self._states[key] = state
         return state
 

@@ -19,6 +19,7 @@ KEPT_FRACTION_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.
 @dataclass
 class Counters:
     prefill_selections: int = 0  # prompts whose compressed heads kept a selection
+    prefix_cache_hit_tokens: int = 0  # prompt tokens of compressed heads that came from vLLM's prefix cache
     drift_checks: int = 0  # (request, layer) checks of a layer's pivots
     drifts: int = 0  # pivots found drifted
     refilled_heads: int = 0  # satellite refills queued

@@ -27,13 +27,19 @@ Attention of a step (``runtime.layer.attend``):
 - Otherwise (multi-token decoding rows, or a layout the kernels do not read), full heads run
   vLLM's kernel and compressed heads the gather kernel (or its PyTorch reference).
 
-Work items (``StepPlan.work[layer]``, int64 ``[n, 6]``, contract of
-``ops.kernels.gather_attention``): ``(token, kv_head, row, n_front, gen_start, seq_len)``, one
-per decoding token and head that the gather kernel runs. A compressed head ``h`` of a request
-with prompt length ``L`` and budget ``B_h`` attends over pool positions ``0 .. B_h - 1`` (its
-kept prompt tokens) and ``L .. p`` (generated tokens, up to the token's own position ``p``); a
-full head over ``0 .. p``. The per-request columns are fixed when the request is admitted
-(:func:`work_template`); a step fills in token, row and ``p + 1``.
+Work items (``StepPlan.work[layer]``, int64 ``[n, 7]``, contract of
+``ops.kernels.gather_attention``): ``(token, kv_head, row, n_front, gen_start, gen_end,
+front_start)``, one per decoding token and head that the gather kernel runs, in row positions
+of the head's pool (``placement``). A compressed head ``h`` of a request with prompt length
+``L`` and budget ``B_h`` attends over its selection, slots ``0 .. B_h - 1`` from
+``front_start`` on, and its generated tokens ``L .. p`` (up to the token's own position ``p``),
+which sit ``shift`` positions further; a full head, or a head of a pool that keeps the request's
+tokens at their own positions, over ``0 .. p``. The per-request columns are fixed when the
+request is admitted (:func:`work_template`); a step fills in token, row and ``p + 1``.
+
+Cache writes (``StepPlan.moved``): a generated token of a compressed pool that keeps its tokens
+away from their positions is written at ``p + shift``; per pool, the step lists those tokens,
+their rows and row positions, and the adapter turns them into the pool's slot mapping.
 """
 
 from __future__ import annotations
@@ -43,7 +49,11 @@ from typing import Any
 
 import torch
 
+from vllm_heterocache.budget import BudgetPlan
+from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.runtime.requests import RequestState
+
+WORK_COLUMNS = 7  # (token, kv_head, row, n_front, gen_start, gen_end, front_start): csrc/gather_attention.h
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,10 @@ class Row:
 
     @property
     def ends_prompt(self) -> bool:
-        """The row holds the last prompt token of a request that compresses: its compressed
-        heads select and compact after it (a request that keeps every token selects nothing)."""
-        return self.first < self.state.prompt_len <= self.seq_len and not self.state.plan.keeps_all
+        """The row holds the last prompt token of a request whose compressed heads keep a
+        selection: they select and copy it after this row (``placement``; a request whose pools
+        keep every token at its own position selects nothing)."""
+        return self.first < self.state.prompt_len <= self.seq_len and not self.state.positional
 
     @property
     def decoding(self) -> bool:
@@ -134,6 +145,17 @@ class DriftPhase:
 
 
 @dataclass(frozen=True)
+class MovedWrites:
+    """The tokens of a step that one compressed pool stores away from their own positions
+    (generated tokens, ``placement``): token ``tokens[i]`` of the step (int64 ``[n]``), of block-
+    table row ``rows[i]``, at row position ``positions[i]``."""
+
+    tokens: torch.Tensor
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
+@dataclass(frozen=True)
 class StepPlan:
     """Everything about one step that the layers share (see the module docstring).
 
@@ -154,6 +176,8 @@ class StepPlan:
             builders before any layer runs (``HeteroCacheRuntime.group_of`` says which group
             holds which head's cache).
         prefilling_groups: the same for ``prefilling`` in a mixed step.
+        moved: per compressed pool class, its :class:`MovedWrites` (None: every token of the
+            step at its own position in that pool).
     """
 
     rows: tuple[Row, ...]
@@ -166,10 +190,11 @@ class StepPlan:
     prefilling: RowSubset | None = None
     groups: dict[int, Any] = field(default_factory=dict)
     prefilling_groups: dict[int, Any] = field(default_factory=dict)
+    moved: tuple[MovedWrites | None, ...] = ()
 
 
 def _no_work(num_layers: int) -> tuple[torch.Tensor, ...]:
-    return (torch.empty(0, 6, dtype=torch.int64),) * num_layers
+    return (torch.empty(0, WORK_COLUMNS, dtype=torch.int64),) * num_layers
 
 
 def empty_plan(num_layers: int) -> StepPlan:
@@ -177,7 +202,8 @@ def empty_plan(num_layers: int) -> StepPlan:
     return StepPlan((), (), (), prefill=True, fused=False, work=_no_work(num_layers))
 
 
-def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bool, drift_interval: int) -> StepPlan:
+def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bool, drift_interval: int,
+              num_pools: int = 0) -> StepPlan:
     """The plan of a step of ``rows``.
 
     Args:
@@ -187,6 +213,7 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
         kernels_read_layout: the compiled gather kernel reads this engine's cache layout (else
             its PyTorch reference runs the work items, and full heads stay with vLLM's kernel).
         drift_interval: N, the queries a ring holds (``runtime.rings``).
+        num_pools: the compressed pool classes (each request's ``RequestState.placements``).
     """
     num_layers, hkv = full.shape
     decoding = tuple(r for r in rows if r.decoding)
@@ -198,18 +225,32 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     tokens = torch.tensor([(r.start + j, r.index, r.first + j + 1) for r in decoding for j in range(r.q_len)],
                           dtype=torch.int64)
     templates = [r.state.work_template for r in decoding for _ in range(r.q_len)]
-    items = torch.stack(templates, dim=1)  # [layers, n, H, 6]
+    items = torch.stack(templates, dim=1)  # [layers, n, H, 7]
     items[..., 0] = tokens[:, 0, None]
     items[..., 2] = tokens[:, 1, None]
-    items[..., 5] = tokens[:, 2, None]
+    items[..., 5] += tokens[:, 2, None]  # the template holds the generated tokens' shift
     if fused:
-        work = tuple(items.reshape(num_layers, -1, 6))
+        work = tuple(items.reshape(num_layers, -1, WORK_COLUMNS))
     else:
         compressed = ~full
-        work = tuple(items[layer][:, compressed[layer]].reshape(-1, 6) for layer in range(num_layers))
+        work = tuple(items[layer][:, compressed[layer]].reshape(-1, WORK_COLUMNS) for layer in range(num_layers))
     prefilling = RowSubset.of(tuple(r for r in rows if not r.decoding)) if prefill else None
     return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work,
-                    _drift_phases(decoding, drift_interval), prefilling)
+                    _drift_phases(decoding, drift_interval), prefilling, moved=_moved(decoding, num_pools))
+
+
+def _moved(decoding: tuple[Row, ...], num_pools: int) -> tuple[MovedWrites | None, ...]:
+    """Per pool class, the decoding tokens it stores at shifted positions (``StepPlan.moved``)."""
+    out = []
+    for c in range(num_pools):
+        rows = [r for r in decoding if not r.state.placements[c].positional]
+        if not rows:
+            out.append(None)
+            continue
+        tokens = torch.cat([torch.arange(r.start, r.start + r.q_len) for r in rows])
+        positions = torch.cat([torch.arange(r.first, r.seq_len) + r.state.placements[c].shift for r in rows])
+        out.append(MovedWrites(tokens, torch.tensor([r.index for r in rows for _ in range(r.q_len)]), positions))
+    return tuple(out)
 
 
 def _drift_phases(decoding: tuple[Row, ...], interval: int) -> tuple[DriftPhase, ...]:
@@ -227,13 +268,23 @@ def _drift_phases(decoding: tuple[Row, ...], interval: int) -> tuple[DriftPhase,
     return tuple(phases)
 
 
-def work_template(budgets: torch.Tensor, full: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """A request's gather-kernel items, int64 ``[layers, H, 6]``, without the per-token columns
-    (token, row, seq_len): compressed heads attend over ``0 .. B_h - 1`` and ``L .. seq_len - 1``,
-    full heads over ``0 .. seq_len - 1`` (``n_front`` 0, ``gen_start`` 0)."""
-    num_layers, hkv = budgets.shape
-    items = torch.zeros(num_layers, hkv, 6, dtype=torch.int64)
+def work_template(plan: BudgetPlan, pool_of: torch.Tensor, placements: tuple[RowPlacement, ...]) -> torch.Tensor:
+    """A request's gather-kernel items, int64 ``[layers, H, 7]``, without the per-token columns
+    (token, row, and ``p + 1`` added to ``gen_end``, which holds the shift): a compressed head
+    whose pool keeps a selection for the request attends over its ``B_h`` selection slots from
+    ``front_start`` and its generated tokens from ``L + shift`` (``placement``); every other head
+    over ``0 .. p`` (``n_front`` 0, ``gen_start`` 0, shift 0).
+
+    ``pool_of``: int64 ``[layers, H]``, each local head's pool class (``FULL_POOL``, -1, for full
+    heads); ``placements``: the request's placement in each pool class."""
+    num_layers, hkv = plan.budgets.shape
+    items = torch.zeros(num_layers, hkv, WORK_COLUMNS, dtype=torch.int64)
     items[..., 1] = torch.arange(hkv)
-    items[..., 3] = torch.where(full, 0, budgets)
-    items[..., 4] = torch.where(full, 0, prompt_len)
+    selecting = torch.tensor([False] + [not p.positional for p in placements])[pool_of + 1]  # [layers, H]
+    shift = torch.tensor([0] + [p.shift for p in placements], dtype=torch.int64)[pool_of + 1]
+    start = placements[0].selection_start if placements else 0  # (the same in every pool: after the prompt)
+    items[..., 3] = torch.where(selecting, plan.budgets, 0)
+    items[..., 4] = torch.where(selecting, plan.prompt_len + shift, 0)
+    items[..., 5] = torch.where(selecting, shift, 0)
+    items[..., 6] = torch.where(selecting, start, 0)
     return items

@@ -8,7 +8,8 @@ Each KV head of a layer has a cache of its own (``vllm_adapter.pools``): head 0 
 others companion cache layers; full heads' caches are in the full pool's KV cache group,
 compressed heads' in their budget class's. Per step and layer:
 
-1. cache write: each head's cache gets its new K/V at vLLM's slot mapping of its group;
+1. cache write: each head's cache gets its new K/V at its group's slot mapping (vLLM's, with the
+   generated tokens of a compressed pool moved to their row positions, ``placement``);
    satellites' prompt K/V is mirrored to the host tier;
 2. attention as planned: vLLM's CPU kernel per head where the plan says so, prefill selection
    and compaction at the end of a prompt, the compiled gather kernel for decoding tokens, drift
@@ -37,7 +38,7 @@ from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
 from vllm_heterocache.vllm_adapter.layout import probe_layout
-from vllm_heterocache.vllm_adapter.pools import head_cache_name
+from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, head_cache_name
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
 
@@ -82,6 +83,9 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         rt = self.runtime
         self.group = len(set(rt.group_of.values()))
         rt.group_of.update(dict.fromkeys(layer_names, self.group))
+        inner = getattr(kv_cache_spec, "kv_cache_specs", None)  # (a group of several specs of one type)
+        spec = next(iter(inner.values())) if inner else kv_cache_spec
+        self.pool = spec.pool if isinstance(spec, CompressedPoolSpec) else None  # None: the full pool
         if rt.compresses:
             rt.attach_layout(probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
                                           kv_cache_spec.head_size))
@@ -91,27 +95,40 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         if not rt.compresses:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = rt.step
+        cm = common_attn_metadata
+        slot_mapping = self._slot_mapping(plan, cm)
         if plan.fused:
-            cm = common_attn_metadata
             meta = HeteroCacheMetadata(
                 num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
                 query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens,
-                block_table=cm.block_table_tensor, slot_mapping=cm.slot_mapping, scheduler_metadata=None,
+                block_table=cm.block_table_tensor, slot_mapping=slot_mapping, scheduler_metadata=None,
                 isa=self.isa,
             )
         elif plan.groups:
             # vLLM's kernel plan depends on the rows and the query heads per cache (G for every
             # pool), not on the block table: the first group's serves every other group
-            cm = common_attn_metadata
             meta = replace(next(iter(plan.groups.values())), block_table=cm.block_table_tensor,
-                           slot_mapping=cm.slot_mapping)
+                           slot_mapping=slot_mapping)
         else:
             meta = HeteroCacheMetadata(**vars(super().build(common_prefix_len, common_attn_metadata, fast_build)),
                                        isa=self.isa)
+            meta.slot_mapping = slot_mapping
         plan.groups[self.group] = meta
         if plan.prefilling is not None:
             plan.prefilling_groups[self.group] = self._prefilling(plan, meta)
         return meta
+
+    def _slot_mapping(self, plan, cm: CommonAttentionMetadata) -> torch.Tensor:
+        """vLLM's slot mapping of this group, with the tokens the step stores away from their
+        own positions in this pool (``StepPlan.moved``) at their row positions."""
+        moved = plan.moved[self.pool] if self.pool is not None and plan.moved else None
+        if moved is None:
+            return cm.slot_mapping
+        bs = self.kv_cache_spec.block_size
+        blocks = cm.block_table_tensor[moved.rows, moved.positions // bs].to(cm.slot_mapping.dtype)
+        out = cm.slot_mapping.clone()
+        out[moved.tokens] = blocks * bs + moved.positions % bs
+        return out
 
     def _prefilling(self, plan, meta: HeteroCacheMetadata) -> HeteroCacheMetadata:
         """The group's metadata for the prefilling rows of a mixed step; vLLM's kernel plan of

@@ -20,6 +20,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | ``ForwardContext.no_compile_layers`` | the companion cache layers' bound KV caches | vLLM passes a layer's companion caches to its impl |
 | ``Attention._k_scale_float``, ``_v_scale_float`` | the cache-write and attention ops take the layer's KV scales (1.0: fp8 KV caches are refused) | the impl receives the scales |
 | ``vllm._custom_ops.cpu_attn_reshape_and_cache``, ``cpu_attention_with_kv_cache``, ``cpu_attn_get_scheduler_metadata`` | the CPU backend's own cache-write and attention ops, run per head cache, and its kernel plan, built for the prefilling rows of a mixed step as ``CPUAttentionMetadataBuilder.build`` builds it for all rows | (stable ops of the CPU backend; private module) |
+| ``KVCacheManager.get_computed_blocks`` (patched) | a request whose compressed heads select tokens may hit the prefix cache up to its observation window only (its window's queries must be computed), but the hit search sees block hashes, not the request | vLLM lets a KV cache spec bound a request's hit |
 | ``KVCacheManager.allocate_slots`` (patched), ``coordinator.single_type_managers``, ``Request.sampling_params`` | a compressed pool's block manager keeps a request's budget, which its policy and ratio (``vllm_xargs``) decide, but managers see request ids only | managers receive the request (or its KV budget) |
 | ``InputProcessor.__init__`` (patched), ``validate_logits_processors_params`` | a request's ``heterocache_policy`` / ``heterocache_ratio`` are checked where vLLM checks its parameters, so a bad value is an HTTP 400 naming the key; the only per-request hook is a logits processor's classmethod, which gets no config | vLLM offers a request-validation hook to plugins with the config |
 | ``GPUModelRunner.requests`` | the step hook reads a new request's ``vllm_xargs`` (its policy and ratio) | the lifecycle hooks above pass the sampling params |
@@ -111,6 +112,28 @@ def observe_kv_allocation(observe) -> None:
 
     KVCacheManager.allocate_slots = _allocate_slots
     _APPLIED.add("kv_allocation")
+
+
+def limit_prefix_hits(limit) -> None:
+    """Cap every prefix-cache hit of the scheduler's KV cache manager at ``limit(kv_cache_manager,
+    request)`` tokens (None: no cap). The hit is cut before its blocks are touched, so vLLM's
+    block reference counts and its ``vllm:prefix_cache_*`` counters see the capped hit only."""
+    if "prefix_hits" in _APPLIED:
+        return
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    get_computed_blocks = KVCacheManager.get_computed_blocks
+
+    def _get_computed_blocks(self, request):
+        blocks, num_tokens, boundary = get_computed_blocks(self, request)
+        cap = limit(self, request) if num_tokens else None
+        if cap is not None and num_tokens > cap:
+            blocks, num_tokens = self.truncate_computed_blocks(blocks, cap), cap
+            boundary = min(boundary, cap) if boundary else 0
+        return blocks, num_tokens, boundary
+
+    KVCacheManager.get_computed_blocks = _get_computed_blocks
+    _APPLIED.add("prefix_hits")
 
 
 def single_type_managers(kv_cache_manager) -> tuple:

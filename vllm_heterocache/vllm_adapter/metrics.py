@@ -38,6 +38,8 @@ PUBLISH_INTERVAL_S = 1.0
 METRICS: dict[str, tuple[str, str]] = {
     "requests": ("gauge", "Requests whose HeteroCache state this rank holds."),
     "prefill_selections": ("counter", "Prompts whose compressed heads kept a token selection at prefill."),
+    "prefix_cache_hit_tokens": ("counter", "Prompt tokens of requests whose compressed heads select that came "
+                                "from vLLM's prefix cache (their selections are computed per request)."),
     "drift_checks": ("counter", "Drift checks: one per request, layer with pivots and drift interval."),
     "drifts": ("counter", "Pivots whose top-k set drifted (each refills its satellites)."),
     "refilled_heads": ("counter", "Satellite head refills queued from the host tier."),

@@ -8,14 +8,24 @@ one per local head; with tensor parallelism padded to the same caches on every r
 
 - full heads (volatile, pivot): a ``FullAttentionSpec``: every token, the stock block manager;
 - compressed heads (anchor, satellite): a ``CompressedPoolSpec`` of the head's budget class,
-  whose block manager (``CompressedPoolManager``) holds every prompt block while the prompt is
-  prefilled (so prefill peak memory is NOT reduced, as in the reference code) and, once the
-  prompt is done, frees the blocks between the class's largest budget for the request and the
-  end of the prompt (the worker has compacted each head's selection into the first positions by
-  then, ``runtime.layer``). Generated tokens get blocks at their own positions, as usual. A
-  request's budget follows its policy and ratio (``vllm_xargs``): the manager reads them from
-  the request when the scheduler first allocates its slots (:func:`note_request`), by the same
-  rules as the workers (``policies.RequestRules``, ``budget.PoolCapacity.for_request``).
+  whose block manager (``CompressedPoolManager``) lays each request's row out as
+  ``placement.RowPlacement`` says: the prompt at its own positions (so prefill peak memory is
+  NOT reduced, as in the reference code), a private selection region of ``ceil(B_max / bs)``
+  blocks that comes with the prompt's last block, then the generated tokens. Once the prompt is
+  processed (the worker has copied each head's selection by then, ``runtime.layer``), it
+  releases the prompt's blocks. A request's budget follows its policy and ratio
+  (``vllm_xargs``): the manager reads them from the request when the scheduler first allocates
+  its slots (:func:`note_request`), by the same rules as the workers (``policies.RequestRules``,
+  ``budget.PoolCapacity.for_request``).
+
+Prefix caching. Every pool shares prompt blocks through vLLM's own prefix cache (block hashes,
+its LRU): a compressed pool hashes the blocks of its prompt region only -- never its selection,
+which depends on the request -- so a released prompt block stays cached, intact, for the next
+request with the same prefix. A prefix-cache hit stops at ``L - window`` (:func:`hit_limit`):
+the observation window's queries are computed, never taken from another request, so a request
+selects the same tokens with a hit as without one. (A later request that extends this one, a
+chat's next turn, hits its prompt; its generated tokens are computed again, as the compressed
+pools do not hash blocks that mix prompt and generated tokens.)
 
 One head per cache makes every page the same size (no padding when vLLM unifies pages), and
 vLLM groups the caches by spec: one KV cache group (block table) for all full heads, one per
@@ -33,9 +43,10 @@ from torch import nn
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
-from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
 
 from vllm_heterocache.budget import ClassRule, PoolCapacity
+from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import RequestRules
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 from vllm_heterocache.sharding import FULL_POOL
@@ -51,6 +62,7 @@ class CompressedPoolSpec(AttentionSpec):
     of the server's policy; :meth:`capacity_for`, for a request's own)."""
 
     capacity: PoolCapacity
+    pool: int  # its budget class (``HeteroCacheRuntime.capacities``)
     rules: RequestRules
     class_rules: tuple[ClassRule, ...]  # one per policy of ``rules.floors``
 
@@ -60,49 +72,110 @@ class CompressedPoolSpec(AttentionSpec):
         rule = next(r for r in self.class_rules if r.policy == choice.policy)
         return self.capacity.for_request(rule, choice.ratio)
 
+    def placement_for(self, prompt_len: int, extra_args) -> RowPlacement:
+        """Where a request's tokens live in this class's pool (``placement``)."""
+        return self.capacity_for(extra_args).placement(prompt_len, self.block_size)
+
+    def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
+        # the longest prompt's row: its prompt, its selection region, the first generated block
+        return cdiv(max_len, self.block_size) + cdiv(self.capacity.max_budget(max_len), self.block_size) + 1
+
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        # A request's peak is its prefill, which holds every token.
-        return cdiv(vllm_config.model_config.max_model_len, self.block_size) * self.page_size_bytes
+        # A request's peak is the step with its prompt's last chunk: prompt and selection region.
+        return self.max_num_blocks_per_req(vllm_config, vllm_config.model_config.max_model_len) * self.page_size_bytes
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
-            isinstance(s, CompressedPoolSpec) and (s.capacity, s.class_rules) == (self.capacity, self.class_rules)
+            isinstance(s, CompressedPoolSpec)
+            and (s.capacity, s.pool, s.class_rules) == (self.capacity, self.pool, self.class_rules)
             for s in kv_cache_specs.values()
         )
 
 
 class CompressedPoolManager(FullAttentionManager):
-    """Frees a request's prompt blocks beyond its largest budget once its prompt is processed.
-
-    Kept: blocks ``[0, ceil(B_max / bs))`` (the compacted selections) and, from block
-    ``L // bs`` on, the block holding the first generated position and all later ones. The freed
-    middle becomes vLLM's null block, as for sliding-window layers, so later positions keep
-    their block-table slots.
+    """A compressed pool's blocks, laid out per request by its ``RowPlacement``: columns for the
+    prompt (hashed and shared like any pool's), the selection region (with the prompt's last
+    block; never hashed) and the generated tokens; the prompt's blocks are released once the
+    prompt is processed (they stay in the prefix cache). The released columns become vLLM's null
+    block, as for sliding-window layers, so later columns keep their block-table slots.
     """
+
+    supports_fine_grained_hash_lookup = False  # hits on whole blocks only
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.capacities: dict[str, PoolCapacity] = {}  # request id -> its capacity (note_request)
+        self.placements: dict[str, RowPlacement] = {}  # request id -> its placement (note_request)
+
+    @classmethod
+    def find_longest_cache_hit(cls, block_hashes, max_length, kv_cache_group_ids, block_pool, kv_cache_spec,
+                               *args, **kwargs):
+        # A hit fills the prompt region, which is laid out as a full-attention row.
+        full = FullAttentionSpec(block_size=kv_cache_spec.block_size, num_kv_heads=kv_cache_spec.num_kv_heads,
+                                 head_size=kv_cache_spec.head_size, head_size_v=kv_cache_spec.head_size_v,
+                                 dtype=kv_cache_spec.dtype)
+        return super().find_longest_cache_hit(block_hashes, max_length, kv_cache_group_ids, block_pool, full,
+                                               *args, **kwargs)
+
+    def _slots(self, request_id: str, num_tokens: int) -> int:
+        """Row positions covering tokens ``0 .. num_tokens - 1`` (vLLM's managers count blocks as
+        ``cdiv(num_tokens, block_size)``)."""
+        placement = self.placements.get(request_id)
+        return num_tokens if placement is None else placement.blocks_for(num_tokens) * self.block_size
+
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs) -> int:
+        return super().get_num_blocks_to_allocate(request_id, self._slots(request_id, num_tokens), *args, **kwargs)
+
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
+        return super().allocate_new_blocks(request_id, self._slots(request_id, num_tokens),
+                                           self._slots(request_id, num_tokens_main_model), *args, **kwargs)
+
+    def cache_blocks(self, request, num_tokens, *args, **kwargs) -> None:
+        placement = self.placements.get(request.request_id)
+        if placement is None or placement.positional:
+            return super().cache_blocks(request, num_tokens, *args, **kwargs)
+        cached = self.num_cached_block.get(request.request_id, 0)
+        columns = placement.token_block_columns(num_tokens // self.block_size)
+        if cached >= len(columns):
+            return
+        row = self.req_to_blocks[request.request_id]
+        self.block_pool.cache_full_blocks(
+            request=request, blocks=[row[c] for c in columns], num_cached_blocks=cached, num_full_blocks=len(columns),
+            block_size=self.block_size, kv_cache_group_id=self.kv_cache_group_id,
+        )
+        self.num_cached_block[request.request_id] = len(columns)
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
-        capacity = self.capacities.get(request_id)
-        if capacity is None or num_prompt_tokens is None or processed_computed_tokens < num_prompt_tokens:
+        placement = self.placements.get(request_id)
+        if placement is None or placement.positional or processed_computed_tokens < placement.prompt_len:
             return  # (every request is noted before its first allocation; an unknown one keeps its blocks)
-        kept = cdiv(capacity.max_budget(num_prompt_tokens), self.block_size)
-        compat.remove_blocks_in_range(self, request_id, kept, num_prompt_tokens // self.block_size)
+        compat.remove_blocks_in_range(self, request_id, 0, placement.prompt_blocks)
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
-        self.capacities.pop(request_id, None)
+        self.placements.pop(request_id, None)
 
 
 def note_request(kv_cache_manager, request) -> None:
     """Before the scheduler allocates slots for ``request``: the compressed pools' managers note
-    its capacity (once per admission: a preempted request is freed and noted again)."""
+    its placement (once per admission: a preempted request is freed and noted again)."""
     for manager in compat.single_type_managers(kv_cache_manager):
-        if isinstance(manager, CompressedPoolManager) and request.request_id not in manager.capacities:
+        if isinstance(manager, CompressedPoolManager) and request.request_id not in manager.placements:
             spec: CompressedPoolSpec = manager.kv_cache_spec
-            manager.capacities[request.request_id] = spec.capacity_for(compat.request_extra_args(request))
+            manager.placements[request.request_id] = spec.placement_for(request.num_prompt_tokens,
+                                                                        compat.request_extra_args(request))
+
+
+def hit_limit(kv_cache_manager, request) -> int | None:
+    """The longest prefix-cache hit ``request`` may take: its prompt up to the observation window
+    (``L - window``, down to a block boundary) when a compressed pool selects for it, so that the
+    window's queries are computed by this request; None when no pool selects for it."""
+    for manager in compat.single_type_managers(kv_cache_manager):
+        if isinstance(manager, CompressedPoolManager):
+            spec: CompressedPoolSpec = manager.kv_cache_spec
+            L = request.num_prompt_tokens
+            if not spec.placement_for(L, compat.request_extra_args(request)).positional:
+                return max(0, L - spec.capacity.window) // spec.block_size * spec.block_size
+    return None
 
 
 def register_pool_spec() -> None:
@@ -110,6 +183,7 @@ def register_pool_spec() -> None:
     process that may build KV cache managers; ``registration.register``)."""
     compat.register_kv_cache_spec(CompressedPoolSpec, CompressedPoolManager)
     compat.observe_kv_allocation(note_request)
+    compat.limit_prefix_hits(hit_limit)
 
 
 class HeadCacheLayer(nn.Module, AttentionLayerBase):
@@ -174,6 +248,7 @@ def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], 
                 head_size_v=spec.head_size_v,
                 dtype=spec.dtype,
                 capacity=rt.capacities[pool],
+                pool=pool,
                 rules=rt.request_rules,
                 class_rules=rt.class_rules[pool],
             )

@@ -75,12 +75,6 @@ def _build(vllm_config) -> HeteroCacheRuntime:
         )
     config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
     cache = vllm_config.cache_config
-    if cache.enable_prefix_caching:
-        raise ConfigError(
-            "heterocache does not support prefix caching yet (compressed heads keep per-request "
-            "token selections, which shared prefix blocks cannot hold): add --no-enable-prefix-caching "
-            "(LLM(..., enable_prefix_caching=False))"
-        )
     if vllm_config.speculative_config is not None:
         raise ConfigError("heterocache does not support speculative decoding yet: remove --speculative-config")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:

@@ -1,0 +1,111 @@
+"""Where a compressed head's tokens live in its KV cache, for one request. Pure arithmetic.
+
+vLLM's prefix cache shares a prompt's KV blocks between requests by the hash of the tokens they
+hold. A compressed head keeps its own selection of the prompt's tokens, which depends on the
+request (on its question, for scored policies), so a selection must never be written into a
+block that the prefix cache can hand to another request. Each compressed pool therefore lays a
+request's block-table row out in three regions (columns of ``block_size`` tokens)::
+
+    | prompt: P = ceil(L / bs) columns | selection: S columns | generated tokens ...
+      positions 0 .. L-1, shared         private, never hashed   token p at p + shift
+
+- *prompt*: the prompt's tokens at their own positions, written while the prompt is prefilled
+  and never afterwards. vLLM hashes and shares these blocks like any other pool's: a prefix-cache
+  hit fills them, and the prompt's own blocks serve later requests' hits.
+- *selection*: once the prompt is processed, each head of the pool copies the prompt tokens it
+  keeps into slots ``0 .. B_h - 1`` of this region (row positions ``selection_start ..``), in
+  prompt order; drift refills rewrite the same slots. The scheduler allocates these ``S =
+  ceil(B_max / bs)`` blocks with the prompt's last block (``B_max``: the pool's largest budget for
+  the request) and never hashes them, so the prefix cache never sees a selection.
+- *generated*: token ``p >= L`` at row position ``p + shift``, ``shift`` a whole number of blocks,
+  so that each block holds the tokens of one token block.
+
+When the prompt is processed the scheduler releases the prompt columns: their blocks stay in
+vLLM's prefix cache (evictable, intact) for later requests, and the request keeps ``S`` blocks
+for its selection plus its generated tokens -- the same device memory as before prefix caching.
+A pool whose heads all keep every prompt token for the request (``S = 0``: its policy keeps
+them full, ratio 1, a short prompt) is laid out like a full pool: every token at its own
+position, nothing copied or released.
+
+The scheduler (``vllm_adapter.pools``) sizes and frees blocks by this module and the workers
+(``runtime``) address tokens by it, so both sides agree by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class RowPlacement:
+    """One request's row in one compressed pool (module docstring).
+
+    Attributes:
+        prompt_len: L, the request's prompt tokens.
+        block_size: bs, tokens per block.
+        selection_blocks: S, blocks of the selection region; 0: every token at its own position.
+    """
+
+    prompt_len: int
+    block_size: int
+    selection_blocks: int
+
+    @classmethod
+    def of(cls, prompt_len: int, block_size: int, max_budget: int, keeps_prompt: bool) -> RowPlacement:
+        """The placement of a pool whose largest budget for this request is ``max_budget`` tokens;
+        ``keeps_prompt``: every head of the pool keeps every prompt token (no selection)."""
+        return cls(prompt_len, block_size, 0 if keeps_prompt else _cdiv(max_budget, block_size))
+
+    @property
+    def positional(self) -> bool:
+        """Every token at its own position (no selection region)."""
+        return self.selection_blocks == 0
+
+    @property
+    def prompt_blocks(self) -> int:
+        """P: columns of the prompt region."""
+        return _cdiv(self.prompt_len, self.block_size)
+
+    @property
+    def selection_start(self) -> int:
+        """Row position of selection slot 0."""
+        return self.prompt_blocks * self.block_size
+
+    @property
+    def shift(self) -> int:
+        """Row positions a generated token sits after its own position (0 when positional)."""
+        if self.positional:
+            return 0
+        whole_prompt_blocks = self.prompt_len // self.block_size
+        return (self.prompt_blocks + self.selection_blocks - whole_prompt_blocks) * self.block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Block-table columns a request needs once tokens ``0 .. num_tokens - 1`` have slots.
+
+        The selection region comes with the chunk that reaches the prompt's last block, so that
+        the chunk with the last prompt token can select into it."""
+        if self.positional or num_tokens <= (self.prompt_len - 1) // self.block_size * self.block_size:
+            return _cdiv(num_tokens, self.block_size)
+        if num_tokens <= self.prompt_len:
+            return self.prompt_blocks + self.selection_blocks
+        return (num_tokens - 1 + self.shift) // self.block_size + 1
+
+    def row_position(self, position: int) -> int:
+        """Where token ``position`` of the request sits in the row."""
+        return position + self.shift if position >= self.prompt_len else position
+
+    def token_block_columns(self, num_blocks: int) -> list[int]:
+        """The columns of token blocks ``0 .. num_blocks - 1`` (what the prefix cache hashes):
+        prompt blocks at their own columns, blocks of generated tokens after the selection. A
+        token block that holds both prompt and generated tokens is not in one column: the list
+        stops before it."""
+        if self.positional:
+            return list(range(num_blocks))
+        whole_prompt = self.prompt_len // self.block_size
+        if self.prompt_len % self.block_size:  # the prompt's last block is split
+            return list(range(min(num_blocks, whole_prompt)))
+        return [k if k < whole_prompt else k + self.shift // self.block_size for k in range(num_blocks)]
