@@ -15,10 +15,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 
-def prompts(tokenizer, lengths):
+def prompts(tokenizer, lengths, shared=False):
+    """Prompts of the given lengths, each from its own document (``shared``: all from one, so
+    that each is a prefix of the longer ones)."""
     from vllm_heterocache.data.texts import documents
 
-    docs = documents(len(lengths), 40 * max(lengths))
+    docs = documents(1 if shared else len(lengths), 40 * max(lengths))
+    docs = docs * len(lengths) if shared else docs
     out = []
     for doc, n in zip(docs, lengths):
         ids = tokenizer(doc, add_special_tokens=False).input_ids[:n]
@@ -26,14 +29,63 @@ def prompts(tokenizer, lengths):
     return out
 
 
-def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, refused_args=None, **kw):
+def prefix_batches(tokenizer):
+    """Batches of prompts (each one ``generate`` call, in order) that hit vLLM's prefix cache in
+    every way: a whole prompt again, part of one, blocks shared by requests running together,
+    and a prompt again after other prompts evicted its blocks (in a small KV cache)."""
+    a, b, c = (p["prompt_token_ids"] for p in prompts(tokenizer, [1100, 1100, 700]))
+    return [
+        [a],  # computes a; its compressed heads select, its prompt blocks go back to the cache
+        [a],  # the whole prompt again: a hit up to the observation window
+        [a[:900] + b[:200]],  # part of a prompt
+        [a[:700] + b[:300], a[:700] + c[:300], a[:700] + b[300:600]],  # shared while running
+        [c[:650] + a[:50], c[:650] + a[50:100]],  # blocks one computes while the other hits them
+        [b, c[:600] + b[:500]],  # other prompts fill the cache...
+        [a],  # ... so that a's blocks were evicted
+    ]
+
+
+def generate_batches(model, batches_of, max_tokens, batch_args=None, **kw):
+    """Greedy tokens of each batch of ``batches_of(tokenizer)`` in one engine (``batch_args[i]``:
+    the ``vllm_xargs`` of batch ``i``'s requests), the prompt tokens each request got from vLLM's
+    prefix cache, and the engine's state once they are done."""
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, **kw)
+    core = llm.llm_engine.engine_core.engine_core
+    manager = core.scheduler.kv_cache_manager
+    tokens, hits = [], []
+    for i, batch in enumerate(batches_of(llm.get_tokenizer())):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=(batch_args or {}).get(i))
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params)
+        tokens.append([list(o.outputs[0].token_ids) for o in outs])
+        hits.append([o.num_cached_tokens for o in outs])
+    while core.scheduler.has_requests():  # the step that tells the worker who finished
+        llm.llm_engine.step()
+    result = {"tokens": tokens, "hits": hits, "free_blocks": manager.block_pool.get_num_free_blocks(),
+              "num_blocks": manager.block_pool.num_gpu_blocks}
+    if kw.get("tensor_parallel_size", 1) > 1:
+        result["ranks"] = llm.collective_rpc(runtime_summary)
+    else:
+        rt = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers[0].self_attn
+                     .attn.impl, "runtime", None)
+        if rt is not None:
+            result |= {"counters": vars(rt.counters), "states": len(rt.requests),
+                       "host_used_blocks": rt.host.used_blocks if rt.host is not None else None}
+    del llm
+    return result
+
+
+def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, refused_args=None,
+             enable_prefix_caching=False, shared=False, **kw):
     """``extra_args``: per prompt, its ``SamplingParams.extra_args`` (``vllm_xargs``);
     ``refused_args``: extra args, each of which the engine must refuse (the errors go in ``refused``,
-    one line each; an accepted one leaves its line empty)."""
+    one line each; an accepted one leaves its line empty); ``shared``: the prompts are prefixes
+    of one document."""
     from vllm import LLM, SamplingParams
     from vllm.exceptions import VLLMValidationError
 
-    llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enable_prefix_caching=False,
+    llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
               enforce_eager=True, seed=0, **kw)
     refused = []
     for args in refused_args or ():
@@ -54,7 +106,7 @@ def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, re
 
         core.scheduler._preempt_request = counting
     params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=x) for x in extra_args or [None] * len(lengths)]
-    outs = llm.generate(prompts(llm.get_tokenizer(), lengths), params)
+    outs = llm.generate(prompts(llm.get_tokenizer(), lengths, shared), params)
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions),
               "refused": refused}
     if core is not None:  # vLLM's own block accounting once every request is done
@@ -119,7 +171,14 @@ def main():
             model, many, 100, max_model_len=896,
             max_num_batched_tokens=256,  # chunked prefill: prompts longer than this come in chunks
             max_num_seqs=8,
-            num_gpu_blocks_override=16,  # 16 blocks of 128 tokens for both pools: requests wait, get preempted
+            num_gpu_blocks_override=18,  # 18 blocks of 128 tokens for all pools: requests wait, get preempted
+            **heterocache(profile, compression_ratio=0.6, window=8, drift_interval=3, stats_interval_s=1),
+        )
+    elif scenario == "serving_shared":  # the same with vLLM's prefix cache, prompts sharing prefixes
+        many = [40 + 90 * (i % 9) for i in range(24)]
+        results["compressed"] = generate(
+            model, many, 100, max_model_len=896, max_num_batched_tokens=256, max_num_seqs=8,
+            num_gpu_blocks_override=18, enable_prefix_caching=True, shared=True,
             **heterocache(profile, compression_ratio=0.6, window=8, drift_interval=3, stats_interval_s=1),
         )
     elif scenario == "tp2":  # two tensor-parallel ranks, one core each
@@ -152,6 +211,29 @@ def main():
                                                                                          "heterocache_ratio": 0.8}]
         results["mixed_snapkv"] = generate(model, long, 24, extra_args=mixed_snapkv,
                                            **heterocache(profile, policy="snapkv", compression_ratio=0.3, **options))
+    elif scenario == "prefix":  # vLLM's prefix cache on and off, stock and HeteroCache, the same batches
+        small = {"num_gpu_blocks_override": int(os.environ.get("PREFIX_BLOCKS", "48")), "max_num_seqs": 4}
+        options = {"compression_ratio": 0.6, "window": 8, "drift_interval": 3}
+        for caching in (True, False):
+            tag = "pc" if caching else "nopc"
+            results[f"stock_{tag}"] = generate_batches(model, prefix_batches, 24, enable_prefix_caching=caching,
+                                                       **small)
+            results[f"hc_{tag}"] = generate_batches(model, prefix_batches, 24, enable_prefix_caching=caching,
+                                                    **small, **heterocache(profile, **options))
+        results["ratio1_pc"] = generate_batches(model, prefix_batches, 24, **small,
+                                                **heterocache(profile, compression_ratio=1.0))
+        # a full request hitting blocks that compressed requests cached
+        results["full_after_compressed"] = generate_batches(
+            model, lambda tok: prefix_batches(tok)[:2], 24, batch_args={1: {"heterocache_policy": "full"}}, **small,
+            **heterocache(profile, **options))
+    elif scenario == "prefix_tp2":
+        options = {"compression_ratio": 0.6, "window": 8, "drift_interval": 3}
+        tp = {"tensor_parallel_size": 2, "distributed_executor_backend": "mp", "max_num_seqs": 4}
+        for caching in (True, False):
+            tag = "pc" if caching else "nopc"
+            results[f"hc_{tag}"] = generate_batches(model, lambda tok: prefix_batches(tok)[:4], 24,
+                                                    enable_prefix_caching=caching, **tp,
+                                                    **heterocache(profile, **options))
     elif scenario == "multiprocess":
         results["compressed"] = generate(model, lengths[:2], 12, **heterocache(profile, compression_ratio=0.6))
     print("RESULT " + json.dumps(results))

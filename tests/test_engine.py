@@ -63,6 +63,53 @@ def test_serving_conditions_with_compression(tiny, tiny_profile):
     assert stats and "device compressed pool" in stats[-1] and "host bytes in" in stats[-1]
 
 
+def agreement(a, b) -> float:
+    """The fraction of requests whose greedy tokens are equal in two runs of the same batches."""
+    pairs = [(x, y) for batch_a, batch_b in zip(a, b) for x, y in zip(batch_a, batch_b)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def check_prefix_runs(results):
+    """vLLM's prefix cache on and off over ``engine_runner.prefix_batches``: the same answers with
+    hits as without (at least as often as the stock backend's), the hits where they belong, and
+    every block, request state and host-tier block back at the end."""
+    hc, stock = results["hc_pc"], results["stock_pc"]
+    assert agreement(hc["tokens"], results["hc_nopc"]["tokens"]) >= agreement(
+        stock["tokens"], results["stock_nopc"]["tokens"])
+    assert agreement(hc["tokens"], results["hc_nopc"]["tokens"]) == 1.0  # float32: no near-tie flips here
+    # prompt of 1100 tokens again: a hit up to its observation window (8), in whole blocks: 1024;
+    # part of a prompt (900 of 1100 shared): 896; three requests on one 700-token prefix: 640 each;
+    # two requests on a new 650-token prefix scheduled together: the second hits what the first computes
+    assert hc["hits"][:4] == [[0], [1024], [896], [640, 640, 640]] == stock["hits"][:4]
+    assert hc["hits"][4] == stock["hits"][4] and hc["hits"][4][1] >= 512
+    assert hc["hits"][6] == [0]  # the small cache evicted the first prompt's blocks
+    assert hc["counters"]["prefix_cache_hit_tokens"] == sum(map(sum, hc["hits"]))
+    assert hc["counters"]["prefill_selections"] > 0 and hc["counters"]["refilled_heads"] > 0
+    for r in (hc, results["hc_nopc"]):
+        assert r["states"] == 0 and r["host_used_blocks"] == 0 and r["free_blocks"] == r["num_blocks"] - 1
+
+
+def test_prefix_caching_hits_change_no_answer(tiny, tiny_profile):
+    results, log = run_engines("prefix", tiny, tiny_profile)
+    check_prefix_runs(results)
+    # ratio 1 with the prefix cache: vLLM's own backend, the stock tokens and hits
+    assert results["ratio1_pc"]["tokens"] == results["stock_pc"]["tokens"]
+    assert results["ratio1_pc"]["hits"] == results["stock_pc"]["hits"]
+    # a request with policy full that hits the blocks a compressed request cached: stock's tokens
+    full = results["full_after_compressed"]
+    assert full["hits"][1] == [1024] and full["tokens"][1] == results["stock_pc"]["tokens"][1]
+
+
+def test_prefix_caching_under_preemption_returns_everything(tiny, tiny_profile):
+    """Prompts that share prefixes, too few blocks: requests hit, wait, are preempted and come
+    back (hitting again); at the end every block, state and host-tier block is free."""
+    results, _ = run_engines("serving_shared", tiny, tiny_profile)
+    r = results["compressed"]
+    assert [len(t) for t in r["tokens"]] == [100] * 24
+    assert r["preemptions"] >= 1 and r["counters"]["prefix_cache_hit_tokens"] > 0
+    assert r["states"] == 0 and r["host_used_blocks"] == 0 and r["free_blocks"] == r["num_blocks"] - 1
+
+
 def test_policies_per_server_and_per_request(tiny, tiny_profile):
     results, log = run_engines("policies", tiny, tiny_profile)
     stock = results["stock"]["tokens"]
@@ -170,6 +217,25 @@ def test_tensor_parallel_two_ranks_with_a_real_profile(tmp_path):
     one = results["compressed_tp1"]["counters"]
     assert sum(r["counters"]["drifts"] for r in ranks) == one["drifts"]
     assert sum(r["counters"]["refilled_heads"] for r in ranks) == one["refilled_heads"]
+
+
+def test_prefix_caching_at_two_tensor_parallel_ranks(tiny, tiny_profile):
+    results, _ = run_engines("prefix_tp2", tiny, tiny_profile, timeout=1500, VLLM_CPU_OMP_THREADS_BIND="0|1")
+    pc, nopc = results["hc_pc"], results["hc_nopc"]
+    assert pc["hits"] == [[0], [1024], [896], [640, 640, 640]]
+    assert pc["tokens"] == nopc["tokens"]
+    for r in pc["ranks"]:  # both ranks count the same hits, and give everything back
+        assert r["counters"]["prefix_cache_hit_tokens"] == sum(map(sum, pc["hits"]))
+        assert r["states"] == 0 and r["host_used_blocks"] == 0
+
+
+@pytest.mark.model
+def test_prefix_caching_on_smollm2():
+    from vllm_heterocache.models.smollm2 import prepare_default_model
+
+    results, _ = run_engines("prefix", prepare_default_model(), PROFILES / "SmolLM2-135M-Instruct.json",
+                             timeout=1800, PREFIX_BLOCKS="400")
+    check_prefix_runs(results)
 
 
 @pytest.mark.model

@@ -35,7 +35,6 @@ def test_the_embedded_model_with_its_flags_by_default():
     assert command({}) == [
         "vllm", "serve", str(EMBEDDED), "--host", "127.0.0.1", "--port", "8000",
         "--attention-backend", "heterocache", "--additional-config", '{"heterocache": {}}',
-        "--no-enable-prefix-caching",
         "--served-model-name", "SmolLM2-135M-Instruct", "--max-model-len", "8192", "--dtype", "float32",
     ]
 

@@ -37,7 +37,7 @@ def server(tmp_path_factory):
         str(Path(sys.executable).parent / "vllm"), "serve", str(tiny),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "tiny",
         "--attention-backend", "heterocache", "--additional-config", json.dumps(options),
-        "--no-enable-prefix-caching", "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
+        "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
     ]
     log_path = tmp / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
@@ -173,6 +173,33 @@ def test_metrics_on_the_servers_own_endpoint(server):
     assert value(after, h, h + "_bucket", le="+Inf") == value(after, h, h + "_count")
     refilled = value(after, "heterocache_refilled_heads", "heterocache_refilled_heads_total")
     assert (value(after, h, h + "_count") > 0) == (refilled > 0)  # every refill is waited for, once done
+
+
+def test_prefix_caching_is_on_by_default_and_a_hit_changes_no_answer(server):
+    """vLLM's defaults: its prefix cache serves the second of two requests with one long prompt,
+    vLLM's own counters say so, heterocache_* counts the compressed heads' cached prompt tokens,
+    and the greedy answers are the same."""
+    base, _ = server
+    prompt = "In the beginning was the Word, and the Word was with God. " * 40
+
+    def complete():
+        r = requests.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 24,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    before = settled(base)
+    first, second = complete(), complete()
+    after = settled(base)
+    assert first == second
+
+    def grew(name, sample):
+        return value(after, name, sample) - value(before, name, sample)
+
+    hits = grew("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
+    assert hits >= 256  # at least two 128-token blocks of the second prompt came from the cache
+    ours = "heterocache_prefix_cache_hit_tokens"
+    assert grew(ours, ours + "_total") == hits  # every request here compresses: all of vLLM's hits are ours
 
 
 def test_policy_and_ratio_per_request(server):

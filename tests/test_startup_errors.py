@@ -22,13 +22,17 @@ if __name__ == "__main__":
 """
 
 
-def start(model, **kwargs):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS="1",
+def start(model, multiprocess=False, **kwargs):
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0", OMP_NUM_THREADS="1",
                VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
     out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kwargs), str(model)], capture_output=True,
                          text=True, timeout=300, env=env, cwd=ROOT)
     assert out.returncode != 0, "the engine started although it should not have"
     return out.stdout + out.stderr
+
+
+def last_line(log: str) -> str:
+    return [line for line in log.splitlines() if line.strip()][-1]
 
 
 def hc(**options):
@@ -47,8 +51,8 @@ def test_startup_errors(tiny, tmp_path):
          "The smallest feasible ratio is 0.501"),
         (dict(enable_prefix_caching=False, **hc(profile=str(profile), windw=4)),
          "unknown option(s) heterocache.windw"),
-        (dict(enable_prefix_caching=True, **hc(profile=str(profile))),
-         "add --no-enable-prefix-caching"),
+        (dict(kv_cache_dtype="fp8", **hc(profile=str(profile))),
+         "heterocache does not support --kv-cache-dtype fp8: use auto"),
         (dict(enable_prefix_caching=False, **hc(profile=str(profile), compression_ratio=0.9, host_tier_gib=4000)),
          "heterocache.host_tier_gib=4000.0 does not fit"),
         (dict(enable_prefix_caching=False, **hc(profile=str(profile), compression_ratio=0.9, host_tier_gib=100000)),
@@ -63,6 +67,22 @@ def test_startup_errors(tiny, tmp_path):
         log = start(tiny, **kwargs)
         assert needle in log, f"{kwargs}: {log[-3000:]}"
     assert "python -m vllm_heterocache.profiler --model" in start(tiny, enable_prefix_caching=False, **hc())
+
+
+@pytest.mark.slow
+def test_what_the_config_decides_is_refused_before_any_engine_process_starts(tiny, tmp_path):
+    """With engine processes (as under vllm serve), the message is the last line printed, not an
+    engine-core failure below a worker's traceback; vLLM's default prefix caching is no error."""
+    profile = save_synthetic_profile(tiny, ["PS", "AV"], tmp_path / "tiny.json")
+    cases = [
+        (hc(profile=str(profile), compression_ratio=0.3), "The smallest feasible ratio is 0.501"),
+        (hc(profile=str(profile), windw=4), "unknown option(s) heterocache.windw"),
+        (dict(kv_cache_dtype="fp8", **hc(profile=str(profile))), "--kv-cache-dtype fp8: use auto"),
+    ]
+    for kwargs, needle in cases:
+        log = start(tiny, multiprocess=True, **kwargs)
+        assert needle in last_line(log), f"{kwargs}: {log[-3000:]}"
+        assert "Engine core initialization failed" not in log
 
 
 @pytest.mark.parametrize(

@@ -83,6 +83,13 @@ class RowPlacement:
         whole_prompt_blocks = self.prompt_len // self.block_size
         return (self.prompt_blocks + self.selection_blocks - whole_prompt_blocks) * self.block_size
 
+    @property
+    def peak_blocks(self) -> int:
+        """The most blocks the request holds at once before it generates: its prompt and its
+        selection region, at the step of the prompt's last chunk (the prompt's blocks are
+        released afterwards). A longer prompt never has a smaller peak."""
+        return self.prompt_blocks + self.selection_blocks
+
     def blocks_for(self, num_tokens: int) -> int:
         """Block-table columns a request needs once tokens ``0 .. num_tokens - 1`` have slots.
 

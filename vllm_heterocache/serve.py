@@ -168,7 +168,6 @@ def vllm_command(vllm: str, model: str, host: str, port: int, options: Mapping[s
     return [
         vllm, "serve", model, "--host", host, "--port", str(port),
         "--attention-backend", "heterocache", "--additional-config", json.dumps({ADDITIONAL_CONFIG_KEY: dict(options)}),
-        "--no-enable-prefix-caching",  # HeteroCache refuses prefix caching (README, Serving)
         *model_flags, *extra,
     ]
 

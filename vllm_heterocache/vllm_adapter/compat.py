@@ -23,6 +23,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | ``KVCacheManager.get_computed_blocks`` (patched) | a request whose compressed heads select tokens may hit the prefix cache up to its observation window only (its window's queries must be computed), but the hit search sees block hashes, not the request | vLLM lets a KV cache spec bound a request's hit |
 | ``KVCacheManager.allocate_slots`` (patched), ``coordinator.single_type_managers``, ``Request.sampling_params`` | a compressed pool's block manager keeps a request's budget, which its policy and ratio (``vllm_xargs``) decide, but managers see request ids only | managers receive the request (or its KV budget) |
 | ``InputProcessor.__init__`` (patched), ``validate_logits_processors_params`` | a request's ``heterocache_policy`` / ``heterocache_ratio`` are checked where vLLM checks its parameters, so a bad value is an HTTP 400 naming the key; the only per-request hook is a logits processor's classmethod, which gets no config | vLLM offers a request-validation hook to plugins with the config |
+| ``EngineArgs.create_engine_config`` (patched) | a configuration the backend refuses is refused where vLLM makes the config, before the engine core and its workers start: their errors end in "Engine core initialization failed", far below the message | vLLM lets a backend validate the whole config (``validate_configuration`` sees one layer's parameters, in the worker) |
 | ``GPUModelRunner.requests`` | the step hook reads a new request's ``vllm_xargs`` (its policy and ratio) | the lifecycle hooks above pass the sampling params |
 | ``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` | the ISA of the CPU kernels for a dtype / block size / head size (tests build caches in it) | |
 | ``GPUModelRunner.execute_model``, ``sample_tokens``, ``_build_attention_metadata``, ``CPUAttentionBackendImpl.forward``, ``do_kv_cache_update`` (patched only with ``HETEROCACHE_STEP_TIMING=1``) | the per-step time breakdown of the benchmarks (``runtime.timing``), for the stock backend as for HeteroCache | vLLM's own per-step profiling reports attention time |
@@ -179,6 +180,25 @@ def validate_requests(make_validator) -> None:
 
     InputProcessor.__init__ = __init__
     _APPLIED.add("input_validation")
+
+
+def check_engine_configs(check) -> None:
+    """Call ``check(vllm_config)`` on every engine config as soon as vLLM has made it from the
+    engine arguments: in the API server (or the ``LLM`` front end), before any engine process
+    starts, so that an error is the last thing the user sees rather than a worker traceback."""
+    if "engine_configs" in _APPLIED:
+        return
+    from vllm.engine.arg_utils import EngineArgs
+
+    create_engine_config = EngineArgs.create_engine_config
+
+    def _create_engine_config(self, *args, **kwargs):
+        config = create_engine_config(self, *args, **kwargs)
+        check(config)
+        return config
+
+    EngineArgs.create_engine_config = _create_engine_config
+    _APPLIED.add("engine_configs")
 
 
 def request_args_of(runner):

@@ -36,7 +36,7 @@ block accounting stays honest. Nothing is allocated behind vLLM's back except th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -62,7 +62,10 @@ class CompressedPoolSpec(AttentionSpec):
     of the server's policy; :meth:`capacity_for`, for a request's own)."""
 
     capacity: PoolCapacity
-    pool: int  # its budget class (``HeteroCacheRuntime.capacities``)
+    # one of the budget classes it holds (``HeteroCacheRuntime.capacities``): classes of equal
+    # capacity and rules have equal specs, which vLLM puts in one KV cache group, and lay a
+    # request's tokens out alike (``placement``)
+    pool: int = field(compare=False)
     rules: RequestRules
     class_rules: tuple[ClassRule, ...]  # one per policy of ``rules.floors``
 
@@ -77,17 +80,21 @@ class CompressedPoolSpec(AttentionSpec):
         return self.capacity_for(extra_args).placement(prompt_len, self.block_size)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        # the longest prompt's row: its prompt, its selection region, the first generated block
-        return cdiv(max_len, self.block_size) + cdiv(self.capacity.max_budget(max_len), self.block_size) + 1
+        # block-table columns of the longest prompt's row: its prompt, its selection region, and
+        # the first generated token's block (released prompt columns keep their places)
+        return self._peak_blocks(max_len) + 1
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
-        # A request's peak is the step with its prompt's last chunk: prompt and selection region.
-        return self.max_num_blocks_per_req(vllm_config, vllm_config.model_config.max_model_len) * self.page_size_bytes
+        # A request's peak is the step of its prompt's last chunk: its prompt and its selection
+        # region (afterwards the prompt's blocks are released).
+        return self._peak_blocks(vllm_config.model_config.max_model_len) * self.page_size_bytes
+
+    def _peak_blocks(self, max_len: int) -> int:
+        return self.capacity.placement(max_len, self.block_size).peak_blocks
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
-            isinstance(s, CompressedPoolSpec)
-            and (s.capacity, s.pool, s.class_rules) == (self.capacity, self.pool, self.class_rules)
+            isinstance(s, CompressedPoolSpec) and (s.capacity, s.class_rules) == (self.capacity, self.class_rules)
             for s in kv_cache_specs.values()
         )
 

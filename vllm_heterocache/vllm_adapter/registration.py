@@ -23,6 +23,9 @@ def register() -> None:
     from vllm_heterocache.vllm_adapter.requests import validator
 
     compat.validate_requests(validator)
+    from vllm_heterocache.vllm_adapter.startup import check_front_end
+
+    compat.check_engine_configs(check_front_end)
     if current_platform.is_cpu():
         compat.honour_backend_on_cpu(BACKEND_NAME, BACKEND_PATH)
     from vllm_heterocache.runtime import timing

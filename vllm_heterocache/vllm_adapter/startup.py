@@ -1,7 +1,9 @@
 """Startup checks and construction of the HeteroCache runtime from vLLM's config.
 
-Everything a user can get wrong is checked here, before the first request, with a message that
-names the flag or option to change.
+Everything a user can get wrong is checked here, with a message that names the flag or option to
+change: what the config decides as soon as vLLM has made it (:func:`check_config`, in the front
+end, before any engine process starts), the model's layers when they are built
+(:func:`check_layer`).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import weakref
 
 import torch
 
+from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.profile.resolve import resolve_profile
+from vllm_heterocache.profile.schema import HeadProfile
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
-from vllm_heterocache.vllm_adapter import compat, runner_hooks
+from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat, runner_hooks
 
 # A child of vLLM's logger, so the line shows with vLLM's own logging setup in every process.
 log = logging.getLogger("vllm.heterocache")
@@ -64,8 +68,12 @@ def runtime_for(vllm_config) -> HeteroCacheRuntime:
     return rt
 
 
-def _build(vllm_config) -> HeteroCacheRuntime:
-    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+def check_config(vllm_config) -> tuple[HeteroCacheConfig, HeadProfile]:
+    """Everything about a HeteroCache engine that its config decides, checked where the config is
+    made (``compat.check_engine_configs``: in the front end, before any engine process starts,
+    so that the message is the last line a user sees) and again in each worker: the options, the
+    head profile, the budget, and the vLLM features the backend does not cover. Returns the
+    options and the profile."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -74,20 +82,45 @@ def _build(vllm_config) -> HeteroCacheRuntime:
             "serve without --attention-backend heterocache (GPU support is planned)"
         )
     config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
-    cache = vllm_config.cache_config
+    refused = []
     if vllm_config.speculative_config is not None:
-        raise ConfigError("heterocache does not support speculative decoding yet: remove --speculative-config")
+        refused.append("speculative decoding yet: remove --speculative-config")
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ConfigError("heterocache does not support pipeline parallelism yet: use --pipeline-parallel-size 1")
+        refused.append("pipeline parallelism yet: use --pipeline-parallel-size 1")
+    if vllm_config.cache_config.cache_dtype not in ("auto", None):
+        refused.append(f"--kv-cache-dtype {vllm_config.cache_config.cache_dtype}: use auto")
     model_config = vllm_config.model_config
+    if model_config.use_mla:
+        refused.append("MLA attention: serve this model without --attention-backend heterocache")
+    if model_config.get_sliding_window() is not None:
+        refused.append(f"sliding-window attention (window {model_config.get_sliding_window()}): serve this model "
+                       "without --attention-backend heterocache")
+    if refused:
+        raise ConfigError("heterocache does not support " + refused[0])
     profile = resolve_profile(model_config.hf_config, model_config.model, config.profile)
+    BudgetPlanner(profile, config)  # an infeasible budget names the smallest feasible ratio
+    return config, profile
+
+
+def check_front_end(vllm_config) -> None:
+    """:func:`check_config` for an engine config that selects this backend (the front end's
+    check, ``compat.check_engine_configs``)."""
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    if getattr(backend, "name", None) == BACKEND_NAME:
+        check_config(vllm_config)
+
+
+def _build(vllm_config) -> HeteroCacheRuntime:
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    config, profile = check_config(vllm_config)
     tp_size = get_tensor_model_parallel_world_size()
     return HeteroCacheRuntime(
         profile,
         config,
         tp_rank=get_tensor_model_parallel_rank(),
         tp_size=tp_size,
-        block_size=cache.block_size,
+        block_size=vllm_config.cache_config.block_size,
         exchange=_tp_sum if tp_size > 1 else None,
     )
 
