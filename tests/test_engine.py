@@ -234,7 +234,7 @@ def test_prefix_caching_on_smollm2():
     from vllm_heterocache.models.smollm2 import prepare_default_model
 
     results, _ = run_engines("prefix", prepare_default_model(), PROFILES / "SmolLM2-135M-Instruct.json",
-                             timeout=1800, PREFIX_BLOCKS="400")
+                             timeout=1800, PREFIX_BLOCKS="240")
     check_prefix_runs(results)
 
 
