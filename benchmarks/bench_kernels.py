@@ -54,7 +54,7 @@ def main() -> None:
         tables = [torch.randperm(nb).int()[None].to(dev) for _ in range(a.heads)]
         q = torch.randn(1, a.heads * a.group, d).to(dtype).to(dev)
         out = torch.empty_like(q)
-        work = torch.tensor([[0, h, 0, n, n, n, 0] for h in range(a.heads)], dtype=torch.int64, device=dev)
+        work = torch.tensor([[0, h, 0, n, n, n, 0, -1] for h in range(a.heads)], dtype=torch.int64, device=dev)
         nbytes = a.heads * n * 2 * d * caches[0].element_size()
         layout = BlockLayout.for_kernels(bs, d, True)  # vLLM's AVX2 layout
         t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, layout, d**-0.5), a.repeats, dev)

@@ -65,15 +65,18 @@ void add_caches(Packed<Args>& packed, at::TensorList caches, const std::vector<c
 }
 
 inline GatherPacked pack_gather(const at::Tensor& query, at::Tensor& output, at::TensorList caches,
-                                at::TensorList tables, const at::Tensor& work, bool k_transposed, double scale) {
+                                at::TensorList tables, const at::Tensor& work, const at::Tensor& fronts,
+                                bool k_transposed, double scale) {
   TORCH_CHECK(query.dim() == 3 && output.sizes() == query.sizes(), "query and output must be [T, Hq, D] alike");
   TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == query.size(2), "query must be contiguous in [Hq, D]");
   TORCH_CHECK(output.stride(2) == 1 && output.stride(1) == output.size(2), "output must be contiguous in [Hq, D]");
   TORCH_CHECK(output.scalar_type() == query.scalar_type(), "output dtype must equal query dtype");
   TORCH_CHECK(work.scalar_type() == at::kLong && work.dim() == 2 && work.size(1) == kWorkColumns &&
                   work.is_contiguous(),
-              "work must be contiguous int64 [n, 7]");
+              "work must be contiguous int64 [n, 8]");
   TORCH_CHECK(work.device() == query.device(), "work must be on the query's device");
+  TORCH_CHECK(fronts.scalar_type() == at::kInt && fronts.dim() == 1 && fronts.is_contiguous() &&
+              fronts.device() == query.device(), "fronts must be contiguous int32 [n] on the query's device");
   const int64_t hkv = static_cast<int64_t>(caches.size());
   TORCH_CHECK(hkv > 0 && static_cast<int64_t>(tables.size()) == hkv, "one cache and one table per KV head");
   TORCH_CHECK(query.size(1) % hkv == 0, "query heads must be a multiple of the KV heads");
@@ -94,7 +97,8 @@ inline GatherPacked pack_gather(const at::Tensor& query, at::Tensor& output, at:
   for (int64_t h = 0; h < hkv; ++h) out.words.push_back(tables[h].stride(0));
   out.args = GatherAttentionArgs{
       dtype_of(query), query.data_ptr(), output.data_ptr(), query.stride(0), output.stride(0), nullptr, nullptr,
-      nullptr, nullptr, work.data_ptr<int64_t>(), work.size(0), group, head_size, block_size, k_transposed,
+      nullptr, nullptr, work.data_ptr<int64_t>(), fronts.numel() ? fronts.data_ptr<int32_t>() : nullptr,
+      work.size(0), group, head_size, block_size, k_transposed,
       static_cast<float>(scale)};
   out.point_at(out.words.data());
   return out;

@@ -12,9 +12,12 @@
 //                                       (the AVX2 "vec" kernels), else [bs, D]. Blocks are
 //                                       block_stride elements apart (vLLM may pad pages).
 //   table of head h [rows, table_stride] int32 block ids of each batch row
-//   work item       {t, h, row, n_front, gen_start, gen_end, front_start} (int64): attend over
-//                   positions front_start .. front_start+n_front-1 and gen_start .. gen_end-1 of
-//                   (head h, row) (positions in the row's block table: runtime/placement)
+//   work item       {t, h, row, n_front, gen_start, gen_end, front_start, front_list} (int64):
+//                   attend over n_front front positions and gen_start .. gen_end-1 of (head h,
+//                   row), positions in the row's block table (vllm_heterocache/placement.py). The
+//                   front is front_start .. front_start+n_front-1, or when front_list >= 0 the
+//                   positions fronts[front_list .. front_list+n_front-1] (runs of consecutive
+//                   positions are read as one range)
 //
 // Softmax in float32 (online, one pass over K and V), inputs and outputs in T
 // (float, bf16 or fp16). An item with no positions writes zeros.
@@ -26,7 +29,7 @@ namespace heterocache {
 
 enum class DType { kFloat32, kBFloat16, kFloat16 };
 
-constexpr int64_t kWorkColumns = 7;  // t, h, row, n_front, gen_start, gen_end, front_start
+constexpr int64_t kWorkColumns = 8;  // t, h, row, n_front, gen_start, gen_end, front_start, front_list
 
 struct GatherAttentionArgs {
   DType dtype;
@@ -39,6 +42,7 @@ struct GatherAttentionArgs {
   const int32_t* const* tables; // [Hkv] block tables
   const int64_t* table_strides; // [Hkv] entries between rows
   const int64_t* work;          // [num_items, kWorkColumns]
+  const int32_t* fronts;        // front positions the items' front_list columns index (may be null)
   int64_t num_items;
   int64_t group;                // G, query heads per KV head
   int64_t head_size;            // D

@@ -12,8 +12,13 @@ namespace {
 using namespace heterocache::binding;
 
 void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorList caches, at::TensorList tables,
-                      const at::Tensor& work, bool k_transposed, double scale) {
-  GatherPacked packed = pack_gather(query, output, caches, tables, work, k_transposed, scale);
+                      const at::Tensor& work, const at::Tensor& fronts, bool k_transposed, double scale) {
+  GatherPacked packed = pack_gather(query, output, caches, tables, work, fronts, k_transposed, scale);
+  const int64_t* w = work.data_ptr<int64_t>();
+  for (int64_t i = 0; i < work.size(0); ++i, w += heterocache::kWorkColumns) {
+    TORCH_CHECK(w[7] < 0 || (w[3] >= 0 && w[7] + w[3] <= fronts.numel()), "work item ", i,
+                ": its front list runs past fronts");
+  }
   heterocache::gather_attention_cpu(packed.args);
 }
 
@@ -44,7 +49,7 @@ void refill_copy(const at::Tensor& storage, const at::Tensor& host_blocks, const
 TORCH_LIBRARY(heterocache, m) {
   m.def(
       "gather_attention(Tensor query, Tensor(a!) output, Tensor[] caches, Tensor[] tables, Tensor work, "
-      "bool k_transposed, float scale) -> ()");
+      "Tensor fronts, bool k_transposed, float scale) -> ()");
   m.def(
       "drift_check(Tensor queries, Tensor[] caches, Tensor[] tables, int row, int key_len, int candidates, "
       "Tensor reference, int topk, float threshold, int pool_kernel, bool k_transposed, Tensor(a!) drift, "

@@ -37,7 +37,7 @@ class Setup:
     """A runtime, one request of ``length`` prompt tokens written into both pools (and the host
     tier) through the backend's own steps, and the dense K/V/Q it came from."""
 
-    def __init__(self, isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0):
+    def __init__(self, isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0, hit=0):
         from vllm_heterocache.vllm_adapter.layout import probe_layout
 
         g = torch.Generator().manual_seed(seed)
@@ -62,12 +62,12 @@ class Setup:
                                          num_blocks=32))
         self.k, self.v = torch.randn(length, HKV, D, generator=g), torch.randn(length, HKV, D, generator=g)
         self.q = torch.randn(length, HQ, D, generator=g) * 2
-        self.length = length
-        self.prefill_step = self.step(length, length)
+        self.length, self.hit = length, hit  # hit: prompt tokens from the prefix cache (whole blocks)
+        self.prefill_step = self.step(length - hit, length)
         (self.prefill_row,) = self.prefill_step.plan.rows
         self.state = self.prefill_row.state
         self.write(0, self.k, self.v)
-        mirror_to_host(self.prefill_step, self.k, self.v)
+        mirror_to_host(self.prefill_step, self.k[hit:], self.v[hit:])  # the step's tokens
 
     def step(self, q_len, seq_len) -> LayerStep:
         """Layer 0 in a step of one row: request r0's tokens up to position ``seq_len - 1``."""
@@ -80,7 +80,10 @@ class Setup:
         return None if pool < 0 else self.state.placements[pool]
 
     def slots(self, head, n):
-        """Row positions of selection slots ``0 .. n - 1`` of compressed head ``head``."""
+        """Row positions where selection slots ``0 .. n - 1`` of compressed head ``head`` are read:
+        its selection region, or after a prefix-cache hit the positions its fronts point at."""
+        if self.placement(head).shared_blocks:
+            return self.state.fronts[0, head, :n].long()
         return torch.arange(n) + self.placement(head).selection_start
 
     def write(self, start, k, v):
@@ -99,8 +102,11 @@ class Setup:
 
     def prefill(self, from_cache=False):
         """Select and compact, with the prompt's K/V from the step (the whole prompt is in it),
-        or, as after a chunked prefill, read back from the caches."""
-        if from_cache:  # the same row as the last chunk of a prompt that started earlier
+        or, as after a chunked prefill or a prefix-cache hit, read back from the caches."""
+        if self.hit:  # the row holds the tokens after the hit
+            n = self.length - self.hit
+            select_and_compact(self.prefill_step, self.prefill_row, self.q[-n:], self.k[-n:], self.v[-n:])
+        elif from_cache:  # the same row as the last chunk of a prompt that started earlier
             row = self.prefill_row
             row = type(row)(row.start, row.q_len - 1, row.seq_len, row.index, row.state)
             select_and_compact(self.prefill_step, row, self.q[1:], self.k[1:], self.v[1:])
@@ -141,13 +147,15 @@ def masked_dense(s, q, kk, vv, positions):
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("hit", [0, 16], ids=["own-prompt", "prefix-cache-hit"])
 @pytest.mark.parametrize("pattern", ["PS", "AV", "SP", "AA"],
                          ids=["pivot-satellite", "anchor-volatile", "satellite-pivot", "no-full-pool"])
-def test_decode_of_several_tokens_equals_masked_dense_attention(isa, pattern):
+def test_decode_of_several_tokens_equals_masked_dense_attention(isa, pattern, hit):
     """A decoding row of 3 tokens (vLLM recomputing a preempted request's generated tokens):
     the plan's work items cover the compressed heads, causal among the row's tokens; full heads
-    are left to vLLM's kernel."""
-    s = Setup(isa, pattern=pattern, length=37)
+    are left to vLLM's kernel. After a prefix-cache hit the selection points into the hit's
+    blocks for its positions there."""
+    s = Setup(isa, pattern=pattern, length=37, hit=hit)
     s.prefill()
     kn, vn, qn = s.append(3, seed=5)
     step = s.step(3, 40)
@@ -163,11 +171,12 @@ def test_decode_of_several_tokens_equals_masked_dense_attention(isa, pattern):
             assert torch.all(out[:, cols] == 7.0)  # full heads keep the base kernel's output
 
 
+@pytest.mark.parametrize("hit", [0, 32], ids=["own-prompt", "prefix-cache-hit"])
 @pytest.mark.parametrize("pattern", ["PS", "AA"])
-def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern):
+def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern, hit):
     """A step of one decode token per row with the compiled kernels: the plan is fused, and one
     gather call per layer gives every head's output (full heads over every position)."""
-    s = Setup(isa, pattern=pattern, length=45)
+    s = Setup(isa, pattern=pattern, length=45, hit=hit)
     s.prefill()
     kn, vn, qn = s.append(1, seed=6)
     step = s.step(1, 46)
@@ -207,8 +216,9 @@ def decode_to_a_drift(s):
     return result, ks, vs
 
 
-def test_drift_refills_satellite_slots_from_the_host_tier(isa):
-    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61)
+@pytest.mark.parametrize("hit", [0, 32], ids=["own-prompt", "prefix-cache-hit"])
+def test_drift_refills_satellite_slots_from_the_host_tier(isa, hit):
+    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61, hit=hit)
     s.prefill()
     rt, plan = s.rt, s.state.plan
     cut = 61 - plan.window
@@ -228,8 +238,9 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa):
     k, _ = s.pools.read(1, 0, s.slots(1, count + plan.window)[count:])
     assert torch.equal(k, s.k[window, 1])
     assert torch.equal(s.state.references[0][0], result.latest_topk[0])
-    moved = set(want.tolist()) - before  # only positions the satellite did not hold are copied
-    assert moved and rt.host.stats.bytes_out == 2 * len(moved) * D * 4
+    moved = set(want.tolist()) - before  # only positions the satellite did not hold are copied,
+    copied = [p for p in moved if p >= hit]  # and after a hit none of the hit's (pointed at instead)
+    assert moved and rt.host.stats.bytes_out == 2 * len(copied) * D * 4
 
 
 def test_a_failed_refill_copy_degrades_its_request_and_the_step_goes_on(isa, caplog):

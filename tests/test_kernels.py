@@ -38,17 +38,28 @@ def on(device, *tensors):
     return [[x.to(device) for x in t] if isinstance(t, list) else t.to(device) for t in tensors]
 
 
-def work_items(items) -> list[list[int]]:
-    """Items of 6 columns (front at position 0) or 7 (with front_start) as the kernels' 7."""
-    return [list(i) + [0] * (7 - len(i)) for i in items]
+def work_items(items, lists=()) -> tuple[list[list[int]], torch.Tensor]:
+    """Items of 6 columns (front at position 0), 7 (with front_start) or 8 (the last the index of
+    the item's front in ``lists``, or -1) as the kernels' 8 columns (the last an offset into the
+    flat front positions), and those positions (int32)."""
+    offsets = [sum(len(l) for l in lists[:i]) for i in range(len(lists))]
+    out = []
+    for item in items:
+        item = list(item) + [0, -1][len(item) - 6:]
+        if item[7] >= 0:
+            item[7] = offsets[item[7]]
+        out.append(item)
+    return out, torch.tensor([p for l in lists for p in l], dtype=torch.int32)
 
 
-def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0):
-    """Random single-head caches holding dense K/V ``[rows, L, hkv, D]`` in scrambled blocks."""
+def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0, lists=()):
+    """Random single-head caches holding dense K/V ``[rows, L, hkv, D]`` in scrambled blocks;
+    ``lists``: the front position lists the items' eighth column indexes."""
     gen = torch.Generator().manual_seed(seed)
-    items = work_items(items)
+    items, fronts = work_items(items, lists)
     rows = 1 + max(i[2] for i in items)
     length = max(max(i[5], i[6] + i[3]) for i in items) + 1
+    length = max([length] + [max(l) + 1 for l in lists if l])
     nblk = -(-length // bs)
     nb = rows * nblk + 3
     k = torch.randn(rows, nblk * bs, hkv, d, generator=gen)
@@ -70,14 +81,16 @@ def make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=0, seed=0):
         tables.append(table)
     t = 1 + max(i[0] for i in items)
     q = torch.randn(t, hkv * g, d, generator=gen)
-    return q, k, v, caches, tables, torch.tensor(items, dtype=torch.int64)
+    return q, k, v, caches, tables, torch.tensor(items, dtype=torch.int64), fronts
 
 
-def dense_reference(q, k, v, items, g, scale, dtype=torch.float32):
+def dense_reference(q, k, v, items, g, scale, dtype=torch.float32, fronts=None):
     """Each item's attention computed densely in ``dtype`` (float32 for the oracle)."""
     out = torch.zeros(q.shape, dtype=dtype)
-    for t, h, row, n_front, gen_start, gen_end, front_start in items.tolist():
-        pos = torch.cat([torch.arange(front_start, front_start + n_front), torch.arange(gen_start, gen_end)])
+    for t, h, row, n_front, gen_start, gen_end, front_start, front_list in items.tolist():
+        front = (torch.arange(front_start, front_start + n_front) if front_list < 0
+                 else fronts[front_list : front_list + n_front].long())
+        pos = torch.cat([front, torch.arange(gen_start, gen_end)])
         if pos.numel() == 0:
             continue
         qq = q[t, h * g : (h + 1) * g].to(dtype)
@@ -110,17 +123,27 @@ CASES = {
     "gqa4-front-start": (4, 2, 64, 16, [[0, 0, 0, 37, 200, 230, 101], [0, 1, 1, 20, 96, 97, 48],
                                         [1, 1, 0, 10, 10, 12, 0]]),
     "gqa1-bs128-front-start-long": (1, 1, 64, 128, [[0, 0, 0, 700, 1000, 1100, 257]]),
+    # fronts given as position lists (a selection that points into shared prompt blocks, then
+    # its private slots): runs that cross block boundaries, single positions, a list cut by a
+    # task boundary, and items with a list beside items with a range
+    "gqa4-front-lists": (4, 2, 64, 16, [[0, 0, 0, 9, 100, 104, 0, 0], [0, 1, 1, 6, 60, 61, 0, 1],
+                                        [1, 0, 0, 4, 20, 25, 0, -1]],
+                         [[0, 1, 2, 14, 15, 16, 17, 40, 80], [3, 31, 32, 33, 34, 50]]),
+    "gqa1-bs128-front-list-long": (1, 1, 64, 128, [[0, 0, 0, 700, 2000, 2100, 0, 0]],
+                                   [sorted(set(range(0, 1800, 2)) - set(range(200, 700, 2)) | set(range(300, 420)))
+                                    [:700]]),
 }
 
 
 @IN_LAYOUTS
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_fallback_matches_dense(name, k_transposed):
-    g, hkv, d, bs, items = CASES[name]
-    q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, torch.float32, k_transposed, pad=8)
+    g, hkv, d, bs, items, *lists = CASES[name]
+    q, k, v, caches, tables, work, fronts = make_case(g, hkv, d, bs, items, torch.float32, k_transposed, pad=8,
+                                                      lists=lists[0] if lists else ())
     out = torch.full(q.shape, 9.0)
-    kernels.gather_attention_reference(q, out, caches, tables, work, layout_of(k_transposed, bs, d), 0.1)
-    want = dense_reference(q, k, v, work, g, 0.1)
+    kernels.gather_attention_reference(q, out, caches, tables, work, layout_of(k_transposed, bs, d), 0.1, fronts)
+    want = dense_reference(q, k, v, work, g, 0.1, fronts=fronts)
     for t, h, *_ in items:
         torch.testing.assert_close(out[t, h * g : (h + 1) * g], want[t, h * g : (h + 1) * g], rtol=1e-5, atol=1e-5)
 
@@ -131,17 +154,18 @@ def test_reference_fallback_matches_dense(name, k_transposed):
 @IN_LAYOUTS
 @pytest.mark.parametrize("name", list(CASES))
 def test_gather_attention_kernel(name, k_transposed, dtype, device):
-    g, hkv, d, bs, items = CASES[name]
-    q, k, v, caches, tables, work = make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=16)
+    g, hkv, d, bs, items, *lists = CASES[name]
+    q, k, v, caches, tables, work, fronts = make_case(g, hkv, d, bs, items, dtype, k_transposed, pad=16,
+                                                      lists=lists[0] if lists else ())
     q_in = q.to(dtype)
     out = torch.full(q.shape, 9.0, dtype=dtype, device=device)
-    kernels.gather_attention(*on(device, q_in), out, *on(device, caches, tables, work), layout_of(k_transposed, bs, d),
-                             0.1)
+    c, t, w, f = on(device, caches, tables, work, fronts)
+    kernels.gather_attention(*on(device, q_in), out, c, t, w, layout_of(k_transposed, bs, d), 0.1, f)
     out = out.cpu()
     # oracle: float32 on the same (rounded) inputs; baseline: PyTorch in the kernel's dtype
     kq, vq = k.to(dtype).float(), v.to(dtype).float()
-    want = dense_reference(q_in.float(), kq, vq, work, g, 0.1)
-    torch_err = (dense_reference(q_in.float(), kq, vq, work, g, 0.1, dtype).float() - want).abs().max()
+    want = dense_reference(q_in.float(), kq, vq, work, g, 0.1, fronts=fronts)
+    torch_err = (dense_reference(q_in.float(), kq, vq, work, g, 0.1, dtype, fronts).float() - want).abs().max()
     touched = torch.zeros(q.shape[:2], dtype=torch.bool)
     for t, h, *_ in items:
         touched[t, h * g : (h + 1) * g] = True
@@ -173,7 +197,7 @@ def make_drift_case(name, dtype, k_transposed):
     is their own latest top-K over the same query every step (so they do not drift)."""
     p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES[name]
     items = [[0, h, 0, key_len, key_len, key_len] for h in range(p)]
-    _, k, v, caches, tables, _ = make_case(1, p, d, bs, items, dtype, k_transposed, pad=8, seed=3)
+    _, k, v, caches, tables, _, _ = make_case(1, p, d, bs, items, dtype, k_transposed, pad=8, seed=3)
     gen = torch.Generator().manual_seed(4)
     queries = torch.randn(p, n, g, d, generator=gen) * 2
     queries[::2] = queries[::2, :1].clone()  # even pivots: the same query every step
@@ -339,8 +363,8 @@ def op_args(qualname, device):
     """Small real arguments of each op, built as in the kernel tests above (outputs included)."""
     if qualname == "heterocache::gather_attention":
         g, hkv, d, bs, items = CASES["gqa4-d64-scrambled"]
-        q, _, _, caches, tables, work = make_case(g, hkv, d, bs, items, torch.float32, True, pad=8)
-        return (*on(device, q, torch.zeros(q.shape), caches, tables, work), True, 0.1)
+        q, _, _, caches, tables, work, fronts = make_case(g, hkv, d, bs, items, torch.float32, True, pad=8)
+        return (*on(device, q, torch.zeros(q.shape), caches, tables, work, fronts), True, 0.1)
     if qualname == "heterocache::drift_check":
         p, n, g, d, bs, key_len, cand, topk = DRIFT_CASES["odd-length-gqa3"]
         queries, caches, tables, reference, _ = make_drift_case("odd-length-gqa3", torch.float32, True)

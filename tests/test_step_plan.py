@@ -28,10 +28,10 @@ def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layou
     # every head of every decoding token: compressed heads over their selection (from row position
     # 32) + generated tokens (shifted by 32), full heads over all
     assert plan.work[0].tolist() == [
-        [0, 0, 0, 0, 0, 25, 0], [0, 1, 0, 7, 52, 57, 32], [0, 2, 0, 9, 52, 57, 32],
-        [1, 0, 1, 0, 0, 31, 0], [1, 1, 1, 7, 62, 63, 32], [1, 2, 1, 9, 62, 63, 32],
+        [0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 7, 52, 57, 32, -1], [0, 2, 0, 9, 52, 57, 32, -1],
+        [1, 0, 1, 0, 0, 31, 0, -1], [1, 1, 1, 7, 62, 63, 32, -1], [1, 2, 1, 9, 62, 63, 32, -1],
     ]
-    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 52, 57, 32]
+    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 52, 57, 32, -1]
     # the compressed pool stores both generated tokens at their row positions
     moved = plan.moved[0]
     assert moved.tokens.tolist() == [0, 1] and moved.rows.tolist() == [0, 1] and moved.positions.tolist() == [56, 62]
@@ -46,9 +46,9 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
     assert plan.prefill and not plan.fused and plan.ends_prompt == (rows[1],) and plan.decoding == (rows[0],)
     # causal among a's tokens: token j sees positions up to 20 + j
     assert plan.work[0].tolist() == [
-        [0, 1, 0, 7, 52, 53, 32], [0, 2, 0, 9, 52, 53, 32],
-        [1, 1, 0, 7, 52, 54, 32], [1, 2, 0, 9, 52, 54, 32],
-        [2, 1, 0, 7, 52, 55, 32], [2, 2, 0, 9, 52, 55, 32],
+        [0, 1, 0, 7, 52, 53, 32, -1], [0, 2, 0, 9, 52, 53, 32, -1],
+        [1, 1, 0, 7, 52, 54, 32, -1], [1, 2, 0, 9, 52, 54, 32, -1],
+        [2, 1, 0, 7, 52, 55, 32, -1], [2, 2, 0, 9, 52, 55, 32, -1],
     ]
     assert plan.work[1][:, 1].tolist() == [0, 1, 0, 1, 0, 1]
     # vLLM's kernel runs compressed heads over the prefilling row only: b's 10 tokens, re-based
@@ -61,7 +61,7 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
 def test_a_pool_that_keeps_a_request_whole_addresses_it_by_position():
     a = state("a", 20, selection_blocks=0)  # e.g. a request whose policy keeps every head full
     plan = plan_step((Row(0, 1, 25, 0, a),), FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
-    assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0], [0, 1, 0, 0, 0, 25, 0], [0, 2, 0, 0, 0, 25, 0]]
+    assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 0, 0, 25, 0, -1], [0, 2, 0, 0, 0, 25, 0, -1]]
     assert plan.moved == (None,) and not plan.ends_prompt
 
 

@@ -290,10 +290,12 @@ class PoolCapacity:
         """Every head of the class keeps every prompt token (nothing is selected)."""
         return not self.selects or prompt_len < self.min_prompt_len
 
-    def placement(self, prompt_len: int, block_size: int) -> RowPlacement:
+    def placement(self, prompt_len: int, block_size: int, hit: int = 0) -> RowPlacement:
         """Where a request's tokens of prompt length ``prompt_len`` live in this class's pool
-        (``placement``): the scheduler sizes its blocks by it, the workers address them by it."""
-        return RowPlacement.of(prompt_len, block_size, self.max_budget(prompt_len), self.keeps_prompt(prompt_len))
+        (``placement``), ``hit`` of them from vLLM's prefix cache: the scheduler sizes its
+        blocks by it, the workers address them by it."""
+        return RowPlacement.of(prompt_len, block_size, self.max_budget(prompt_len), self.keeps_prompt(prompt_len),
+                               hit)
 
     def max_budget(self, prompt_len: int) -> int:
         """The budget of the class's largest ratio: what its pool keeps per head and request

@@ -13,16 +13,24 @@ request's block-table row out in three regions (columns of ``block_size`` tokens
   and never afterwards. vLLM hashes and shares these blocks like any other pool's: a prefix-cache
   hit fills them, and the prompt's own blocks serve later requests' hits.
 - *selection*: once the prompt is processed, each head of the pool copies the prompt tokens it
-  keeps into slots ``0 .. B_h - 1`` of this region (row positions ``selection_start ..``), in
-  prompt order; drift refills rewrite the same slots. The scheduler allocates these ``S =
-  ceil(B_max / bs)`` blocks with the prompt's last block (``B_max``: the pool's largest budget for
-  the request) and never hashes them, so the prefix cache never sees a selection.
+  keeps into slots ``0 ..`` of this region (row positions ``selection_start ..``), in prompt
+  order; drift refills rewrite the same slots. The scheduler allocates these ``S`` blocks with
+  the prompt's last block and never hashes them, so the prefix cache never sees a selection.
 - *generated*: token ``p >= L`` at row position ``p + shift``, ``shift`` a whole number of blocks,
   so that each block holds the tokens of one token block.
 
 When the prompt is processed the scheduler releases the prompt columns: their blocks stay in
-vLLM's prefix cache (evictable, intact) for later requests, and the request keeps ``S`` blocks
-for its selection plus its generated tokens -- the same device memory as before prefix caching.
+vLLM's prefix cache (evictable, intact) for later requests, and the request keeps ``S =
+ceil(B_max / bs)`` blocks for its selection (``B_max``: the pool's largest budget for the
+request) plus its generated tokens -- the same device memory as without prefix caching.
+
+A request whose first ``H`` prompt tokens came from the prefix cache (``H`` a whole number of
+blocks: other requests' blocks, which this one shares through their reference counts) keeps
+those ``H / bs`` *shared* columns instead of releasing them: its heads' selections point into
+them (a head's selected positions below ``H`` are read in place, ``RequestState.fronts``) and
+only the tokens it selects from its own part of the prompt are copied, into ``S =
+ceil(min(B_max, L - H) / bs)`` blocks. Requests that share a long prefix thus hold it once, as
+the stock backend does, never a copy of their selections of it each.
 A pool whose heads all keep every prompt token for the request (``S = 0``: its policy keeps
 them full, ratio 1, a short prompt) is laid out like a full pool: every token at its own
 position, nothing copied or released.
@@ -53,12 +61,18 @@ class RowPlacement:
     prompt_len: int
     block_size: int
     selection_blocks: int
+    shared_blocks: int = 0  # prompt blocks from a prefix-cache hit that the selections point into
 
     @classmethod
-    def of(cls, prompt_len: int, block_size: int, max_budget: int, keeps_prompt: bool) -> RowPlacement:
+    def of(cls, prompt_len: int, block_size: int, max_budget: int, keeps_prompt: bool, hit: int = 0) -> RowPlacement:
         """The placement of a pool whose largest budget for this request is ``max_budget`` tokens;
-        ``keeps_prompt``: every head of the pool keeps every prompt token (no selection)."""
-        return cls(prompt_len, block_size, 0 if keeps_prompt else _cdiv(max_budget, block_size))
+        ``keeps_prompt``: every head of the pool keeps every prompt token (no selection); ``hit``:
+        the request's prompt tokens from the prefix cache (a whole number of blocks)."""
+        if keeps_prompt:
+            return cls(prompt_len, block_size, 0)
+        shared = hit // block_size
+        own = min(max_budget, prompt_len - shared * block_size)  # the most a head copies
+        return cls(prompt_len, block_size, _cdiv(own, block_size), shared)
 
     @property
     def positional(self) -> bool:
@@ -69,6 +83,16 @@ class RowPlacement:
     def prompt_blocks(self) -> int:
         """P: columns of the prompt region."""
         return _cdiv(self.prompt_len, self.block_size)
+
+    @property
+    def shared_len(self) -> int:
+        """H: prompt positions below it are read in place (shared blocks), not copied."""
+        return self.shared_blocks * self.block_size
+
+    @property
+    def released(self) -> range:
+        """The prompt columns released once the prompt is processed."""
+        return range(0 if self.positional else self.shared_blocks, 0 if self.positional else self.prompt_blocks)
 
     @property
     def selection_start(self) -> int:

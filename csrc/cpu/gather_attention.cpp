@@ -96,7 +96,8 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
   using E = Elem<DT>;
   using T = typename E::T;
   const int64_t* w = a.work + kWorkColumns * task.item;
-  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4], front_start = w[6];
+  const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4], front_start = w[6],
+                front_list = w[7];
   const int64_t G = a.group, D = a.head_size, bs = a.block_size;
   const T* cache = static_cast<const T*>(a.caches[h]);
   const int32_t* table = a.tables[h] + row * a.table_strides[h];
@@ -115,24 +116,35 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
   if (kbuf.size() < static_cast<size_t>(D * bs)) kbuf.resize(D * bs);
   float* scores = scores_buf.data();
 
-  // the task's positions as (up to) two physical ranges, cut at block boundaries into segments
-  const int64_t f1 = std::min(task.v1, n_front);
-  const int64_t ranges[2][2] = {{front_start + std::min(task.v0, n_front), front_start + f1},
-                                {gen_start + std::max<int64_t>(0, task.v0 - n_front),
-                                 gen_start + std::max<int64_t>(0, task.v1 - n_front)}};
+  // the task's positions as segments of consecutive positions inside one block: its front (a
+  // range, or the runs of a position list) and its generated range
   struct Segment {
     const T* kregion;
     int64_t off, n;
   };
   thread_local std::vector<Segment> segments;
   segments.clear();
-  for (const auto& range : ranges) {
-    for (int64_t p = range[0]; p < range[1];) {
-      const int64_t off = p % bs, n = std::min(bs - off, range[1] - p);
+  const auto add_range = [&](int64_t p, int64_t end) {
+    while (p < end) {
+      const int64_t off = p % bs, n = std::min(bs - off, end - p);
       segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n});
       p += n;
     }
+  };
+  const int64_t f0 = std::min(task.v0, n_front), f1 = std::min(task.v1, n_front);
+  if (front_list < 0) {
+    add_range(front_start + f0, front_start + f1);
+  } else {
+    const int32_t* list = a.fronts + front_list;
+    for (int64_t i = f0; i < f1;) {
+      const int64_t p = list[i], off = p % bs;
+      int64_t n = 1;
+      while (i + n < f1 && list[i + n] == p + n && off + n < bs) ++n;
+      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n});
+      i += n;
+    }
   }
+  add_range(gen_start + std::max<int64_t>(0, task.v0 - n_front), gen_start + std::max<int64_t>(0, task.v1 - n_front));
   const int64_t num_segments = static_cast<int64_t>(segments.size());
   for (int64_t si = 0; si < num_segments; ++si) {
     const Segment& seg = segments[si];

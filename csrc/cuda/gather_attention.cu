@@ -31,7 +31,7 @@ __global__ void gather_attention_kernel(GatherAttentionArgs a) {
   const int64_t item = blockIdx.x / a.group, g = blockIdx.x % a.group;
   const int64_t* w = a.work + kWorkColumns * item;
   const int64_t t = w[0], h = w[1], row = w[2], n_front = w[3], gen_start = w[4], gen_end = w[5],
-                front_start = w[6];
+                front_start = w[6], front_list = w[7];
   const int64_t D = a.head_size, bs = a.block_size;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const T* cache = static_cast<const T*>(a.caches[h]);
@@ -47,7 +47,8 @@ __global__ void gather_attention_kernel(GatherAttentionArgs a) {
   float m = -INFINITY, l = 0.f;
   const int64_t total = n_front + (gen_end - gen_start);
   for (int64_t i = warp; i < total; i += kWarps) {
-    const int64_t p = i < n_front ? front_start + i : gen_start + (i - n_front);
+    const int64_t p = i >= n_front ? gen_start + (i - n_front)
+                      : front_list >= 0 ? static_cast<int64_t>(a.fronts[front_list + i]) : front_start + i;
     const T* kregion = cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h];
     const int64_t off = p % bs;
     float s = 0.f;

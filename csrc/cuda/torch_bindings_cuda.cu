@@ -21,10 +21,10 @@ at::Tensor arrays_on(const Packed<Args>& packed, const at::Device& device) {
 }
 
 void gather_attention(const at::Tensor& query, at::Tensor& output, at::TensorList caches, at::TensorList tables,
-                      const at::Tensor& work, bool k_transposed, double scale) {
+                      const at::Tensor& work, const at::Tensor& fronts, bool k_transposed, double scale) {
   TORCH_CHECK(query.is_cuda() && work.device() == query.device(), "query and work must be on one CUDA device");
   const c10::cuda::CUDAGuard guard(query.device());
-  GatherPacked packed = pack_gather(query, output, caches, tables, work, k_transposed, scale);
+  GatherPacked packed = pack_gather(query, output, caches, tables, work, fronts, k_transposed, scale);
   const at::Tensor arrays = arrays_on(packed, query.device());
   packed.point_at(arrays.data_ptr<int64_t>());
   heterocache::gather_attention_cuda(packed.args, c10::cuda::getCurrentCUDAStream().stream());

@@ -26,7 +26,7 @@ except ImportError as e:  # not built (no torch at build time, HETEROCACHE_NO_KE
 if HAVE_KERNELS:
 
     @torch.library.register_fake("heterocache::gather_attention")
-    def _(query, output, caches, tables, work, k_transposed, scale):
+    def _(query, output, caches, tables, work, fronts, k_transposed, scale):
         return None
 
     @torch.library.register_fake("heterocache::drift_check")
@@ -56,6 +56,9 @@ def describe() -> str:
     return f"PyTorch reference ops (the extension vllm_heterocache._C is not available: {_WHY})"
 
 
+NO_FRONTS = torch.empty(0, dtype=torch.int32)
+
+
 def gather_attention(
     query: torch.Tensor,
     output: torch.Tensor,
@@ -64,6 +67,7 @@ def gather_attention(
     work: torch.Tensor,
     layout: BlockLayout,
     scale: float,
+    fronts: torch.Tensor | None = None,
 ) -> None:
     """Decode attention of work items over paged single-head caches (contract: csrc/gather_attention.h).
 
@@ -71,23 +75,29 @@ def gather_attention(
         query, output: ``[T, Hq, D]``; ``output`` is written at the items' (token, query heads).
         caches: per KV head ``[num_blocks, 1, block_size, 2 * D]`` (vLLM CPU_ATTN block layout).
         tables: per KV head int32 ``[rows, max_blocks]`` block tables.
-        work: int64 ``[n, 7]``: token, KV head, row, n_front, gen_start, gen_end, front_start; the
-            item attends over positions ``front_start .. front_start + n_front - 1`` and
-            ``gen_start .. gen_end - 1`` of its row (``placement``: where a head's tokens are).
+        work: int64 ``[n, 8]``: token, KV head, row, n_front, gen_start, gen_end, front_start,
+            front_list; the item attends over ``n_front`` front positions and ``gen_start ..
+            gen_end - 1`` of its row (``placement``: where a head's tokens are): the front is
+            ``front_start ..``, or with ``front_list >= 0`` the positions ``fronts[front_list ..]``.
         layout: the caches' block layout.
+        fronts: int32 ``[m]``, the front positions the items' ``front_list`` columns index.
     """
+    fronts = NO_FRONTS if fronts is None else fronts
     if compiled(layout):
-        torch.ops.heterocache.gather_attention(query, output, caches, tables, work, layout.kernel_order, scale)
+        torch.ops.heterocache.gather_attention(query, output, caches, tables, work, fronts, layout.kernel_order, scale)
     else:
-        gather_attention_reference(query, output, caches, tables, work, layout, scale)
+        gather_attention_reference(query, output, caches, tables, work, layout, scale, fronts)
 
 
-def gather_attention_reference(query, output, caches, tables, work, layout: BlockLayout, scale: float) -> None:
+def gather_attention_reference(query, output, caches, tables, work, layout: BlockLayout, scale: float,
+                               fronts: torch.Tensor | None = None) -> None:
     """PyTorch version of :func:`gather_attention` (the oracle of the kernel tests)."""
     hkv = len(caches)
     g = query.shape[1] // hkv
-    for t, h, row, n_front, gen_start, gen_end, front_start in work.tolist():
-        positions = torch.cat([torch.arange(front_start, front_start + n_front), torch.arange(gen_start, gen_end)])
+    for t, h, row, n_front, gen_start, gen_end, front_start, front_list in work.tolist():
+        front = (torch.arange(front_start, front_start + n_front) if front_list < 0
+                 else fronts[front_list : front_list + n_front].long())
+        positions = torch.cat([front, torch.arange(gen_start, gen_end)])
         k, v = read_positions(caches[h], layout, tables[h][row], positions)
         idx = torch.arange(positions.numel())[None, None]
         out = ref.subset_attention(query[t, h * g : (h + 1) * g][None], k[None, :, None], v[None, :, None], idx, scale)

@@ -251,6 +251,48 @@ def refill_slots(held: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor)
     return torch.full_like(chosen, -1).scatter_(1, free_first, moves)
 
 
+
+def refill_rows(held: torch.Tensor, moves: torch.Tensor, rows: torch.Tensor, others: torch.Tensor, start: int,
+                shared_len: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a satellite whose selection points into shared prompt blocks reads each slot after a
+    refill, and which slots of its private region get which prompt position.
+
+    A slot ``i`` of such a satellite (``RequestState.fronts``) is read at row position
+    ``rows[i]``: a position below ``shared_len`` in place (a shared block), else a slot of its
+    private region (row positions ``start .. start + capacity - 1``). After :func:`refill_slots`
+    says which slots change to which position, a slot that now holds a shared position points at
+    it (nothing is copied), and one that holds another position gets a free private slot (one
+    no unchanged slot uses), into which the position is copied.
+
+    Args:
+        held: int64 ``[W]``: the position each slot holds (-1: none).
+        moves: int64 ``[W]``: :func:`refill_slots`'s row for the satellite (-1: unchanged).
+        rows: int32 ``[W]``: the row position each slot is read at (-1: none).
+        others: int32 ``[n]``: the row positions of the satellite's other slots (the window's,
+            never refilled), whose private slots stay theirs.
+
+    Returns:
+        ``(rows, copies)``: int32 ``[W]`` the slots' new row positions, and int64 ``[capacity]``
+        the prompt position each private slot gets copied (-1: none).
+    """
+    changed = moves >= 0
+    position = torch.where(changed, moves, held)
+    private = position >= shared_len
+    kept = ~changed & (rows >= start)  # unchanged slots that keep their private slot
+    used = torch.zeros(capacity, dtype=torch.bool)
+    used[rows[kept].long() - start] = True
+    used[others[others >= start].long() - start] = True
+    need = changed & private
+    slots = torch.nonzero(~used)[: int(need.sum()), 0]
+    if slots.numel() < int(need.sum()):
+        raise RuntimeError("heterocache: a refill needs more private slots than its region holds (a bug)")
+    out = torch.where(changed, position, rows.long())
+    out[need] = start + slots
+    copies = torch.full((capacity,), -1, dtype=torch.int64)
+    copies[slots] = position[need]
+    return out.to(torch.int32), copies
+
+
 def subset_attention(
     query: torch.Tensor,
     key: torch.Tensor,

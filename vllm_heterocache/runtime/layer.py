@@ -44,11 +44,6 @@ class LayerPools:
     tables: tuple[torch.Tensor, ...]
     layout: BlockLayout
 
-    def prefix(self, heads, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]`` each."""
-        kv = [read_prefix(self.caches[h], self.layout, self.tables[h][row], length) for h in heads]
-        return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)
-
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
         return torch.cat([read_prefix(self.caches[h], self.layout, self.tables[h][row], length)[0] for h in heads],
@@ -111,9 +106,8 @@ def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
 
 def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> None:
     """Copy the prompt tokens of this step's prefilling rows of the layer's satellites into the
-    host tier (their host rows are consecutive, ``HeteroCacheRuntime``). A request's first row
-    after a prefix-cache hit also copies the hit's tokens, read from the shared blocks, so that
-    refills can bring back any prompt position."""
+    host tier (their host rows are consecutive, ``HeteroCacheRuntime``). (Tokens of a
+    prefix-cache hit are not: refills point at them in the shared blocks, ``placement``.)"""
     rt, rows = ls.rt, ls.heads.host_rows
     if not rows:
         return
@@ -123,19 +117,18 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         end = min(row.seq_len, state.prompt_len)
         if not state.host or row.first >= end:
             continue
-        if state.hit and row.first == state.hit:
-            rt.host.write(state.key, rows[sats[0]], 0, *ls.pools.prefix(sats, row.index, state.hit))
         tokens = slice(row.start, row.start + end - row.first)
         rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
 
 def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """After the last prompt token: compressed heads choose their budget by the request's policy
-    (``policies``: scored, or sinks plus recent tokens) and copy it, in prompt order, to slots
-    ``0 .. B_c - 1`` of their pool's selection region (``placement``: never a block that the
-    prefix cache shares); a head whose budget is the whole prompt copies all of it there; pivots
-    of a request that tracks drift record their reference top-K. Heads of a pool that keeps the
-    request's tokens at their own positions are already in place.
+    (``policies``: scored, or sinks plus recent tokens) and copy it, in prompt order, to slots of
+    their pool's selection region (``placement``: never a block that the prefix cache shares) --
+    but for the tokens of a prefix-cache hit, which stay where they are in the shared blocks and
+    which the head's row of ``RequestState.fronts`` points at; a head whose budget is the whole
+    prompt copies all of it there; pivots of a request that tracks drift record their reference
+    top-K. Heads of a pool that keeps the request's tokens at their own positions are in place.
 
     Scoring uses the queries of the last ``window`` prompt positions that are in this row (a
     chunk boundary inside the window leaves fewer; a prefix-cache hit never reaches into the
@@ -172,9 +165,14 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     for h in moved:
         keep = chosen[c.index(h)] if h in c else everything
         keep = keep[keep >= 0]
-        kept_kv = (k_prompt[keep, h], v_prompt[keep, h]) if whole else pools.read(h, row.index, keep)
-        start = state.placements[heads.pool[h]].selection_start
-        pools.write(h, row.index, torch.arange(start, start + keep.numel()), *kept_kv)
+        placement = state.placements[heads.pool[h]]
+        shared = keep[keep < placement.shared_len]  # read in place
+        copied = keep[shared.numel():]
+        kept_kv = (k_prompt[copied, h], v_prompt[copied, h]) if whole else pools.read(h, row.index, copied)
+        slots = torch.arange(copied.numel()) + placement.selection_start
+        pools.write(h, row.index, slots, *kept_kv)
+        if placement.shared_blocks:
+            state.fronts[layer, h, : keep.numel()] = torch.cat([shared, slots]).to(torch.int32)
     if pivots:
         n = len(pivots)
         state.references[layer] = ref.topk_positions(
@@ -209,8 +207,9 @@ def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> N
         return
     d = query.shape[-1]
     pools = ls.pools
+    fronts = torch.cat([r.state.fronts[ls.layer].view(-1) for r in ls.plan.fronts]) if ls.plan.fronts else None
     kernels.gather_attention(query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
-                             list(pools.caches), list(pools.tables), work, pools.layout, ls.scale)
+                             list(pools.caches), list(pools.tables), work, pools.layout, ls.scale, fronts)
 
 
 def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
@@ -313,19 +312,33 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     host, key = rt.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
     caches = [pools.caches[s] for s in sats]
+    placements = [state.placements[heads.pool[s]] for s in sats]
     # this step's rows from each satellite's selection region (slot i: column i // bs of it); the copy runs later
-    columns = [state.placements[heads.pool[s]].prompt_blocks if not state.placements[heads.pool[s]].positional else 0
-               for s in sats]
-    tables = [pools.tables[s][row.index][col:].clone() for s, col in zip(sats, columns)]
+    tables = [pools.tables[s][row.index][0 if p.positional else p.prompt_blocks :].clone()
+              for s, p in zip(sats, placements)]
+    fronts = state.fronts[layer] if state.fronts is not None else None
 
     def copy() -> None:
         """On the refill thread, after this request's and layer's earlier refills: only the
-        positions a satellite does not hold yet are copied, and ``kept`` says so once they are.
-        (Inference mode is per thread, and ``kept`` was made in the engine's.)"""
+        positions a satellite does not hold yet are copied (none it points at in shared
+        blocks), and ``kept`` (and ``fronts``) say so once they are. (Inference mode is per
+        thread, and ``kept`` was made in the engine's.)"""
         with torch.inference_mode():
             held = kept[compressed, :width]
             moves = ref.refill_slots(held, chosen, counts)
-            host.copy_out(key, host_rows, moves, caches, tables, pools.layout)
+            if fronts is not None:  # pointing satellites: private slots for what is not shared
+                out = []
+                for n, (s, p) in enumerate(zip(sats, placements)):
+                    rows, copies = ref.refill_rows(held[n], moves[n], fronts[s, :width], fronts[s, width:],
+                                                   p.selection_start, p.shared_len, p.selection_blocks * p.block_size)
+                    fronts[s, :width] = rows
+                    out.append(copies)
+                copies = torch.full((len(sats), max(c.numel() for c in out)), -1, dtype=torch.int64)
+                for n, c in enumerate(out):
+                    copies[n, : c.numel()] = c
+            else:
+                copies = moves
+            host.copy_out(key, host_rows, copies, caches, tables, pools.layout)
             kept[compressed, :width] = torch.where(moves >= 0, moves, held)
 
     rt.refills.submit(key, layer, copy)

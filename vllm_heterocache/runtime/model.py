@@ -29,7 +29,7 @@ from vllm_heterocache.runtime.refill import RefillQueue
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
 from vllm_heterocache.runtime.rings import QueryRings
 from vllm_heterocache.runtime.stats import KEPT_FRACTION_BUCKETS, Counters, Histogram
-from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, plan_step, work_template
+from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, front_width, plan_step, work_template
 from vllm_heterocache.sharding import FULL_POOL, away_from_pivot, model_caches, rank_of_heads, sharing_summary
 
 log = logging.getLogger("vllm.heterocache")
@@ -251,11 +251,13 @@ class HeteroCacheRuntime:
         plan = planner.plan(prompt_len)
         placements = tuple(
             capacity.for_request(next(r for r in rules if r.policy == choice.policy), choice.ratio)
-            .placement(prompt_len, self.block_size)
+            .placement(prompt_len, self.block_size, hit)
             for capacity, rules in zip(self.capacities, self.class_rules)
         )
+        pointing = any(p.shared_blocks for p in placements)
+        fronts = torch.full((*plan.budgets.shape, front_width(plan)), -1, dtype=torch.int32) if pointing else None
         state = self.requests.begin(key, plan, work_template(plan, self.pool_of, placements),
-                                    policy=planner.policy, placements=placements, hit=hit)
+                                    policy=planner.policy, placements=placements, hit=hit, fronts=fronts)
         if hit and not state.positional:
             self.counters.prefix_cache_hit_tokens += hit
         self.kept[choice.policy].observe(plan.kept_fraction())

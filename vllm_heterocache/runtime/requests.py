@@ -25,6 +25,9 @@ class RequestState:
     policy: Policy = POLICIES[DEFAULT_POLICY]  # its policy (the server's, or its vllm_xargs'): how it selects
     placements: tuple[RowPlacement, ...] = ()  # per compressed pool class: where its tokens live there
     hit: int = 0  # its prompt tokens that came from vLLM's prefix cache (its first row starts there)
+    fronts: torch.Tensor | None = None  # int32 [layers, H, B_max]: per head, the row positions of its
+    # selection, when a pool's selection points into shared prompt blocks (``placement``): slot i of
+    # compressed head h (``kept[layer][c, i]``) is read at ``fronts[layer, h, i]``; else None
     host: bool = False  # the host tier holds this request's satellites (else: no refills)
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (-1 padded; ascending at prefill, refills rewrite slots in place on the
@@ -61,9 +64,9 @@ class RequestTable:
 
     def begin(self, key: str, plan: BudgetPlan, work_template: torch.Tensor,
               policy: Policy = POLICIES[DEFAULT_POLICY], placements: tuple[RowPlacement, ...] = (),
-              hit: int = 0) -> RequestState:
+              hit: int = 0, fronts: torch.Tensor | None = None) -> RequestState:
         """A request starts (its first prefill chunk): a fresh state replaces any old one."""
-        state = RequestState(key, plan, work_template, policy, placements, hit)
+        state = RequestState(key, plan, work_template, policy, placements, hit, fronts)
         self._states[key] = state
         return state
 

@@ -27,15 +27,18 @@ Attention of a step (``runtime.layer.attend``):
 - Otherwise (multi-token decoding rows, or a layout the kernels do not read), full heads run
   vLLM's kernel and compressed heads the gather kernel (or its PyTorch reference).
 
-Work items (``StepPlan.work[layer]``, int64 ``[n, 7]``, contract of
+Work items (``StepPlan.work[layer]``, int64 ``[n, 8]``, contract of
 ``ops.kernels.gather_attention``): ``(token, kv_head, row, n_front, gen_start, gen_end,
-front_start)``, one per decoding token and head that the gather kernel runs, in row positions
-of the head's pool (``placement``). A compressed head ``h`` of a request with prompt length
-``L`` and budget ``B_h`` attends over its selection, slots ``0 .. B_h - 1`` from
-``front_start`` on, and its generated tokens ``L .. p`` (up to the token's own position ``p``),
-which sit ``shift`` positions further; a full head, or a head of a pool that keeps the request's
-tokens at their own positions, over ``0 .. p``. The per-request columns are fixed when the
-request is admitted (:func:`work_template`); a step fills in token, row and ``p + 1``.
+front_start, front_list)``, one per decoding token and head that the gather kernel runs, in row
+positions of the head's pool (``placement``). A compressed head ``h`` of a request with prompt
+length ``L`` and budget ``B_h`` attends over its selection -- slots ``0 .. B_h - 1`` from
+``front_start`` on, or, when its selection points into shared prompt blocks, the ``B_h`` row
+positions of its row of ``RequestState.fronts`` (``front_list``: where that row starts in the
+layer's fronts of the step, :attr:`StepPlan.fronts`) -- and its generated tokens ``L .. p`` (up
+to the token's own position ``p``), which sit ``shift`` positions further; a full head, or a
+head of a pool that keeps the request's tokens at their own positions, over ``0 .. p``. The
+per-request columns are fixed when the request is admitted (:func:`work_template`); a step
+fills in token, row, ``p + 1`` and where the request's fronts start.
 
 Cache writes (``StepPlan.moved``): a generated token of a compressed pool that keeps its tokens
 away from their positions is written at ``p + shift``; per pool, the step lists those tokens,
@@ -53,7 +56,7 @@ from vllm_heterocache.budget import BudgetPlan
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.runtime.requests import RequestState
 
-WORK_COLUMNS = 7  # (token, kv_head, row, n_front, gen_start, gen_end, front_start): csrc/gather_attention.h
+WORK_COLUMNS = 8  # (token, kv_head, row, n_front, gen_start, gen_end, front_start, front_list): csrc/gather_attention.h
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,8 @@ class StepPlan:
         prefilling_groups: the same for ``prefilling`` in a mixed step.
         moved: per compressed pool class, its :class:`MovedWrites` (None: every token of the
             step at its own position in that pool).
+        fronts: the decoding rows whose selections point into shared prompt blocks, in the order
+            their ``RequestState.fronts[layer]`` are concatenated for the gather kernel.
     """
 
     rows: tuple[Row, ...]
@@ -191,6 +196,7 @@ class StepPlan:
     groups: dict[int, Any] = field(default_factory=dict)
     prefilling_groups: dict[int, Any] = field(default_factory=dict)
     moved: tuple[MovedWrites | None, ...] = ()
+    fronts: tuple[Row, ...] = ()
 
 
 def _no_work(num_layers: int) -> tuple[torch.Tensor, ...]:
@@ -225,10 +231,17 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     tokens = torch.tensor([(r.start + j, r.index, r.first + j + 1) for r in decoding for j in range(r.q_len)],
                           dtype=torch.int64)
     templates = [r.state.work_template for r in decoding for _ in range(r.q_len)]
-    items = torch.stack(templates, dim=1)  # [layers, n, H, 7]
+    items = torch.stack(templates, dim=1)  # [layers, n, H, 8]
     items[..., 0] = tokens[:, 0, None]
     items[..., 2] = tokens[:, 1, None]
     items[..., 5] += tokens[:, 2, None]  # the template holds the generated tokens' shift
+    pointing = tuple(r for r in decoding if r.state.fronts is not None)
+    if pointing:  # where each request's fronts start in a layer's concatenation (the same in every layer)
+        sizes = torch.tensor([r.state.fronts[0].numel() for r in pointing])
+        bases = dict(zip((r.state.key for r in pointing), (torch.cumsum(sizes, 0) - sizes).tolist()))
+        base = torch.tensor([bases.get(r.state.key, 0) for r in decoding for _ in range(r.q_len)])
+        lists = items[..., 7] >= 0
+        items[..., 7] += torch.where(lists, base[:, None], 0)
     if fused:
         work = tuple(items.reshape(num_layers, -1, WORK_COLUMNS))
     else:
@@ -236,7 +249,8 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
         work = tuple(items[layer][:, compressed[layer]].reshape(-1, WORK_COLUMNS) for layer in range(num_layers))
     prefilling = RowSubset.of(tuple(r for r in rows if not r.decoding)) if prefill else None
     return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work,
-                    _drift_phases(decoding, drift_interval), prefilling, moved=_moved(decoding, num_pools))
+                    _drift_phases(decoding, drift_interval), prefilling, moved=_moved(decoding, num_pools),
+                    fronts=pointing)
 
 
 def _moved(decoding: tuple[Row, ...], num_pools: int) -> tuple[MovedWrites | None, ...]:
@@ -281,10 +295,19 @@ def work_template(plan: BudgetPlan, pool_of: torch.Tensor, placements: tuple[Row
     items = torch.zeros(num_layers, hkv, WORK_COLUMNS, dtype=torch.int64)
     items[..., 1] = torch.arange(hkv)
     selecting = torch.tensor([False] + [not p.positional for p in placements])[pool_of + 1]  # [layers, H]
+    pointing = torch.tensor([False] + [p.shared_blocks > 0 for p in placements])[pool_of + 1]
     shift = torch.tensor([0] + [p.shift for p in placements], dtype=torch.int64)[pool_of + 1]
     start = placements[0].selection_start if placements else 0  # (the same in every pool: after the prompt)
     items[..., 3] = torch.where(selecting, plan.budgets, 0)
     items[..., 4] = torch.where(selecting, plan.prompt_len + shift, 0)
     items[..., 5] = torch.where(selecting, shift, 0)
     items[..., 6] = torch.where(selecting, start, 0)
+    # a pointing head's row of its request's fronts (RequestState.fronts), within the layer's
+    items[..., 7] = torch.where(pointing, torch.arange(hkv) * front_width(plan), -1)
     return items
+
+
+def front_width(plan: BudgetPlan) -> int:
+    """The width of a request's ``RequestState.fronts``: its largest compressed head's budget."""
+    compressed = plan.budgets[~plan.full]
+    return int(compressed.max()) if compressed.numel() else 0

@@ -98,9 +98,10 @@ def remove_blocks_in_range(manager, request_id: str, start: int, end: int) -> No
 
 
 def observe_kv_allocation(observe) -> None:
-    """Call ``observe(kv_cache_manager, request)`` before the scheduler's KV cache manager
-    allocates a step's slots for ``request`` (every scheduled request, every step, in the
-    scheduler's process)."""
+    """Call ``observe(kv_cache_manager, request, computed)`` before the scheduler's KV cache
+    manager allocates a step's slots for ``request`` (every scheduled request, every step, in the
+    scheduler's process); ``computed``: its tokens whose KV is there before this step, the prefix
+    cache's hit included (vLLM's scheduler passes the hit by keyword)."""
     if "kv_allocation" in _APPLIED:
         return
     from vllm.v1.core.kv_cache_manager import KVCacheManager
@@ -108,7 +109,9 @@ def observe_kv_allocation(observe) -> None:
     allocate_slots = KVCacheManager.allocate_slots
 
     def _allocate_slots(self, request, *args, **kwargs):
-        observe(self, request)
+        computed = (request.num_computed_tokens + kwargs.get("num_new_computed_tokens", 0)
+                    + kwargs.get("num_external_computed_tokens", 0))
+        observe(self, request, computed)
         return allocate_slots(self, request, *args, **kwargs)
 
     KVCacheManager.allocate_slots = _allocate_slots

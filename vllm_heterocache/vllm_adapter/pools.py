@@ -75,9 +75,10 @@ class CompressedPoolSpec(AttentionSpec):
         rule = next(r for r in self.class_rules if r.policy == choice.policy)
         return self.capacity.for_request(rule, choice.ratio)
 
-    def placement_for(self, prompt_len: int, extra_args) -> RowPlacement:
-        """Where a request's tokens live in this class's pool (``placement``)."""
-        return self.capacity_for(extra_args).placement(prompt_len, self.block_size)
+    def placement_for(self, prompt_len: int, extra_args, hit: int = 0) -> RowPlacement:
+        """Where a request's tokens live in this class's pool (``placement``), ``hit`` of its
+        prompt tokens from the prefix cache."""
+        return self.capacity_for(extra_args).placement(prompt_len, self.block_size, hit)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         # block-table columns of the longest prompt's row: its prompt, its selection region, and
@@ -153,23 +154,25 @@ class CompressedPoolManager(FullAttentionManager):
 
     def remove_skipped_blocks(self, request_id, processed_computed_tokens, num_prompt_tokens=None) -> None:
         placement = self.placements.get(request_id)
-        if placement is None or placement.positional or processed_computed_tokens < placement.prompt_len:
+        if placement is None or processed_computed_tokens < placement.prompt_len or not placement.released:
             return  # (every request is noted before its first allocation; an unknown one keeps its blocks)
-        compat.remove_blocks_in_range(self, request_id, 0, placement.prompt_blocks)
+        compat.remove_blocks_in_range(self, request_id, placement.released.start, placement.released.stop)
 
     def free(self, request_id: str) -> None:
         super().free(request_id)
         self.placements.pop(request_id, None)
 
 
-def note_request(kv_cache_manager, request) -> None:
-    """Before the scheduler allocates slots for ``request``: the compressed pools' managers note
-    its placement (once per admission: a preempted request is freed and noted again)."""
+def note_request(kv_cache_manager, request, hit: int) -> None:
+    """Before the scheduler allocates slots for ``request``, ``hit`` of its tokens from the
+    prefix cache: the compressed pools' managers note its placement when it has no blocks yet
+    (at admission; a preempted request is freed and noted again; an admission that found no room
+    is noted again at the next, whose hit may differ)."""
     for manager in compat.single_type_managers(kv_cache_manager):
-        if isinstance(manager, CompressedPoolManager) and request.request_id not in manager.placements:
+        if isinstance(manager, CompressedPoolManager) and not manager.req_to_blocks.get(request.request_id):
             spec: CompressedPoolSpec = manager.kv_cache_spec
             manager.placements[request.request_id] = spec.placement_for(request.num_prompt_tokens,
-                                                                        compat.request_extra_args(request))
+                                                                        compat.request_extra_args(request), hit)
 
 
 def hit_limit(kv_cache_manager, request) -> int | None:
