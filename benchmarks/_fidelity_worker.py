@@ -4,8 +4,11 @@ the engine's server policy serves, as per-request policies and ratios (``vllm_xa
     python benchmarks/_fidelity_worker.py MODEL CASES.json RUN.json OUT.json
 
 RUN.json: ``{"server": {heterocache options, or null for vLLM's own backend}, "settings":
-[{"name", "policy", "ratio"}, ...]}``. OUT.json: per setting, its answers and the fraction of
-the KV cache each request kept (the runtime's own budget plan for its prompt).
+[{"name", "policy", "ratio"}, ...], "prefix_caching": bool (default false)}``. With prefix
+caching (on or off, when the key is there) the cases are asked one after another, each setting
+in turn, so that a case hits what the cases before it left in vLLM's prefix cache; else all at
+once. OUT.json: per setting, its answers, the fraction of the KV cache each request kept (the
+runtime's own budget plan for its prompt) and the prompt tokens each took from the prefix cache.
 """
 
 import dataclasses
@@ -25,8 +28,9 @@ def main():
     run = json.loads(open(run_file).read())
     server, settings = run["server"], run["settings"]
     longest = max(len(c["prompt_ids"]) for c in cases)
-    kw = dict(model=model, dtype="float32", max_model_len=longest + 64, enable_prefix_caching=False, seed=0,
-              enforce_eager=True)  # no torch.compile: minutes of start-up per engine saved, same for all settings
+    sequential = "prefix_caching" in run
+    kw = dict(model=model, dtype="float32", max_model_len=longest + 64, enable_prefix_caching=bool(run.get("prefix_caching")),
+              seed=0, enforce_eager=True)  # no torch.compile: minutes of start-up per engine saved, same for all settings
     if server is not None:
         kw.update(attention_backend="heterocache", additional_config={"heterocache": server})
     prompts, params = [], []
@@ -38,12 +42,18 @@ def main():
             prompts.append({"prompt_token_ids": c["prompt_ids"]})
             params.append(SamplingParams(temperature=0, max_tokens=MAX_TOKENS, extra_args=xargs))
     llm = LLM(**kw)
-    texts = [o.outputs[0].text for o in llm.generate(prompts, params)]
+    if sequential:
+        outs = [llm.generate([prompt], param, use_tqdm=False)[0] for prompt, param in zip(prompts, params)]
+    else:
+        outs = llm.generate(prompts, params)
+    texts = [o.outputs[0].text for o in outs]
+    cached = [o.num_cached_tokens or 0 for o in outs]
     kept = _kept_fractions(llm, server, settings, cases)
     results = []
     for n, s in enumerate(settings):
         answers = texts[n * len(cases) : (n + 1) * len(cases)]
-        results.append({"setting": s, "kept": kept[n], "answers": answers})
+        results.append({"setting": s, "kept": kept[n], "answers": answers,
+                        "cached_tokens": cached[n * len(cases) : (n + 1) * len(cases)]})
     json.dump({"server": server, "results": results}, open(out, "w"))
 
 

@@ -24,6 +24,14 @@ reported so. kvpress (``--kvpress``): its presses of the same methods on HF tran
 virtual environment of its own that the script creates (``kvpress_env.py``), against its own
 full-cache answers.
 
+Shared context (``--shared-context``): several questions about one long text per length
+(``needles.make_shared_cases``), asked one after another so that later ones hit vLLM's prefix
+cache for the whole text; every vLLM engine above runs twice, with prefix caching on and off,
+and ``shared-context.md`` says, per policy and fraction, how many answers are the same both
+ways (they must all be), how many prompt tokens came from the cache, and the accuracy.
+
+    python benchmarks/bench_fidelity.py --shared-context --jobs 2 --out /tmp/fidelity-shared
+
 Each engine and each kvpress setting is a process of its own; ``--jobs N`` runs N of them at
 once, each pinned to one core. The report resumes: a process whose answers are in ``--out`` for
 the same settings and cases is not run again (so a report can grow a fraction or a policy).
@@ -70,9 +78,17 @@ class Run:
     seconds: float  # a rough estimate on one core, so that the longest runs start first
 
 
-def vllm_run(model: str, cases_file: Path, server: dict | None, settings: list[dict], work: Path, tag: str) -> Run:
+def vllm_run(model: str, cases_file: Path, server: dict | None, settings: list[dict], work: Path, tag: str,
+             prefix_caching: bool | None = None) -> Run:
+    """``prefix_caching``: None, the cases at once without it; else with it on or off, the cases
+    one after another (``_fidelity_worker.py``)."""
+    if prefix_caching is not None:
+        tag += "+pc" if prefix_caching else "-pc"
     run_file = work / f"{tag}.settings.json"
-    key = json.dumps({"server": server, "settings": settings, "cases": _digest(cases_file)})
+    run = {"server": server, "settings": settings}
+    if prefix_caching is not None:
+        run["prefix_caching"] = prefix_caching
+    key = json.dumps({**run, "cases": _digest(cases_file)})
     run_file.write_text(key)
     return Run(tag, (sys.executable, str(HERE / "_fidelity_worker.py"), model, str(cases_file), str(run_file),
                      str(work / f"{tag}.json")), key, ENGINE_START_S + len(settings) * SETTING_S)
@@ -134,10 +150,11 @@ def floors(profile) -> dict[str, float]:
 
 
 def vllm_runs(model, cases_file, fractions, profiles, work, shipped_profile,
-              profile_policies=PROFILE_ENGINE) -> tuple[list[Run], list[dict]]:
+              profile_policies=PROFILE_ENGINE, prefix_caching: bool | None = None) -> tuple[list[Run], list[dict]]:
     """vLLM's own backend, the policy engine (one per fraction, so that they can run side by side)
     and the per-profile engines (module docstring); with the settings found infeasible."""
-    runs = [vllm_run(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock")]
+    runs = [vllm_run(model, cases_file, None, [{"name": "full", "policy": "full", "ratio": 1.0}], work, "stock",
+                     prefix_caching)]
     infeasible = []
 
     def engine(server: dict, policies: tuple[str, ...], fs: list[float], profile_name: str, suffix: str,
@@ -149,7 +166,7 @@ def vllm_runs(model, cases_file, fractions, profiles, work, shipped_profile,
                 s = {"name": f"{policy}{suffix}@{f}", "policy": policy, "ratio": f, "label": policy + suffix}
                 (settings if f > limits[policy] else infeasible).append(s)
         if settings:
-            runs.append(vllm_run(model, cases_file, server, settings, work, tag))
+            runs.append(vllm_run(model, cases_file, server, settings, work, tag, prefix_caching))
 
     for f in fractions:
         engine({"policy": "snapkv", "compression_ratio": f, "profile": profiles[0]}, POLICY_ENGINE, [f],
@@ -182,8 +199,13 @@ def main() -> None:
                    "of one can go beside a run of the other, each with its own --out)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once, one core each (default 1: one run, "
                    "threads as its engine sets them)")
+    p.add_argument("--shared-context", action="store_true",
+                   help="the shared-context check instead (module docstring): task kind shared, vLLM engines with "
+                        "prefix caching on and off")
     p.add_argument("--out", type=Path, default=Path("/tmp/heterocache-fidelity"))
     a = p.parse_args()
+    if a.shared_context:
+        a.tasks, a.engines = "shared", "vllm"
     if not 1 <= a.jobs <= len(os.sched_getaffinity(0)):
         p.error(f"--jobs {a.jobs}: this process may use {len(os.sched_getaffinity(0))} cores; one run per core")
     from transformers import AutoTokenizer
@@ -216,6 +238,15 @@ def main() -> None:
 
     engines = set(a.engines.split(","))
     vllm, infeasible, kvpress_settings, kvpress = [], [], [], []
+    if a.shared_context:
+        pairs = [vllm_runs(model, cases_file, fractions, a.profiles.split(","), work, shipped_profile,
+                           tuple(a.profile_policies.split(",")), caching)[0] for caching in (True, False)]
+        done = execute(pairs[0] + pairs[1], work, a.jobs)
+        table = render_shared_context(pairs, done, cases)
+        (a.out / "shared-context.md").write_text(table)
+        print(table)
+        print(f"[fidelity] wrote {a.out}/shared-context.md")
+        return
     if "vllm" in engines:
         vllm, infeasible = vllm_runs(model, cases_file, fractions, a.profiles.split(","), work, shipped_profile,
                                      tuple(a.profile_policies.split(",")))
@@ -263,6 +294,29 @@ def _share(values: list) -> float:
 
 def _by_kind(row: dict, cases: list[dict], kind: str) -> list[bool]:
     return [ok for ok, c in zip(row["correct"], cases) if c["kind"] == kind]
+
+
+def render_shared_context(pairs: list[list[Run]], done: dict[str, dict], cases: list[dict]) -> str:
+    """Per engine setting: answers with prefix caching on equal to those with it off, prompt
+    tokens from the cache, accuracy both ways."""
+    head = ["engine", "policy", "fraction", f"same answers (n={len(cases)})", "prompt tokens from the cache",
+            "accuracy on", "accuracy off"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    total = same = 0
+    for on, off in zip(*pairs):
+        for r_on, r_off in zip(done[on.tag]["results"], done[off.tag]["results"]):
+            s = r_on["setting"]
+            equal = sum(x.strip() == y.strip() for x, y in zip(r_on["answers"], r_off["answers"]))
+            total, same = total + len(cases), same + equal
+            cached = sum(r_on["cached_tokens"]) / sum(len(c["prompt_ids"]) for c in cases)
+            lines.append("| " + " | ".join([
+                on.tag.removesuffix("+pc"), s.get("label", s["policy"]), f"{s['ratio']}", f"{equal}",
+                f"{cached:.2f}", f"{_share([correct(t, c) for t, c in zip(r_on['answers'], cases)]):.2f}",
+                f"{_share([correct(t, c) for t, c in zip(r_off['answers'], cases)]):.2f}"]) + " |")
+    contexts = sorted({c["context"] for c in cases})
+    note = (f"\n{len(cases)} questions: {len(cases) // len(contexts)} about each of {len(contexts)} texts "
+            f"({', '.join(map(str, contexts))} tokens), asked one after another. Same answers: {same} of {total}.\n")
+    return "\n".join(lines) + "\n" + note
 
 
 def render_table(rows: list[dict], cases: list[dict], kinds: list[str]) -> str:

@@ -6,6 +6,12 @@ Bandwidth: the best of several large copies (read + write bytes / s). Kernel: on
 of ``--heads`` single-head caches of ``--tokens`` tokens each (fp32 and bf16, blocks in scrambled
 order, vLLM's AVX2 layout), timed over repeats; achieved GB/s = K and V bytes the items must read
 / time. Also the PyTorch reference path on the same work, for scale.
+
+Fronts read in place (``--selected F``, default 0.25): each head attends a selection of F of the
+positions given as a position list, as a selection that points into shared prompt blocks after a
+prefix-cache hit is read (``vllm_heterocache/placement.py``): the top F of random scores pooled
+over 5 positions (runs, as SnapKV's pooled selections make them), against the same number of
+positions read as one contiguous range (a selection copied into a request's own blocks).
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--selected", type=float, default=0.25, help="fraction selected for the position-list fronts")
     a = p.parse_args()
     dev = a.device
     print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}; device {dev}")
@@ -66,6 +73,22 @@ def main() -> None:
             line += f"; PyTorch reference {tr * 1e3:.1f} ms"
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         print(line, flush=True)
+        # the same heads attending a selection: read in place by a position list, or copied (one range)
+        k = max(1, int(a.selected * n))
+        pooled = torch.nn.functional.avg_pool1d(torch.rand(a.heads, 1, n), 5, stride=1, padding=2)[:, 0]
+        fronts = torch.cat([pooled[h].topk(k).indices.sort().values for h in range(a.heads)]).int().to(dev)
+        listed = torch.tensor([[0, h, 0, k, n, n, 0, h * k] for h in range(a.heads)], dtype=torch.int64, device=dev)
+        ranged = torch.tensor([[0, h, 0, k, n, n, 0, -1] for h in range(a.heads)], dtype=torch.int64, device=dev)
+        sel_bytes = a.heads * k * 2 * d * caches[0].element_size()
+        t_list = best_time(lambda: kernels.gather_attention(q, out, caches, tables, listed, layout, d**-0.5, fronts),
+                           a.repeats, dev)
+        t_range = best_time(lambda: kernels.gather_attention(q, out, caches, tables, ranged, layout, d**-0.5),
+                            a.repeats, dev)
+        runs = float((torch.diff(fronts.long()) != 1).sum() + 1) / a.heads
+        print(f"{'':<15} {a.selected:.2f} selected ({k} positions, runs of {k / runs:.1f} on average): in place "
+              f"{t_list * 1e3:7.2f} ms ({sel_bytes / t_list / 1e9:5.1f} GB/s of selected K and V), copied "
+              f"{t_range * 1e3:7.2f} ms ({sel_bytes / t_range / 1e9:5.1f} GB/s); in place / copied "
+              f"{t_list / t_range:.2f}x; whole cache / in place {t / t_list:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

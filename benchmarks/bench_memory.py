@@ -1,7 +1,7 @@
 """Device KV memory and capacity: HeteroCache against vLLM's own CPU backend, same KV space.
 
     python benchmarks/bench_memory.py [--footprint tiny:8192,smollm2:4096] [--concurrency tiny:8192]
-                                      [--settings r0.5,b0.25,b0.1] [--kv-mib 512]
+                                      [--shared tiny:8192] [--settings r0.5,b0.25,b0.1] [--kv-mib 512]
 
 All numbers come from vLLM's own block accounting (the scheduler's block pool, in-process
 engine), each backend in its own engine process with the same ``kv_cache_memory_bytes``.
@@ -12,6 +12,11 @@ engine), each backend in its own engine process with the same ``kv_cache_memory_
   keep 0.389 of its cache; see the fidelity benchmark).
 - concurrency: 16 requests of L tokens, 32 new tokens each, submitted at once: the most
   requests decoding at the same time and the preemptions.
+- shared prefix (vLLM's prefix caching on for both): one request of an L-token prefix first (a
+  system prompt, now in the prefix cache), then ``--shared-requests`` requests of that prefix and
+  a ``--shared-suffix``-token suffix of their own, 32 new tokens each, submitted at once: the
+  most device KV held at once (blocks in use, each shared block counted once) and the most
+  requests decoding at once, in ``--kv-mib`` and in the tighter ``--shared-kv-mib``.
 - longest context: the maximum model length vLLM estimates the KV space admits (its startup
   check; HeteroCache holds every prompt token while the prompt is prefilled, so it admits no
   longer prompt than the stock backend).
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -37,13 +43,14 @@ from vllm import LLM, SamplingParams
 from vllm_heterocache.data.texts import documents
 if __name__ == "__main__":
     mode, model, length, kv_bytes, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
+    requests, suffix = int(os.environ.get("SHARED_REQUESTS", "32")), int(os.environ.get("SHARED_SUFFIX", "64"))
     if mode == "longest":  # vLLM's startup check says how far the KV space reaches
         from transformers import AutoConfig
         max_len = AutoConfig.from_pretrained(model).max_position_embeddings
     else:
-        max_len = length + 64
+        max_len = length + suffix + 64
     try:
-        llm = LLM(model=model, dtype="float32", max_model_len=max_len, enable_prefix_caching=False,
+        llm = LLM(model=model, dtype="float32", max_model_len=max_len, enable_prefix_caching=mode == "shared",
                   enforce_eager=True, seed=0, kv_cache_memory_bytes=kv_bytes, **extra)
     except Exception as e:
         found = [l for l in str(e).splitlines() if "estimated maximum model length" in l]
@@ -61,27 +68,36 @@ if __name__ == "__main__":
     def held_bytes():
         return sum(size * sum(not b.is_null for blocks in m.req_to_blocks.values() for b in blocks)
                    for size, m in zip(sizes, managers))
+    def in_use_bytes():  # every block some request holds, a shared one once
+        return sum(size * len({b.block_id for blocks in m.req_to_blocks.values() for b in blocks if not b.is_null})
+                   for size, m in zip(sizes, managers))
     preempted = []
     original = sched._preempt_request
     def counting(request, *a, **k):
         preempted.append(request.request_id)
         return original(request, *a, **k)
     sched._preempt_request = counting
-    ids = llm.get_tokenizer()("\n".join(documents(4, 8 * length)), add_special_tokens=False).input_ids[:length]
+    text = llm.get_tokenizer()("\n".join(documents(8, 8 * length)), add_special_tokens=False).input_ids
+    ids = text[:length]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    n = 1 if mode == "footprint" else 16
-    for i in range(n):
-        llm.llm_engine.add_request(str(i), {"prompt_token_ids": ids}, params)
-    most, held = 0, None
+    if mode == "shared":  # the prefix first: then it is in the prefix cache, as a system prompt is
+        llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=1))
+        prompts = [ids + text[length + i * suffix : length + (i + 1) * suffix] for i in range(requests)]
+    else:
+        prompts = [ids] * (1 if mode == "footprint" else 16)
+    for i, prompt in enumerate(prompts):
+        llm.llm_engine.add_request(str(i), {"prompt_token_ids": prompt}, params)
+    most, held, peak = 0, None, 0
     while sched.has_requests():
         llm.llm_engine.step()
         running = [r for r in sched.running if r.num_output_tokens > 0]
         most = max(most, len(running))
+        peak = max(peak, in_use_bytes())
         if mode == "footprint" and held is None and running and running[0].num_output_tokens >= 4:
             held = (pool.num_gpu_blocks - 1 - pool.get_num_free_blocks(), held_bytes(), running[0].num_tokens)
     out = {"blocks": pool.num_gpu_blocks, "block_bytes": sizes, "groups": len(groups),
            "block_sizes": sorted({g.kv_cache_spec.block_size for g in groups}),
-           "most_decoding": most, "preemptions": len(preempted)}
+           "most_decoding": most, "preemptions": len(preempted), "peak_in_use_bytes": peak}
     if held:
         out["held_blocks"], out["held_bytes"], out["seq_len"] = held
         out["bytes_per_token"] = held[1] / held[2]
@@ -89,9 +105,9 @@ if __name__ == "__main__":
 '''
 
 
-def run(mode: str, model: str, length: int, kv_bytes: int, extra: dict) -> dict:
+def run(mode: str, model: str, length: int, kv_bytes: int, extra: dict, env: dict | None = None) -> dict:
     out = subprocess.run([sys.executable, "-c", WORKER, mode, model, str(length), str(kv_bytes), json.dumps(extra)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
     if out.returncode or not lines:
         raise RuntimeError(out.stderr[-4000:])
@@ -120,6 +136,12 @@ def main() -> None:
     p.add_argument("--footprint", default="tiny:8192,smollm2:4096")
     p.add_argument("--concurrency", default="tiny:8192")
     p.add_argument("--longest", default="tiny")
+    p.add_argument("--shared", default="tiny:8192", help="model:prefix_len of the shared-prefix runs")
+    p.add_argument("--shared-requests", type=int, default=32)
+    p.add_argument("--shared-suffix", type=int, default=64)
+    p.add_argument("--shared-kv-mib", type=int, default=48,
+                   help="the tighter KV space of the shared-prefix runs (MiB): stock holds the tiny model's 8K "
+                        "prefix and a few of the requests")
     p.add_argument("--settings", default="r0.5,b0.25,b0.1")
     p.add_argument("--kv-mib", type=int, default=512, help="KV cache space of every engine (MiB)")
     p.add_argument("--concurrency-kv-mib", type=int, default=128,
@@ -129,7 +151,7 @@ def main() -> None:
     kv_bytes = a.kv_mib << 20
     paths = models()
     report = {"kv_mib": a.kv_mib, "concurrency_kv_mib": a.concurrency_kv_mib, "footprint": [], "concurrency": [],
-              "longest": []}
+              "shared": [], "longest": []}
 
     def engines(name: str, length: int):
         model, profile = paths[name]
@@ -155,6 +177,19 @@ def main() -> None:
             report["concurrency"].append({"case": case, "setting": label, **r})
             print(f"concurrency {case:<12} {label:<6} {r['most_decoding']:3d} requests decoding at once, "
                   f"{r['preemptions']} preemptions ({r['blocks']} blocks)", flush=True)
+    shared_env = {"SHARED_REQUESTS": str(a.shared_requests), "SHARED_SUFFIX": str(a.shared_suffix)}
+    for case in filter(None, a.shared.split(",")):
+        name, length = case.split(":")
+        for mib in (a.kv_mib, a.shared_kv_mib):
+            base = None
+            for label, model, extra in engines(name, int(length)):
+                r = run("shared", model, int(length), mib << 20, extra, shared_env)
+                base = base or r
+                report["shared"].append({"case": case, "kv_mib": mib, "setting": label, **r})
+                print(f"shared {case:<13} {mib:4d} MiB {label:<6} peak device KV {r['peak_in_use_bytes'] / 2**20:7.1f} MiB "
+                      f"({r['peak_in_use_bytes'] / base['peak_in_use_bytes']:.2f} of stock), "
+                      f"{r['most_decoding']:3d} of {a.shared_requests} requests decoding at once "
+                      f"(stock {base['most_decoding']}), {r['preemptions']} preemptions", flush=True)
     for name in filter(None, a.longest.split(",")):
         for label, model, extra in engines(name, 8192):
             r = run("longest", model, 8192, a.concurrency_kv_mib << 20, extra)

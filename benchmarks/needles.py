@@ -19,7 +19,7 @@ from vllm_heterocache.data.texts import documents
 KEYS = ["amber", "falcon", "harbor", "juniper", "lantern", "meadow", "orchid", "quarry", "saffron", "tundra",
         "violet", "willow", "cobalt", "ember", "glacier", "hazel"]
 TASKS = ("single", "multikey", "multivalue")
-KINDS = ("needle", "vartrack")
+KINDS = ("needle", "vartrack", "shared")
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class Case:
     depth: float  # where the (first) needle sits, 0..1
     prompt_ids: list[int]
     answers: tuple[str, ...]  # all must appear in the answer
-    kind: str = "needle"  # "needle" (tasks single/multikey/multivalue) or "vartrack"
+    kind: str = "needle"  # "needle" (tasks single/multikey/multivalue), "vartrack" or "shared"
     absent: tuple[str, ...] = ()  # none may appear in a correct answer (vartrack: the distractor chains' names)
+    document: int = -1  # kind "shared": the document its prompt shares with the other cases of that number
 
 
 def _needle(key: str, value: str) -> str:
@@ -52,6 +53,30 @@ def make_cases(tokenizer, contexts: dict[int, int], seed: int = 0, tasks: tuple[
         cases += _needle_cases(tokenizer, hay, contexts, seed)
     if "vartrack" in tasks:
         cases += make_vartrack_cases(tokenizer, contexts, seed, _hay=(haystack_text, hay))
+    if "shared" in tasks:
+        cases += make_shared_cases(tokenizer, hay, contexts, seed)
+    return cases
+
+
+def make_shared_cases(tokenizer, hay, contexts: dict[int, int], seed: int = 0) -> list[Case]:
+    """Several questions about one long text: per context length, one haystack with ``count``
+    keys and their values (needles spread from depth 0.1), and ``count`` cases, each asking for
+    one key. The prompts are the same up to the question, so asked one after another, later ones
+    hit vLLM's prefix cache for the whole document (kind ``shared``; ``document`` groups them)."""
+    rng = random.Random(f"shared-{seed}")
+    cases = []
+    for document, (context, count) in enumerate(contexts.items()):
+        keys = rng.sample(KEYS, count)
+        values = [str(rng.randint(1_000_000, 9_999_999)) for _ in keys]
+        marker = "QUESTION"  # the question goes after the document, where the marker is
+        prompt = _build(tokenizer, hay, context, 0.1, list(zip(keys, values)), marker, rng)
+        text = tokenizer.decode(prompt)
+        head, tail = text.split(marker)
+        for k, (key, value) in enumerate(zip(keys, values)):
+            question = f"What is the special magic number for {key}? Answer with the number only."
+            ids = tokenizer(head + question + tail, add_special_tokens=False).input_ids
+            cases.append(Case("shared", context, round(0.1 + 0.9 * k / max(1, count), 3), ids, (value,), "shared",
+                              document=document))
     return cases
 
 

@@ -5,7 +5,7 @@ import torch
 
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.runtime.requests import RequestState
-from vllm_heterocache.runtime.step import Row, empty_plan, plan_step, work_template
+from vllm_heterocache.runtime.step import Row, empty_plan, front_width, plan_step, work_template
 
 FULL = torch.tensor([[True, False, False], [False, False, True]])  # 2 layers x 3 KV heads
 POOL = torch.where(FULL, -1, 0)  # the compressed heads in one pool class
@@ -13,11 +13,17 @@ BS = 16  # block size: a 20- or 30-token prompt fills columns 0-1, its selection
 # its generated tokens from column 3 on (row position p + 32: token 24 at 56)
 
 
-def state(key: str, prompt_len: int, selection_blocks: int = 1) -> RequestState:
-    budgets = torch.where(FULL, prompt_len, torch.tensor([[5, 7, 9], [4, 6, 8]]))
-    plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL, "keeps_all": False})()
+def state(key: str, prompt_len: int, selection_blocks: int = 1, store=POOL) -> RequestState:
+    """``selection_blocks`` 0: a request whose policy keeps every token (its pool keeps them in
+    place); ``store``: the pool of each head's cache."""
+    kept = torch.tensor([[5, 7, 9], [4, 6, 8]]) if selection_blocks else prompt_len
+    budgets = torch.where(FULL, prompt_len, kept)
+    plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL,
+                             "keeps_all": not selection_blocks})()
     placements = (RowPlacement(prompt_len, BS, selection_blocks),)
-    return RequestState(key, plan, work_template(plan, POOL, placements), placements=placements)
+    template = work_template(plan, store, placements)
+    fronts = torch.full((2, 3, front_width(plan)), -1, dtype=torch.int32) if bool((template[..., 7] >= 0).any()) else None
+    return RequestState(key, plan, template, placements=placements, fronts=fronts)
 
 
 def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layout():
@@ -63,6 +69,16 @@ def test_a_pool_that_keeps_a_request_whole_addresses_it_by_position():
     plan = plan_step((Row(0, 1, 25, 0, a),), FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
     assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 0, 0, 25, 0, -1], [0, 2, 0, 0, 0, 25, 0, -1]]
     assert plan.moved == (None,) and not plan.ends_prompt
+
+
+def test_compressed_heads_in_a_full_cache_read_their_selection_in_place():
+    """With tensor parallelism a compressed head may sit in a full pool's cache (``sharding``):
+    its kept prompt tokens stay where they are and its front is a list of their positions."""
+    a = state("a", 20, store=torch.tensor([[-1, -1, 0], [0, 0, -1]]))  # layer 0 head 1: compressed, full cache
+    plan = plan_step((Row(0, 1, 25, 0, a),), FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
+    assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 7, 20, 25, 0, 9],
+                                     [0, 2, 0, 9, 52, 57, 32, -1]]
+    assert plan.fronts == (plan.rows[0],)  # (RequestState.fronts of 9 slots per head: head 1's from 9)
 
 
 def test_prefilling_rows_between_decoding_rows_take_their_tokens_by_index():

@@ -140,10 +140,11 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     state = row.state
     plan = state.plan
     L, W = plan.prompt_len, plan.window
-    moved = tuple(h for h in heads.compressed if not state.placements[heads.pool[h]].positional)
-    c = tuple(h for h in moved if int(plan.budgets[layer, h]) < L)
+    c = tuple(h for h in heads.compressed if int(plan.budgets[layer, h]) < L)  # heads that select
+    stores = {h: _store(state, heads, h) for h in heads.compressed}
+    handled = tuple(h for h in heads.compressed if h in c or stores[h][2])  # (the others are in place)
     pivots = heads.pivots if state.ring is not None else ()
-    if not moved and not pivots:  # (nothing to select: this rank's heads of the layer keep everything)
+    if not handled and not pivots:  # (nothing to select: this rank's heads of the layer keep everything)
         return
     scored = (c if state.policy.selection == "scores" else ()) + pivots
     whole = row.first == 0
@@ -162,16 +163,17 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
             chosen = ref.recent_tokens(budgets, L, SINK_TOKENS)
         state.kept[layer] = _every_compressed(heads.compressed, c, chosen, L)
     everything = torch.arange(L)
-    for h in moved:
+    for h in handled:
         keep = chosen[c.index(h)] if h in c else everything
         keep = keep[keep >= 0]
-        placement = state.placements[heads.pool[h]]
-        shared = keep[keep < placement.shared_len]  # read in place
+        in_place, start, _ = stores[h]
+        shared = keep[keep < in_place]  # read where they are
         copied = keep[shared.numel():]
-        kept_kv = (k_prompt[copied, h], v_prompt[copied, h]) if whole else pools.read(h, row.index, copied)
-        slots = torch.arange(copied.numel()) + placement.selection_start
-        pools.write(h, row.index, slots, *kept_kv)
-        if placement.shared_blocks:
+        slots = torch.arange(copied.numel()) + start
+        if copied.numel():
+            kept_kv = (k_prompt[copied, h], v_prompt[copied, h]) if whole else pools.read(h, row.index, copied)
+            pools.write(h, row.index, slots, *kept_kv)
+        if state.work_template[layer, h, 7] >= 0:  # its front is a list of row positions
             state.fronts[layer, h, : keep.numel()] = torch.cat([shared, slots]).to(torch.int32)
     if pivots:
         n = len(pivots)
@@ -180,6 +182,17 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
         )
     if c or pivots:
         rt.counters.prefill_selections += 1
+
+
+def _store(state, heads: LayerHeads, h: int) -> tuple[int, int, int]:
+    """Where compressed head ``h`` keeps the request's prompt tokens (``placement``), as
+    ``(in_place, start, capacity)``: positions below ``in_place`` are read where they are (shared
+    prompt blocks, or every position in a store that keeps them all in place); the others are
+    copied into ``capacity`` slots from row position ``start``."""
+    placement = state.placement(heads.store[h])
+    if placement is None or placement.positional:
+        return state.prompt_len, state.prompt_len, 0
+    return placement.shared_len, placement.selection_start, placement.selection_blocks * placement.block_size
 
 
 def _every_compressed(compressed: tuple[int, ...], selected: tuple[int, ...], chosen: torch.Tensor,
@@ -312,11 +325,12 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     host, key = rt.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
     caches = [pools.caches[s] for s in sats]
-    placements = [state.placements[heads.pool[s]] for s in sats]
+    stores = [_store(state, heads, s) for s in sats]
     # this step's rows from each satellite's selection region (slot i: column i // bs of it); the copy runs later
-    tables = [pools.tables[s][row.index][0 if p.positional else p.prompt_blocks :].clone()
-              for s, p in zip(sats, placements)]
+    bs = pools.layout.block_size
+    tables = [pools.tables[s][row.index][start // bs :].clone() for s, (_, start, _) in zip(sats, stores)]
     fronts = state.fronts[layer] if state.fronts is not None else None
+    listed = [bool(state.work_template[layer, s, 7] >= 0) for s in sats]  # fronts given as position lists
 
     def copy() -> None:
         """On the refill thread, after this request's and layer's earlier refills: only the
@@ -326,18 +340,19 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
         with torch.inference_mode():
             held = kept[compressed, :width]
             moves = ref.refill_slots(held, chosen, counts)
-            if fronts is not None:  # pointing satellites: private slots for what is not shared
-                out = []
-                for n, (s, p) in enumerate(zip(sats, placements)):
-                    rows, copies = ref.refill_rows(held[n], moves[n], fronts[s, :width], fronts[s, width:],
-                                                   p.selection_start, p.shared_len, p.selection_blocks * p.block_size)
+            out = []  # per satellite, the position each slot of its region gets (-1: none)
+            for n, s in enumerate(sats):
+                if listed[n]:  # read in place where it can be, a private slot for the rest
+                    in_place, start, capacity = stores[n]
+                    rows, copies = ref.refill_rows(held[n], moves[n], fronts[s, :width], fronts[s, width:], start,
+                                                   in_place, capacity)
                     fronts[s, :width] = rows
                     out.append(copies)
-                copies = torch.full((len(sats), max(c.numel() for c in out)), -1, dtype=torch.int64)
-                for n, c in enumerate(out):
-                    copies[n, : c.numel()] = c
-            else:
-                copies = moves
+                else:
+                    out.append(moves[n])
+            copies = torch.full((len(sats), max(1, *(c.numel() for c in out))), -1, dtype=torch.int64)
+            for n, c in enumerate(out):
+                copies[n, : c.numel()] = c
             host.copy_out(key, host_rows, copies, caches, tables, pools.layout)
             kept[compressed, :width] = torch.where(moves >= 0, moves, held)
 

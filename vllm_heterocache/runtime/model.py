@@ -61,6 +61,13 @@ class LayerHeads:
     shared: tuple[int, ...] = ()
     shared_satellites: tuple[tuple[int, ...], ...] = ()
 
+    @property
+    def store(self) -> tuple[int, ...]:
+        """Local head ``j``'s store: the pool of the cache that holds it (``cache_pools[cache_of[j]]``;
+        its own pool, or with tensor parallelism one with more room). The store's layout decides
+        where the head's tokens are (``placement``)."""
+        return tuple(self.cache_pools[c] for c in self.cache_of)
+
 
 class HeteroCacheRuntime:
     def __init__(
@@ -135,7 +142,7 @@ class HeteroCacheRuntime:
                 )
             )
         self.num_host_rows = rows
-        self.pool_of = torch.tensor([lh.pool for lh in self.layers], dtype=torch.int64)  # [layers, H] (LayerHeads.pool)
+        self.store_of = torch.tensor([lh.store for lh in self.layers], dtype=torch.int64)  # [layers, H] (LayerHeads.store)
         self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
         # Every rank plans the same drift checks (clusters across ranks exchange their results).
         self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in layout.head_types for t in row)
@@ -254,9 +261,10 @@ class HeteroCacheRuntime:
             .placement(prompt_len, self.block_size, hit)
             for capacity, rules in zip(self.capacities, self.class_rules)
         )
-        pointing = any(p.shared_blocks for p in placements)
+        template = work_template(plan, self.store_of, placements)
+        pointing = bool((template[..., 7] >= 0).any())
         fronts = torch.full((*plan.budgets.shape, front_width(plan)), -1, dtype=torch.int32) if pointing else None
-        state = self.requests.begin(key, plan, work_template(plan, self.pool_of, placements),
+        state = self.requests.begin(key, plan, template,
                                     policy=planner.policy, placements=placements, hit=hit, fronts=fronts)
         if hit and not state.positional:
             self.counters.prefix_cache_hit_tokens += hit

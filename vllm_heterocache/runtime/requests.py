@@ -47,6 +47,11 @@ class RequestState:
         """Every pool keeps this request's tokens at their own positions: nothing is selected."""
         return all(p.positional for p in self.placements)
 
+    def placement(self, store: int) -> RowPlacement | None:
+        """Where this request's tokens are in the caches of pool ``store`` (None: the full pool,
+        every token at its own position)."""
+        return None if store < 0 else self.placements[store]
+
 
 class StateLost(RuntimeError):
     pass

@@ -77,9 +77,10 @@ class Row:
     @property
     def ends_prompt(self) -> bool:
         """The row holds the last prompt token of a request whose compressed heads keep a
-        selection: they select and copy it after this row (``placement``; a request whose pools
-        keep every token at its own position selects nothing)."""
-        return self.first < self.state.prompt_len <= self.seq_len and not self.state.positional
+        selection: they select and copy it after this row (``placement``; a request whose heads
+        keep every token, each at its own position, selects nothing)."""
+        state = self.state
+        return self.first < state.prompt_len <= self.seq_len and not (state.positional and state.plan.keeps_all)
 
     @property
     def decoding(self) -> bool:
@@ -282,24 +283,31 @@ def _drift_phases(decoding: tuple[Row, ...], interval: int) -> tuple[DriftPhase,
     return tuple(phases)
 
 
-def work_template(plan: BudgetPlan, pool_of: torch.Tensor, placements: tuple[RowPlacement, ...]) -> torch.Tensor:
-    """A request's gather-kernel items, int64 ``[layers, H, 7]``, without the per-token columns
-    (token, row, and ``p + 1`` added to ``gen_end``, which holds the shift): a compressed head
-    whose pool keeps a selection for the request attends over its ``B_h`` selection slots from
-    ``front_start`` and its generated tokens from ``L + shift`` (``placement``); every other head
-    over ``0 .. p`` (``n_front`` 0, ``gen_start`` 0, shift 0).
+def work_template(plan: BudgetPlan, store_of: torch.Tensor, placements: tuple[RowPlacement, ...]) -> torch.Tensor:
+    """A request's gather-kernel items, int64 ``[layers, H, 8]``, without the per-token columns
+    (token, row, and ``p + 1`` added to ``gen_end``, which holds the shift).
 
-    ``pool_of``: int64 ``[layers, H]``, each local head's pool class (``FULL_POOL``, -1, for full
-    heads); ``placements``: the request's placement in each pool class."""
+    A head attends over its kept prompt tokens and its generated tokens, where its store (the pool
+    of its cache) keeps them (``placement``): in a store that keeps a selection for the request,
+    ``B_h`` slots from ``front_start`` (or, after a prefix-cache hit, the row positions of its row
+    of ``RequestState.fronts``: ``front_list``) and generated tokens from ``L + shift``; in a
+    store that keeps every token at its own position, ``0 .. p`` -- or, for a head that keeps
+    ``B_h < L`` prompt tokens there (a compressed head in a full pool's cache, with tensor
+    parallelism), the ``B_h`` positions its fronts row points at and ``L .. p``.
+
+    ``store_of``: int64 ``[layers, H]``, each local head's store (``LayerHeads.store``;
+    ``FULL_POOL``, -1, for full caches); ``placements``: the request's placement in each pool class."""
     num_layers, hkv = plan.budgets.shape
     items = torch.zeros(num_layers, hkv, WORK_COLUMNS, dtype=torch.int64)
     items[..., 1] = torch.arange(hkv)
-    selecting = torch.tensor([False] + [not p.positional for p in placements])[pool_of + 1]  # [layers, H]
-    pointing = torch.tensor([False] + [p.shared_blocks > 0 for p in placements])[pool_of + 1]
-    shift = torch.tensor([0] + [p.shift for p in placements], dtype=torch.int64)[pool_of + 1]
+    L = plan.prompt_len
+    selecting = torch.tensor([False] + [not p.positional for p in placements])[store_of + 1]  # [layers, H]
+    in_place = ~selecting & (plan.budgets < L)  # kept tokens read where they are, in a positional store
+    pointing = torch.tensor([False] + [p.shared_blocks > 0 for p in placements])[store_of + 1] | in_place
+    shift = torch.tensor([0] + [p.shift for p in placements], dtype=torch.int64)[store_of + 1]
     start = placements[0].selection_start if placements else 0  # (the same in every pool: after the prompt)
-    items[..., 3] = torch.where(selecting, plan.budgets, 0)
-    items[..., 4] = torch.where(selecting, plan.prompt_len + shift, 0)
+    items[..., 3] = torch.where(selecting | in_place, plan.budgets, 0)
+    items[..., 4] = torch.where(selecting | in_place, L + shift, 0)
     items[..., 5] = torch.where(selecting, shift, 0)
     items[..., 6] = torch.where(selecting, start, 0)
     # a pointing head's row of its request's fronts (RequestState.fronts), within the layer's
