@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import BudgetPlanner, class_placement
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ConfigError
 from vllm_heterocache.ops import reference as ref
@@ -112,3 +112,12 @@ def test_pool_capacities_bound_every_request_budget(llama_profile, server):
                     cap = capacity.for_request(rule, choice.ratio).max_budget(L)
                     heads = [budgets[l, h] for (l, h), k in class_of.items() if k == c]
                     assert cap == max(heads), (name, ratio, L, c)
+                    # where the request's tokens go (placement): the scheduler's blocks hold the
+                    # worker's selections, with or without a prefix-cache hit
+                    for hit in (0, (L - 16) // 64 * 64):
+                        placement = class_placement(capacity, class_rules[c], choice, L, 64, hit)
+                        if placement.positional:  # nothing selected, every token in place
+                            assert all(b == L for b in heads), (name, ratio, L, c)
+                        else:  # the copied part of the largest selection fits the region
+                            assert placement.shared_len == hit
+                            assert placement.selection_blocks * 64 >= min(cap, L - hit), (name, ratio, L, c)

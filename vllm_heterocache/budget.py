@@ -31,7 +31,7 @@ import torch
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError
 from vllm_heterocache.placement import RowPlacement
-from vllm_heterocache.policies import POLICIES, RequestRules
+from vllm_heterocache.policies import POLICIES, RequestChoice, RequestRules
 from vllm_heterocache.profile.schema import HeadProfile
 from vllm_heterocache.sharding import FULL_POOL, local_kv_heads
 
@@ -301,6 +301,17 @@ class PoolCapacity:
         """The budget of the class's largest ratio: what its pool keeps per head and request
         (asked by the class's block manager every scheduler step: cached)."""
         return _max_budget(self, prompt_len)
+
+
+def class_placement(capacity: PoolCapacity, class_rules: tuple[ClassRule, ...], choice: RequestChoice,
+                    prompt_len: int, block_size: int, hit: int = 0) -> RowPlacement:
+    """Where a request of policy and ratio ``choice`` (``RequestRules.resolve``) keeps its tokens
+    in the pool of one budget class (``capacity``, and ``class_rules``: how each policy uses the
+    class), ``hit`` of its ``prompt_len`` prompt tokens from vLLM's prefix cache. The one
+    derivation of a request's capacity that the scheduler (its blocks) and the workers (where
+    they read and write) share."""
+    rule = next(r for r in class_rules if r.policy == choice.policy)
+    return capacity.for_request(rule, choice.ratio).placement(prompt_len, block_size, hit)
 
 
 @functools.lru_cache(maxsize=4096)

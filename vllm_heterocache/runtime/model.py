@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import BudgetPlanner, class_placement
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
@@ -256,11 +256,8 @@ class HeteroCacheRuntime:
             log.warning("heterocache: request %s: %s; it keeps its full KV (policy full)", key, error)
         planner = self.planner_for(choice)
         plan = planner.plan(prompt_len)
-        placements = tuple(
-            capacity.for_request(next(r for r in rules if r.policy == choice.policy), choice.ratio)
-            .placement(prompt_len, self.block_size, hit)
-            for capacity, rules in zip(self.capacities, self.class_rules)
-        )
+        placements = tuple(class_placement(capacity, rules, choice, prompt_len, self.block_size, hit)
+                           for capacity, rules in zip(self.capacities, self.class_rules))
         template = work_template(plan, self.store_of, placements)
         pointing = bool((template[..., 7] >= 0).any())
         fronts = torch.full((*plan.budgets.shape, front_width(plan)), -1, dtype=torch.int32) if pointing else None

@@ -45,7 +45,7 @@ from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
 
-from vllm_heterocache.budget import ClassRule, PoolCapacity
+from vllm_heterocache.budget import ClassRule, PoolCapacity, class_placement
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import RequestRules
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
@@ -59,7 +59,7 @@ COMPANION_INFIX = ".heterocache."
 class CompressedPoolSpec(AttentionSpec):
     """KV of one compressed head of a budget class: every prompt token during prefill, then the
     class's largest budget plus the generated tokens (``capacity`` says how many for a prompt
-    of the server's policy; :meth:`capacity_for`, for a request's own)."""
+    of the server's policy; :meth:`placement_for`, where a request's own are)."""
 
     capacity: PoolCapacity
     # one of the budget classes it holds (``HeteroCacheRuntime.capacities``): classes of equal
@@ -69,16 +69,11 @@ class CompressedPoolSpec(AttentionSpec):
     rules: RequestRules
     class_rules: tuple[ClassRule, ...]  # one per policy of ``rules.floors``
 
-    def capacity_for(self, extra_args) -> PoolCapacity:
-        """The class's capacity for a request with ``SamplingParams.extra_args`` ``extra_args``."""
-        choice, _ = self.rules.resolve(extra_args)  # (the worker logs a bad one)
-        rule = next(r for r in self.class_rules if r.policy == choice.policy)
-        return self.capacity.for_request(rule, choice.ratio)
-
     def placement_for(self, prompt_len: int, extra_args, hit: int = 0) -> RowPlacement:
-        """Where a request's tokens live in this class's pool (``placement``), ``hit`` of its
-        prompt tokens from the prefix cache."""
-        return self.capacity_for(extra_args).placement(prompt_len, self.block_size, hit)
+        """Where a request with ``SamplingParams.extra_args`` ``extra_args`` keeps its tokens in
+        this class's pool (``placement``), ``hit`` of its prompt tokens from the prefix cache."""
+        choice, _ = self.rules.resolve(extra_args)  # (the worker logs a bad one)
+        return class_placement(self.capacity, self.class_rules, choice, prompt_len, self.block_size, hit)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         # block-table columns of the longest prompt's row: its prompt, its selection region, and
