@@ -4,7 +4,9 @@
                                       [--shared tiny:8192] [--settings r0.5,b0.25,b0.1] [--kv-mib 512]
 
 All numbers come from vLLM's own block accounting (the scheduler's block pool, in-process
-engine), each backend in its own engine process with the same ``kv_cache_memory_bytes``.
+engine), each backend in its own engine process with the same ``kv_cache_memory_bytes``. A
+block of any KV cache group costs the largest group's bytes (vLLM gives every group as many
+caches and pads the smaller ones), which is what these numbers count.
 
 - footprint: one request of L prompt tokens; after 4 decode steps, the blocks it holds x the
   bytes of a block, per token of the sequence. Settings: ``rX`` is compression_ratio X; ``bX``
@@ -61,10 +63,11 @@ if __name__ == "__main__":
     pool = sched.kv_cache_manager.block_pool
     groups = sched.kv_cache_config.kv_cache_groups
     managers = sched.kv_cache_manager.coordinator.single_type_managers
-    def block_bytes(g):  # one block of the group: a page in each of its layers
+    def block_bytes(g):  # a page in each of the group's layers
         spec = g.kv_cache_spec
         return spec.page_size_bytes * (1 if hasattr(spec, "kv_cache_specs") else len(g.layer_names))
-    sizes = [block_bytes(g) for g in groups]
+    # every block of the pool costs the largest group's bytes (vLLM pads smaller groups to it)
+    sizes = [max(block_bytes(g) for g in groups)] * len(groups)
     def held_bytes():
         return sum(size * sum(not b.is_null for blocks in m.req_to_blocks.values() for b in blocks)
                    for size, m in zip(sizes, managers))
@@ -165,6 +168,9 @@ def main() -> None:
         base = None
         for label, model, extra in engines(name, int(length)):
             r = run("footprint", model, int(length), kv_bytes, extra)
+            if "error" in r:  # e.g. a ratio the profile makes infeasible
+                print(f"footprint {case:<14} {label:<6} not run: {r['error']}", flush=True)
+                continue
             base = base or r["bytes_per_token"]
             report["footprint"].append({"case": case, "setting": label, **r})
             print(f"footprint {case:<14} {label:<6} {r['bytes_per_token']:9.0f} B/token "
@@ -184,6 +190,9 @@ def main() -> None:
             base = None
             for label, model, extra in engines(name, int(length)):
                 r = run("shared", model, int(length), mib << 20, extra, shared_env)
+                if "error" in r:
+                    print(f"shared {case:<13} {mib:4d} MiB {label:<6} not run: {r['error']}", flush=True)
+                    continue
                 base = base or r
                 report["shared"].append({"case": case, "kv_mib": mib, "setting": label, **r})
                 print(f"shared {case:<13} {mib:4d} MiB {label:<6} peak device KV {r['peak_in_use_bytes'] / 2**20:7.1f} MiB "

@@ -62,8 +62,9 @@ def generate_batches(model, batches_of, max_tokens, batch_args=None, **kw):
         hits.append([o.num_cached_tokens for o in outs])
     while core.scheduler.has_requests():  # the step that tells the worker who finished
         llm.llm_engine.step()
+    groups = [len(g.layer_names) for g in core.scheduler.kv_cache_config.kv_cache_groups]
     result = {"tokens": tokens, "hits": hits, "free_blocks": manager.block_pool.get_num_free_blocks(),
-              "num_blocks": manager.block_pool.num_gpu_blocks}
+              "num_blocks": manager.block_pool.num_gpu_blocks, "group_layers": groups}
     if kw.get("tensor_parallel_size", 1) > 1:
         result["ranks"] = llm.collective_rpc(runtime_summary)
     else:

@@ -9,6 +9,8 @@ from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ProfileError
 from vllm_heterocache.profile import HeadProfile
 
+from conftest import ROOT
+
 
 def test_ratio_formula_matches_the_paper(llama_profile):
     L, H, F = 4096, 256, 50
@@ -132,3 +134,26 @@ def test_pool_capacity_bounds_every_compressed_budget(options):
             assert cap.max_budget(L) == max(members)
     ratios = [profile.budget_ratios[l][h] for (l, h) in sorted(class_of, key=class_of.get)]
     assert ratios == sorted(ratios)  # classes are contiguous ranges of budget ratio
+
+
+def test_vllm_groups_pools_of_caches_in_equal_groups_padding_the_last():
+    from vllm_heterocache.budget import kv_cache_group_slots
+
+    assert kv_cache_group_slots([35, 13, 14, 14, 14]) == (10, 130)  # groups of 13: 44% padding
+    assert kv_cache_group_slots([35, 7, 21, 14, 13]) == (13, 91)  # groups of 7
+    assert kv_cache_group_slots([50, 52, 51]) == (3, 156)  # within 1.5x: groups of the largest
+    assert kv_cache_group_slots([8]) == (1, 8) and kv_cache_group_slots([1, 7, 0]) == (8, 8)
+
+
+def test_classes_are_sized_for_vllms_groups():
+    """SmolLM2's 35 full heads beside 55 compressed ones: 4 equal classes would pad 40 of 130
+    cache slots; the classes chosen pad at most 2%, in contiguous ranges of budget ratio."""
+    from vllm_heterocache.profile import load_profile
+
+    profile = load_profile(ROOT / "profiles" / "SmolLM2-135M-Instruct.json")
+    planner = BudgetPlanner(profile, HeteroCacheConfig(compression_ratio=0.5), block_size=128)
+    capacities, class_of = planner.capacity_classes(4)
+    groups, slots, caches = planner.group_slots(capacities, class_of)
+    assert caches == 90 and slots <= 1.02 * caches and len(capacities) <= 4
+    by_class = [[profile.budget_ratios[l][h] for (l, h), c in class_of.items() if c == k] for k in range(len(capacities))]
+    assert all(max(a) <= min(b) for a, b in zip(by_class, by_class[1:]))  # contiguous by ratio

@@ -33,7 +33,7 @@ from vllm_heterocache.errors import BudgetError
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import POLICIES, RequestChoice, RequestRules
 from vllm_heterocache.profile.schema import HeadProfile
-from vllm_heterocache.sharding import FULL_POOL, local_kv_heads
+from vllm_heterocache.sharding import FULL_POOL, local_kv_heads, model_caches
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ class BudgetPlanner:
         self.policy = POLICIES[config.policy]
         self.layout = profile = self.policy.layout(profile)
         self.heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
+        self.tp_size = tp_size
+        self._classes: dict[int, tuple] = {}  # capacity_classes(count), computed once
         layers = range(profile.num_layers)
         every = range(profile.num_kv_heads)
         self._every_full = torch.tensor(
@@ -144,11 +146,19 @@ class BudgetPlanner:
         return RequestRules.of(self.profile, self.config.policy, self.config.compression_ratio, self.compresses)
 
     def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
-        """Compressed heads (all ranks) in ``count`` classes of equal size by budget ratio.
+        """Compressed heads (all ranks) in at most ``count`` classes, contiguous by budget ratio.
 
         Returns each class's capacity (the bound of its largest budget) and ``(layer, global KV
         head) -> class``. A class's pool keeps, per request, its largest budget for each of its
         heads, so fewer, wider classes waste more memory on the heads with smaller ratios.
+
+        Class sizes: vLLM gives every KV cache group the same number of caches (a block costs the
+        largest group's bytes) and pads the last group of each pool to it
+        (:func:`kv_cache_group_slots`), so classes of equal size beside a full pool of another
+        size can waste a large share of every block (SmolLM2: 44% with 4 equal classes). The
+        sizes chosen, among equal classes and classes in multiples of one group size, keep the
+        least KV per token of a long prompt: padded slots included, each class's heads at its
+        largest ratio, with 0.5% added per KV cache group (each is a block table in every step).
         """
         profile = self.layout
         heads = sorted(
@@ -161,9 +171,40 @@ class BudgetPlanner:
         if n == 0:  # every head full (policy full, or an all-full profile)
             return (), {}
         count = max(1, min(count, n))
-        classes = [heads[i * n // count : (i + 1) * n // count] for i in range(count)]
-        capacities = tuple(self._capacity(max(r for r, _, _ in cls)) for cls in classes)
-        return capacities, {(l, h): c for c, cls in enumerate(classes) for _, l, h in cls}
+        if count in self._classes:
+            return self._classes[count]
+        # a compressed head's budget per prompt token: share * its ratio (module docstring, L large)
+        share = 1.0 if self.keep_all or self.config.token_budget is not None else (
+            (self.config.compression_ratio * self.total - self.n_full) / (self.total - self.n_full))
+        ideal = self.n_full + sum(min(1.0, share * r) for r, _, _ in heads)
+        best = None
+        for sizes in _class_sizes(n, count):
+            bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+            classes = [heads[a:b] for a, b in zip(bounds, bounds[1:])]
+            capacities = tuple(self._capacity(max(r for r, _, _ in cls)) for cls in classes)
+            class_of = {(l, h): c for c, cls in enumerate(classes) for _, l, h in cls}
+            groups, slots, caches = self.group_slots(capacities, class_of)
+            kept = self.n_full + sum(len(cls) * min(1.0, share * cls[-1][0]) for cls in classes)
+            rank = slots / caches * kept / ideal + 0.005 * groups
+            if best is None or rank < best[0]:
+                best = (rank, capacities, class_of)
+        self._classes[count] = best[1], best[2]
+        return self._classes[count]
+
+    def group_slots(self, capacities, class_of) -> tuple[int, int, int]:
+        """(KV cache groups, cache slots, caches) vLLM makes of this rank's caches for these classes."""
+        profile = self.layout
+
+        def pool_of(layer: int, head: int) -> int:
+            return class_of.get((layer, head), FULL_POOL)
+
+        counts: dict = {}
+        for lc in model_caches(pool_of, profile.num_layers, profile.num_kv_heads, self.tp_size):
+            for pool in lc.pools:  # classes of equal capacity have equal specs: one vLLM pool
+                key = "full" if pool == FULL_POOL else capacities[pool]
+                counts[key] = counts.get(key, 0) + 1
+        groups, slots = kv_cache_group_slots(list(counts.values()))
+        return groups, slots, sum(counts.values())
 
     def pools(self) -> tuple[tuple[PoolCapacity, ...], Callable[[int, int], int]]:
         """The KV pools: the capacities of ``config.budget_classes`` classes, and the pool of a
@@ -217,6 +258,38 @@ class BudgetPlanner:
             every_budgets=every,
             keeps_all=bool((every >= L).all()),
         )
+
+
+def kv_cache_group_slots(pool_sizes: list[int]) -> tuple[int, int]:
+    """``(groups, cache slots)``: how vLLM 0.32 groups caches of several specs, ``pool_sizes[i]``
+    caches of spec ``i`` (``vllm/v1/core/kv_cache_utils.py``, ``_get_kv_cache_groups_uniform_page_size``):
+    every group holds the same number of caches, the smallest pool's (the largest's when every
+    pool is within 1.5 times the smallest), each pool split into whole groups, the last padded.
+    A padded slot costs a cache's memory in every block."""
+    sizes = [n for n in pool_sizes if n]
+    lo, hi = min(sizes), max(sizes)
+    group = hi if hi < 1.5 * lo else lo
+    groups = sum(-(-n // group) for n in sizes)
+    return groups, groups * group
+
+
+def _class_sizes(n: int, count: int):
+    """Candidate sizes of at most ``count`` classes of ``n`` heads: equal ones, and for every
+    group size ``g`` one class of ``g`` and the rest in multiples of ``g`` (only the last short)."""
+    yield [n // count + (i < n % count) for i in range(count)][::-1]
+    for g in range(1, n + 1):
+        rest = n - g
+        units = -(-rest // g)
+        k = min(count - 1, units)
+        if k == 0:
+            if rest == 0:
+                yield [g]
+            continue
+        per = [units // k + (i < units % k) for i in range(k)]
+        sizes = [g] + [u * g for u in per]
+        sizes[-1] -= sum(sizes) - n  # the last class is short by the padding
+        if sizes[-1] > 0:
+            yield sizes
 
 
 @dataclass(frozen=True)
