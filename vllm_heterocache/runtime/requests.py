@@ -8,6 +8,7 @@ start) and dropped when vLLM reports the request finished, aborted or preempted.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,12 @@ class RequestState:
     @property
     def prompt_len(self) -> int:
         return self.plan.prompt_len
+
+    @functools.cached_property
+    def shifts(self) -> torch.Tensor:
+        """int64 ``[pools]``: how far each pool class moves this request's generated tokens from
+        their positions (``RowPlacement.shift``), -1 where it keeps them in place."""
+        return torch.tensor([-1 if p.positional else p.shift for p in self.placements], dtype=torch.int64)
 
     @property
     def positional(self) -> bool:

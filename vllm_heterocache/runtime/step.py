@@ -250,21 +250,23 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
         work = tuple(items[layer][:, compressed[layer]].reshape(-1, WORK_COLUMNS) for layer in range(num_layers))
     prefilling = RowSubset.of(tuple(r for r in rows if not r.decoding)) if prefill else None
     return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work,
-                    _drift_phases(decoding, drift_interval), prefilling, moved=_moved(decoding, num_pools),
+                    _drift_phases(decoding, drift_interval), prefilling, moved=_moved(decoding, tokens, num_pools),
                     fronts=pointing)
 
 
-def _moved(decoding: tuple[Row, ...], num_pools: int) -> tuple[MovedWrites | None, ...]:
-    """Per pool class, the decoding tokens it stores at shifted positions (``StepPlan.moved``)."""
+def _moved(decoding: tuple[Row, ...], tokens: torch.Tensor, num_pools: int) -> tuple[MovedWrites | None, ...]:
+    """Per pool class, the decoding tokens it stores at shifted positions (``StepPlan.moved``);
+    ``tokens``: int64 ``[n, 3]`` (token, row, position + 1) of the decoding tokens."""
+    if not num_pools:
+        return ()
+    shifts = torch.stack([r.state.shifts for r in decoding for _ in range(r.q_len)])  # [n, pools]; -1: in place
     out = []
     for c in range(num_pools):
-        rows = [r for r in decoding if not r.state.placements[c].positional]
-        if not rows:
+        moved = shifts[:, c] >= 0
+        if not bool(moved.any()):
             out.append(None)
             continue
-        tokens = torch.cat([torch.arange(r.start, r.start + r.q_len) for r in rows])
-        positions = torch.cat([torch.arange(r.first, r.seq_len) + r.state.placements[c].shift for r in rows])
-        out.append(MovedWrites(tokens, torch.tensor([r.index for r in rows for _ in range(r.q_len)]), positions))
+        out.append(MovedWrites(tokens[moved, 0], tokens[moved, 1], tokens[moved, 2] - 1 + shifts[moved, c]))
     return tuple(out)
 
 

@@ -15,8 +15,8 @@ one per local head; with tensor parallelism padded to the same caches on every r
   processed (the worker has copied each head's selection by then, ``runtime.layer``), it
   releases the prompt's blocks. A request's budget follows its policy and ratio
   (``vllm_xargs``): the manager reads them from the request when the scheduler first allocates
-  its slots (:func:`note_request`), by the same rules as the workers (``policies.RequestRules``,
-  ``budget.PoolCapacity.for_request``).
+  its slots (:func:`note_request`), by the same function as the workers
+  (``budget.class_placement``).
 
 Prefix caching. Every pool shares prompt blocks through vLLM's own prefix cache (block hashes,
 its LRU): a compressed pool hashes the blocks of its prompt region only -- never its selection,
@@ -28,8 +28,10 @@ chat's next turn, hits its prompt; its generated tokens are computed again, as t
 pools do not hash blocks that mix prompt and generated tokens.)
 
 One head per cache makes every page the same size (no padding when vLLM unifies pages), and
-vLLM groups the caches by spec: one KV cache group (block table) for all full heads, one per
-budget class. It sizes one block pool for all groups from ``VLLM_CPU_KVCACHE_SPACE`` (or
+vLLM groups the caches by spec into KV cache groups (block tables) of one size: the full pool's
+caches in some, each budget class's in others (``budget.BudgetPlanner.capacity_classes`` sizes
+the classes so that few slots are padded). It sizes one block pool for all groups from
+``VLLM_CPU_KVCACHE_SPACE`` (or
 ``gpu_memory_utilization``), so its scheduler admits requests against the real footprint and its
 block accounting stays honest. Nothing is allocated behind vLLM's back except the host tier.
 """
