@@ -118,6 +118,6 @@ def test_pool_capacities_bound_every_request_budget(llama_profile, server):
                         placement = class_placement(capacity, class_rules[c], choice, L, 64, hit)
                         if placement.positional:  # nothing selected, every token in place
                             assert all(b == L for b in heads), (name, ratio, L, c)
-                        else:  # the copied part of the largest selection fits the region
+                        else:  # room for the copied part of the largest selection
                             assert placement.shared_len == hit
-                            assert placement.selection_blocks * 64 >= min(cap, L - hit), (name, ratio, L, c)
+                            assert placement.selection_len == min(cap, L - hit), (name, ratio, L, c)

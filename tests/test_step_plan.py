@@ -9,18 +9,18 @@ from vllm_heterocache.runtime.step import Row, empty_plan, front_width, plan_ste
 
 FULL = torch.tensor([[True, False, False], [False, False, True]])  # 2 layers x 3 KV heads
 POOL = torch.where(FULL, -1, 0)  # the compressed heads in one pool class
-BS = 16  # block size: a 20- or 30-token prompt fills columns 0-1, its selection (1 block) column 2,
-# its generated tokens from column 3 on (row position p + 32: token 24 at 56)
+BS = 16  # block size: a 20- or 30-token prompt fills columns 0-1, its 9 selection slots row
+# positions 32-40, its generated tokens from 41 on (a: token p at p + 21; b: at p + 11)
 
 
-def state(key: str, prompt_len: int, selection_blocks: int = 1, store=POOL) -> RequestState:
-    """``selection_blocks`` 0: a request whose policy keeps every token (its pool keeps them in
+def state(key: str, prompt_len: int, selection_len: int = 9, store=POOL) -> RequestState:
+    """``selection_len`` 0: a request whose policy keeps every token (its pool keeps them in
     place); ``store``: the pool of each head's cache."""
-    kept = torch.tensor([[5, 7, 9], [4, 6, 8]]) if selection_blocks else prompt_len
+    kept = torch.tensor([[5, 7, 9], [4, 6, 8]]) if selection_len else prompt_len
     budgets = torch.where(FULL, prompt_len, kept)
     plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL,
-                             "keeps_all": not selection_blocks})()
-    placements = (RowPlacement(prompt_len, BS, selection_blocks),)
+                             "keeps_all": not selection_len})()
+    placements = (RowPlacement(prompt_len, BS, selection_len),)
     template = work_template(plan, store, placements)
     fronts = torch.full((2, 3, front_width(plan)), -1, dtype=torch.int32) if bool((template[..., 7] >= 0).any()) else None
     return RequestState(key, plan, template, placements=placements, fronts=fronts)
@@ -32,15 +32,15 @@ def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layou
     plan = plan_step(rows, FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
     assert plan.fused and not plan.prefill and plan.decoding == rows and not plan.ends_prompt
     # every head of every decoding token: compressed heads over their selection (from row position
-    # 32) + generated tokens (shifted by 32), full heads over all
+    # 32) + generated tokens (after the selection's 9 slots), full heads over all
     assert plan.work[0].tolist() == [
-        [0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 7, 52, 57, 32, -1], [0, 2, 0, 9, 52, 57, 32, -1],
-        [1, 0, 1, 0, 0, 31, 0, -1], [1, 1, 1, 7, 62, 63, 32, -1], [1, 2, 1, 9, 62, 63, 32, -1],
+        [0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 7, 41, 46, 32, -1], [0, 2, 0, 9, 41, 46, 32, -1],
+        [1, 0, 1, 0, 0, 31, 0, -1], [1, 1, 1, 7, 41, 42, 32, -1], [1, 2, 1, 9, 41, 42, 32, -1],
     ]
-    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 52, 57, 32, -1]
+    assert plan.work[1][:, 1].tolist() == [0, 1, 2, 0, 1, 2] and plan.work[1][0, 3:].tolist() == [4, 41, 46, 32, -1]
     # the compressed pool stores both generated tokens at their row positions
     moved = plan.moved[0]
-    assert moved.tokens.tolist() == [0, 1] and moved.rows.tolist() == [0, 1] and moved.positions.tolist() == [56, 62]
+    assert moved.tokens.tolist() == [0, 1] and moved.rows.tolist() == [0, 1] and moved.positions.tolist() == [45, 41]
     unfused = plan_step(rows, FULL, kernels_read_layout=False, drift_interval=4)  # full heads stay with vLLM's kernel
     assert not unfused.fused and unfused.work[0][:, 1].tolist() == [1, 2, 1, 2]
 
@@ -52,9 +52,9 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
     assert plan.prefill and not plan.fused and plan.ends_prompt == (rows[1],) and plan.decoding == (rows[0],)
     # causal among a's tokens: token j sees positions up to 20 + j
     assert plan.work[0].tolist() == [
-        [0, 1, 0, 7, 52, 53, 32, -1], [0, 2, 0, 9, 52, 53, 32, -1],
-        [1, 1, 0, 7, 52, 54, 32, -1], [1, 2, 0, 9, 52, 54, 32, -1],
-        [2, 1, 0, 7, 52, 55, 32, -1], [2, 2, 0, 9, 52, 55, 32, -1],
+        [0, 1, 0, 7, 41, 42, 32, -1], [0, 2, 0, 9, 41, 42, 32, -1],
+        [1, 1, 0, 7, 41, 43, 32, -1], [1, 2, 0, 9, 41, 43, 32, -1],
+        [2, 1, 0, 7, 41, 44, 32, -1], [2, 2, 0, 9, 41, 44, 32, -1],
     ]
     assert plan.work[1][:, 1].tolist() == [0, 1, 0, 1, 0, 1]
     # vLLM's kernel runs compressed heads over the prefilling row only: b's 10 tokens, re-based
@@ -65,7 +65,7 @@ def test_a_step_with_a_prefilling_row_runs_vllms_kernel_and_gathers_only_compres
 
 
 def test_a_pool_that_keeps_a_request_whole_addresses_it_by_position():
-    a = state("a", 20, selection_blocks=0)  # e.g. a request whose policy keeps every head full
+    a = state("a", 20, selection_len=0)  # e.g. a request whose policy keeps every head full
     plan = plan_step((Row(0, 1, 25, 0, a),), FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
     assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 0, 0, 25, 0, -1], [0, 2, 0, 0, 0, 25, 0, -1]]
     assert plan.moved == (None,) and not plan.ends_prompt
@@ -77,7 +77,7 @@ def test_compressed_heads_in_a_full_cache_read_their_selection_in_place():
     a = state("a", 20, store=torch.tensor([[-1, -1, 0], [0, 0, -1]]))  # layer 0 head 1: compressed, full cache
     plan = plan_step((Row(0, 1, 25, 0, a),), FULL, kernels_read_layout=True, drift_interval=4, num_pools=1)
     assert plan.work[0].tolist() == [[0, 0, 0, 0, 0, 25, 0, -1], [0, 1, 0, 7, 20, 25, 0, 9],
-                                     [0, 2, 0, 9, 52, 57, 32, -1]]
+                                     [0, 2, 0, 9, 41, 46, 32, -1]]
     assert plan.fronts == (plan.rows[0],)  # (RequestState.fronts of 9 slots per head: head 1's from 9)
 
 

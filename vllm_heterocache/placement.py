@@ -4,36 +4,39 @@ vLLM's prefix cache shares a prompt's KV blocks between requests by the hash of 
 hold. A compressed head keeps its own selection of the prompt's tokens, which depends on the
 request (on its question, for scored policies), so a selection must never be written into a
 block that the prefix cache can hand to another request. Each compressed pool therefore lays a
-request's block-table row out in three regions (columns of ``block_size`` tokens)::
+request's block-table row out in two regions (columns of ``block_size`` tokens)::
 
-    | prompt: P = ceil(L / bs) columns | selection: S columns | generated tokens ...
-      positions 0 .. L-1, shared         private, never hashed   token p at p + shift
+    | prompt: P = ceil(L / bs) columns | selection: N slots, then generated tokens ...
+      positions 0 .. L-1, shared         private, never hashed: token p >= L at p + shift
 
 - *prompt*: the prompt's tokens at their own positions, written while the prompt is prefilled
   and never afterwards. vLLM hashes and shares these blocks like any other pool's: a prefix-cache
   hit fills them, and the prompt's own blocks serve later requests' hits.
-- *selection*: once the prompt is processed, each head of the pool copies the prompt tokens it
+- *private*: once the prompt is processed, each head of the pool copies the prompt tokens it
   keeps into slots ``0 ..`` of this region (row positions ``selection_start ..``), in prompt
-  order; drift refills rewrite the same slots. The scheduler allocates these ``S`` blocks with
-  the prompt's last block and never hashes them, so the prefix cache never sees a selection.
-- *generated*: token ``p >= L`` at row position ``p + shift``, ``shift`` a whole number of blocks,
-  so that each block holds the tokens of one token block.
+  order; drift refills rewrite the same slots. ``N`` slots hold the most any head of the pool
+  copies; the generated tokens follow at once (``shift = selection_start + N - L``), so that a
+  short answer shares a block with the selection. The scheduler allocates the region's first
+  blocks with the prompt's last block and never hashes any of it, so the prefix cache never sees
+  a selection (nor, in these pools, a generated token: a chat's next turn hits its previous
+  turn's prompt, and computes the answer again).
 
 When the prompt is processed the scheduler releases the prompt columns: their blocks stay in
-vLLM's prefix cache (evictable, intact) for later requests, and the request keeps ``S =
-ceil(B_max / bs)`` blocks for its selection (``B_max``: the pool's largest budget for the
-request) plus its generated tokens -- the same device memory as without prefix caching.
+vLLM's prefix cache (evictable, intact) for later requests, and the request keeps its private
+region, ``N = B_max`` slots for its selection (``B_max``: the pool's largest budget for the
+request) and its generated tokens -- the same device memory as without prefix caching.
 
 A request whose first ``H`` prompt tokens came from the prefix cache (``H`` a whole number of
 blocks: other requests' blocks, which this one shares through their reference counts) keeps
 those ``H / bs`` *shared* columns instead of releasing them: its heads' selections point into
 them (a head's selected positions below ``H`` are read in place, ``RequestState.fronts``) and
-only the tokens it selects from its own part of the prompt are copied, into ``S =
-ceil(min(B_max, L - H) / bs)`` blocks. Requests that share a long prefix thus hold it once, as
-the stock backend does, never a copy of their selections of it each.
-A pool whose heads all keep every prompt token for the request (``S = 0``: its policy keeps
-them full, ratio 1, a short prompt) is laid out like a full pool: every token at its own
-position, nothing copied or released.
+only the tokens it selects from its own part of the prompt are copied, into ``N = min(B_max, L -
+H)`` slots. Requests that share a long prefix thus hold it once, as the stock backend does,
+never a copy of their selections of it each.
+
+A pool whose heads all keep every prompt token for the request (its policy keeps them full,
+ratio 1, a short prompt) is laid out like a full pool: every token at its own position, nothing
+copied or released.
 
 The scheduler (``vllm_adapter.pools``) sizes and frees blocks by this module and the workers
 (``runtime``) address tokens by it, so both sides agree by construction.
@@ -55,13 +58,15 @@ class RowPlacement:
     Attributes:
         prompt_len: L, the request's prompt tokens.
         block_size: bs, tokens per block.
-        selection_blocks: S, blocks of the selection region; 0: every token at its own position.
+        selection_len: N, the private region's selection slots; 0: every token at its own
+            position (no private region).
+        shared_blocks: prompt blocks from a prefix-cache hit that the selections point into.
     """
 
     prompt_len: int
     block_size: int
-    selection_blocks: int
-    shared_blocks: int = 0  # prompt blocks from a prefix-cache hit that the selections point into
+    selection_len: int
+    shared_blocks: int = 0
 
     @classmethod
     def of(cls, prompt_len: int, block_size: int, max_budget: int, keeps_prompt: bool, hit: int = 0) -> RowPlacement:
@@ -71,13 +76,12 @@ class RowPlacement:
         if keeps_prompt:
             return cls(prompt_len, block_size, 0)
         shared = hit // block_size
-        own = min(max_budget, prompt_len - shared * block_size)  # the most a head copies
-        return cls(prompt_len, block_size, _cdiv(own, block_size), shared)
+        return cls(prompt_len, block_size, min(max_budget, prompt_len - shared * block_size), shared)
 
     @property
     def positional(self) -> bool:
-        """Every token at its own position (no selection region)."""
-        return self.selection_blocks == 0
+        """Every token at its own position (no private region)."""
+        return self.selection_len == 0
 
     @property
     def prompt_blocks(self) -> int:
@@ -96,47 +100,39 @@ class RowPlacement:
 
     @property
     def selection_start(self) -> int:
-        """Row position of selection slot 0."""
+        """Row position of selection slot 0 (the private region's first)."""
         return self.prompt_blocks * self.block_size
 
     @property
     def shift(self) -> int:
         """Row positions a generated token sits after its own position (0 when positional)."""
-        if self.positional:
-            return 0
-        whole_prompt_blocks = self.prompt_len // self.block_size
-        return (self.prompt_blocks + self.selection_blocks - whole_prompt_blocks) * self.block_size
+        return 0 if self.positional else self.selection_start + self.selection_len - self.prompt_len
 
     @property
     def peak_blocks(self) -> int:
         """The most blocks the request holds at once before it generates: its prompt and its
-        selection region, at the step of the prompt's last chunk (the prompt's blocks are
-        released afterwards). A longer prompt never has a smaller peak."""
-        return self.prompt_blocks + self.selection_blocks
+        selection, at the step of the prompt's last chunk (the prompt's blocks are released
+        afterwards). A longer prompt never has a smaller peak."""
+        return self.prompt_blocks + _cdiv(self.selection_len, self.block_size)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Block-table columns a request needs once tokens ``0 .. num_tokens - 1`` have slots.
 
-        The selection region comes with the chunk that reaches the prompt's last block, so that
-        the chunk with the last prompt token can select into it."""
+        The selection's blocks come with the chunk that reaches the prompt's last block, so that
+        the chunk with the last prompt token can select into them."""
         if self.positional or num_tokens <= (self.prompt_len - 1) // self.block_size * self.block_size:
             return _cdiv(num_tokens, self.block_size)
         if num_tokens <= self.prompt_len:
-            return self.prompt_blocks + self.selection_blocks
-        return (num_tokens - 1 + self.shift) // self.block_size + 1
+            return self.peak_blocks
+        return _cdiv(self.row_position(num_tokens - 1) + 1, self.block_size)
 
     def row_position(self, position: int) -> int:
         """Where token ``position`` of the request sits in the row."""
         return position + self.shift if position >= self.prompt_len else position
 
     def token_block_columns(self, num_blocks: int) -> list[int]:
-        """The columns of token blocks ``0 .. num_blocks - 1`` (what the prefix cache hashes):
-        prompt blocks at their own columns, blocks of generated tokens after the selection. A
-        token block that holds both prompt and generated tokens is not in one column: the list
-        stops before it."""
+        """The columns of token blocks ``0 .. num_blocks - 1`` that the prefix cache hashes:
+        every one at its own column in a positional row, else the prompt's whole blocks."""
         if self.positional:
             return list(range(num_blocks))
-        whole_prompt = self.prompt_len // self.block_size
-        if self.prompt_len % self.block_size:  # the prompt's last block is split
-            return list(range(min(num_blocks, whole_prompt)))
-        return [k if k < whole_prompt else k + self.shift // self.block_size for k in range(num_blocks)]
+        return list(range(min(num_blocks, self.prompt_len // self.block_size)))

@@ -192,7 +192,7 @@ def _store(state, heads: LayerHeads, h: int) -> tuple[int, int, int]:
     placement = state.placement(heads.store[h])
     if placement is None or placement.positional:
         return state.prompt_len, state.prompt_len, 0
-    return placement.shared_len, placement.selection_start, placement.selection_blocks * placement.block_size
+    return placement.shared_len, placement.selection_start, placement.selection_len
 
 
 def _every_compressed(compressed: tuple[int, ...], selected: tuple[int, ...], chosen: torch.Tensor,
