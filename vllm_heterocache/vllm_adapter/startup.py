@@ -96,7 +96,7 @@ def check_config(vllm_config) -> tuple[HeteroCacheConfig, HeadProfile]:
         refused.append(f"sliding-window attention (window {model_config.get_sliding_window()}): serve this model "
                        "without --attention-backend heterocache")
     if refused:
-        raise ConfigError("heterocache does not support " + refused[0])
+        raise ConfigError("heterocache does not support " + "; ".join(refused))
     profile = resolve_profile(model_config.hf_config, model_config.model, config.profile)
     BudgetPlanner(profile, config)  # an infeasible budget names the smallest feasible ratio
     return config, profile
