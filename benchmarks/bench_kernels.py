@@ -7,11 +7,12 @@ of ``--heads`` single-head caches of ``--tokens`` tokens each (fp32 and bf16, bl
 order, vLLM's AVX2 layout), timed over repeats; achieved GB/s = K and V bytes the items must read
 / time. Also the PyTorch reference path on the same work, for scale.
 
-Fronts read in place (``--selected F``, default 0.25): each head attends a selection of F of the
-positions given as a position list, as a selection that points into shared prompt blocks after a
-prefix-cache hit is read (``vllm_heterocache/placement.py``): the top F of random scores pooled
-over 5 positions (runs, as SnapKV's pooled selections make them), against the same number of
-positions read as one contiguous range (a selection copied into a request's own blocks).
+Fronts read in place (``--selected F``, default 0.18, ``--run-length R``, default 9.5: what
+SmolLM2's prefill selections at ratio 0.5 of an 8K prompt look like): each head attends a
+selection of F of the positions, in runs of R consecutive positions on average, given as a
+position list, as a selection that points into shared prompt blocks after a prefix-cache hit is
+read (``vllm_heterocache/placement.py``), against the same number of positions read as one
+contiguous range (a selection copied into a request's own blocks).
 """
 
 from __future__ import annotations
@@ -33,6 +34,19 @@ def best_time(fn, repeats: int, device: str = "cpu") -> float:
     return timed(fn, repeats) / 1e3
 
 
+def selection(n: int, k: int, run_length: float, seed: int) -> torch.Tensor:
+    """``k`` sorted positions of ``0 .. n - 1`` in runs of ``run_length`` on average, at random places."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randperm(n, generator=g)[: max(1, int(k / run_length))]
+    lengths = torch.distributions.Geometric(probs=torch.tensor(1 / run_length)).sample((starts.numel(),)) + 1
+    chosen = torch.zeros(n, dtype=torch.bool)
+    for s, l in zip(starts.tolist(), lengths.long().tolist()):
+        chosen[s : s + l] = True
+    picked = torch.nonzero(chosen)[:, 0]
+    extra = torch.nonzero(~chosen)[:, 0][torch.randperm(int((~chosen).sum()), generator=g)][: max(0, k - picked.numel())]
+    return torch.cat([picked[:k], extra]).sort().values
+
+
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
@@ -48,7 +62,8 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--selected", type=float, default=0.25, help="fraction selected for the position-list fronts")
+    p.add_argument("--selected", type=float, default=0.18, help="fraction selected for the position-list fronts")
+    p.add_argument("--run-length", type=float, default=9.5, help="mean length of the selected runs")
     a = p.parse_args()
     dev = a.device
     print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}; device {dev}")
@@ -75,8 +90,7 @@ def main() -> None:
         print(line, flush=True)
         # the same heads attending a selection: read in place by a position list, or copied (one range)
         k = max(1, int(a.selected * n))
-        pooled = torch.nn.functional.avg_pool1d(torch.rand(a.heads, 1, n), 5, stride=1, padding=2)[:, 0]
-        fronts = torch.cat([pooled[h].topk(k).indices.sort().values for h in range(a.heads)]).int().to(dev)
+        fronts = torch.cat([selection(n, k, a.run_length, seed=h) for h in range(a.heads)]).int().to(dev)
         listed = torch.tensor([[0, h, 0, k, n, n, 0, h * k] for h in range(a.heads)], dtype=torch.int64, device=dev)
         ranged = torch.tensor([[0, h, 0, k, n, n, 0, -1] for h in range(a.heads)], dtype=torch.int64, device=dev)
         sel_bytes = a.heads * k * 2 * d * caches[0].element_size()

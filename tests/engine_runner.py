@@ -223,6 +223,9 @@ def main():
                                                     **small, **heterocache(profile, **options))
         results["ratio1_pc"] = generate_batches(model, prefix_batches, 24, **small,
                                                 **heterocache(profile, compression_ratio=1.0))
+        # selections of a hit copied into each request's blocks instead of pointing into the shared ones
+        results["hc_copy_pc"] = generate_batches(model, prefix_batches, 24, **small,
+                                                 **heterocache(profile, shared_prefixes="copy", **options))
         # a full request hitting blocks that compressed requests cached
         results["full_after_compressed"] = generate_batches(
             model, lambda tok: prefix_batches(tok)[:2], 24, batch_args={1: {"heterocache_policy": "full"}}, **small,

@@ -37,12 +37,13 @@ class Setup:
     """A runtime, one request of ``length`` prompt tokens written into both pools (and the host
     tier) through the backend's own steps, and the dense K/V/Q it came from."""
 
-    def __init__(self, isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0, hit=0):
+    def __init__(self, isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0, hit=0,
+                 shared_prefixes="point"):
         from vllm_heterocache.vllm_adapter.layout import probe_layout
 
         g = torch.Generator().manual_seed(seed)
         cfg = HeteroCacheConfig(compression_ratio=ratio, window=window, drift_interval=interval, pool_kernel=3,
-                                min_prompt_len=0)
+                                min_prompt_len=0, shared_prefixes=shared_prefixes)
         self.rt = rt = HeteroCacheRuntime(synthetic_profile(CONFIG, [pattern]), cfg, tp_rank=0, tp_size=1,
                                           block_size=BS)
         self.heads = heads = rt.layers[0]
@@ -216,9 +217,10 @@ def decode_to_a_drift(s):
     return result, ks, vs
 
 
-@pytest.mark.parametrize("hit", [0, 32], ids=["own-prompt", "prefix-cache-hit"])
-def test_drift_refills_satellite_slots_from_the_host_tier(isa, hit):
-    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61, hit=hit)
+@pytest.mark.parametrize("hit, shared_prefixes", [(0, "point"), (32, "point"), (32, "copy")],
+                         ids=["own-prompt", "prefix-cache-hit", "prefix-cache-hit-copied"])
+def test_drift_refills_satellite_slots_from_the_host_tier(isa, hit, shared_prefixes):
+    s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61, hit=hit, shared_prefixes=shared_prefixes)
     s.prefill()
     rt, plan = s.rt, s.state.plan
     cut = 61 - plan.window
@@ -239,7 +241,7 @@ def test_drift_refills_satellite_slots_from_the_host_tier(isa, hit):
     assert torch.equal(k, s.k[window, 1])
     assert torch.equal(s.state.references[0][0], result.latest_topk[0])
     moved = set(want.tolist()) - before  # only positions the satellite did not hold are copied,
-    copied = [p for p in moved if p >= hit]  # and after a hit none of the hit's (pointed at instead)
+    copied = [p for p in moved if p >= s.placement(1).shared_len]  # none of a hit's that it points at
     assert moved and rt.host.stats.bytes_out == 2 * len(copied) * D * 4
 
 

@@ -92,6 +92,10 @@ def check_prefix_runs(results):
 def test_prefix_caching_hits_change_no_answer(tiny, tiny_profile):
     results, log = run_engines("prefix", tiny, tiny_profile)
     check_prefix_runs(results)
+    # hits copied instead of pointed at: the same answers and hits
+    assert results["hc_copy_pc"]["tokens"] == results["hc_nopc"]["tokens"]
+    assert results["hc_copy_pc"]["hits"] == results["hc_pc"]["hits"]
+    assert results["hc_copy_pc"]["free_blocks"] == results["hc_copy_pc"]["num_blocks"] - 1
     # ratio 1 with the prefix cache: vLLM's own backend, the stock tokens and hits
     assert results["ratio1_pc"]["tokens"] == results["stock_pc"]["tokens"]
     assert results["ratio1_pc"]["hits"] == results["stock_pc"]["hits"]

@@ -53,3 +53,22 @@ def test_a_pool_that_keeps_every_prompt_token_is_a_full_pool_row():
     assert p.positional and p.shift == 0 and p.shared_blocks == 0 and not p.released
     assert [p.blocks_for(n) for n in (1, 40, 41, 49)] == [1, 3, 3, 4]
     assert p.row_position(45) == 45
+
+
+def test_a_server_that_copies_shared_prefixes_copies_the_hit_too():
+    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.config import HeteroCacheConfig
+    from vllm_heterocache.errors import ConfigError
+    from vllm_heterocache.profile import load_profile
+
+    from conftest import ROOT
+
+    profile = load_profile(ROOT / "profiles" / "SmolLM2-135M-Instruct.json")
+    for mode, shared in (("point", 16), ("copy", 0)):
+        planner = BudgetPlanner(profile, HeteroCacheConfig(compression_ratio=0.5, shared_prefixes=mode), block_size=128)
+        capacities, _ = planner.pools()
+        placement = capacities[0].placement(4096, 128, hit=2048)
+        assert placement.shared_blocks == shared and placement.selection_len == min(capacities[0].max_budget(4096),
+                                                                                   4096 - shared * 128)
+    with pytest.raises(ConfigError, match="heterocache.shared_prefixes='share': choose 'point' or 'copy'"):
+        HeteroCacheConfig(shared_prefixes="share")

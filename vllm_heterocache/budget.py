@@ -123,6 +123,7 @@ class BudgetPlanner:
             min_prompt_len=config.min_prompt_len,
             round_to=block_size if config.round_to_block else 0,
             keep_all=self.keep_all,
+            points=config.shared_prefixes == "point",
         )
         if not self.keep_all and config.token_budget is None and r * self.total <= self.n_full:
             smallest = math.floor(min_feasible_ratio(profile) * 1000 + 1) / 1000
@@ -328,6 +329,7 @@ class PoolCapacity:
     round_to: int  # 0: no rounding
     keep_all: bool
     selects: bool = True  # some head of the class may keep fewer than all prompt tokens
+    points: bool = True  # selections point into a request's prefix-cache hit (HeteroCacheConfig.shared_prefixes)
 
     def base(self, prompt_len: int) -> float:
         """The base budget of a compressed head (module docstring)."""
@@ -368,7 +370,7 @@ class PoolCapacity:
         (``placement``), ``hit`` of them from vLLM's prefix cache: the scheduler sizes its
         blocks by it, the workers address them by it."""
         return RowPlacement.of(prompt_len, block_size, self.max_budget(prompt_len), self.keeps_prompt(prompt_len),
-                               hit)
+                               hit if self.points else 0)
 
     def max_budget(self, prompt_len: int) -> int:
         """The budget of the class's largest ratio: what its pool keeps per head and request

@@ -21,6 +21,7 @@ from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.policies import POLICIES
 
 ADDITIONAL_CONFIG_KEY = "heterocache"
+SHARED_PREFIXES = ("point", "copy")  # HeteroCacheConfig.shared_prefixes
 DEFAULT_COMPRESSION_RATIO = 0.5
 
 # Upper bounds of the options that size memory, each far above any useful value: a typo (an
@@ -74,6 +75,13 @@ class HeteroCacheConfig:
         stats_interval_s: seconds between two metrics lines in the engine log (README,
             "Metrics"). Part of the config, not an environment variable, so it reaches every
             worker, Ray actors included.
+        shared_prefixes: how a request whose prompt starts with a prefix-cache hit keeps the
+            tokens its compressed heads select there (``placement``): ``point`` (default) reads
+            them in place, in the blocks it shares with the other requests on that prefix, so
+            that they hold the prefix once; ``copy`` copies them into the request's own blocks,
+            as for a prompt without a hit: each request holds its own selection of the prefix,
+            and decodes faster where reading scattered tokens costs more than reading a copy
+            (vLLM's CPU layout stores K transposed: several times as much per token).
     """
 
     policy: str = "heterocache"
@@ -91,9 +99,13 @@ class HeteroCacheConfig:
     host_tier_gib: float | None = None
     host_tier_path: str | None = None
     stats_interval_s: float = 10.0
+    shared_prefixes: str = "point"
 
     def __post_init__(self) -> None:
         _check_type(self)
+        if self.shared_prefixes not in SHARED_PREFIXES:
+            raise ConfigError(f"heterocache.shared_prefixes={self.shared_prefixes!r}: choose "
+                              + " or ".join(map(repr, SHARED_PREFIXES)))
         if self.policy not in POLICIES:
             raise ConfigError(f"heterocache.policy={self.policy!r} is not a policy: choose one of {', '.join(POLICIES)}")
         if self.compression_ratio is not None and self.token_budget is not None:
@@ -173,6 +185,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "host_tier_gib": (float, int),
     "host_tier_path": (str,),
     "stats_interval_s": (float, int),
+    "shared_prefixes": (str,),
 }
 
 

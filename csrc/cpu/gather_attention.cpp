@@ -117,17 +117,23 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
   float* scores = scores_buf.data();
 
   // the task's positions as segments of consecutive positions inside one block: its front (a
-  // range, or the runs of a position list) and its generated range
+  // range, or the positions of a list) and its generated range. A list's positions are read in
+  // tiles of kTile aligned positions (a K row's cache line when K is transposed): a segment is a
+  // run of touched tiles of one block, whose positions not in the list are masked (keep 0).
   struct Segment {
     const T* kregion;
     int64_t off, n;
+    int64_t keep;  // offset of the segment's keep flags in `keeps` (per position, 1 or 0), -1: all kept
   };
+  constexpr int64_t kTile = 16;
   thread_local std::vector<Segment> segments;
+  thread_local std::vector<float> keeps;
   segments.clear();
+  keeps.clear();
   const auto add_range = [&](int64_t p, int64_t end) {
     while (p < end) {
       const int64_t off = p % bs, n = std::min(bs - off, end - p);
-      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n});
+      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n, -1});
       p += n;
     }
   };
@@ -136,12 +142,27 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     add_range(front_start + f0, front_start + f1);
   } else {
     const int32_t* list = a.fronts + front_list;
+    const int64_t tile = bs % kTile == 0 ? kTile : 1;
+    thread_local std::vector<float> flags;
+    flags.assign(bs, 0.f);
     for (int64_t i = f0; i < f1;) {
-      const int64_t p = list[i], off = p % bs;
-      int64_t n = 1;
-      while (i + n < f1 && list[i + n] == p + n && off + n < bs) ++n;
-      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n});
-      i += n;
+      const int64_t block = list[i] / bs;  // the entries in a row of the same block
+      int64_t j = i;
+      for (; j < f1 && list[j] / bs == block; ++j) flags[list[j] % bs] = 1.f;
+      for (int64_t t0 = 0; t0 < bs; t0 += tile) {  // runs of touched tiles
+        const auto touched = [&](int64_t t) {
+          return std::any_of(flags.begin() + t, flags.begin() + t + tile, [](float f) { return f != 0.f; });
+        };
+        if (!touched(t0)) continue;
+        int64_t t1 = t0 + tile;
+        while (t1 < bs && touched(t1)) t1 += tile;
+        segments.push_back({cache + static_cast<int64_t>(table[block]) * a.block_strides[h], t0, t1 - t0,
+                            static_cast<int64_t>(keeps.size())});
+        keeps.insert(keeps.end(), flags.begin() + t0, flags.begin() + t1);
+        t0 = t1 - tile;
+      }
+      for (int64_t k = i; k < j; ++k) flags[list[k] % bs] = 0.f;
+      i = j;
     }
   }
   add_range(gen_start + std::max<int64_t>(0, task.v0 - n_front), gen_start + std::max<int64_t>(0, task.v1 - n_front));
@@ -167,9 +188,10 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
       scores_token_major(&q[0][0], kMaxHeadSize, G, D, kf, n, scores, bs, pf);
     }
     // online softmax: rescale what was accumulated, then add this block's values
+    const float* keep = seg.keep < 0 ? nullptr : keeps.data() + seg.keep;
     for (int64_t g = 0; g < G; ++g) {
       float* s = &scores[g * bs];
-      const float block_max = max_of(s, n);
+      const float block_max = keep ? max_of_kept(s, keep, n) : max_of(s, n);
       if (block_max > out.m[g]) {  // a new running max (else the correction would be exp(0) = 1)
         const float correction = std::exp(out.m[g] - block_max);
         if (out.l[g] > 0.f && correction != 1.f) {
@@ -179,7 +201,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
         }
         out.m[g] = block_max;
       }
-      out.l[g] += exp_shifted(s, n, out.m[g]);
+      out.l[g] += keep ? exp_shifted_kept(s, keep, n, out.m[g]) : exp_shifted(s, n, out.m[g]);
     }
     accumulate_any<E>(scores, bs, vregion + off * D, n, G, D, out.acc, pf);  // V is [bs, D]
     pf.finish();

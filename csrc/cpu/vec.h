@@ -117,6 +117,41 @@ inline float exp_shifted(const float* x, float* y, int64_t n, float shift) {
 }
 inline float exp_shifted(float* x, int64_t n, float shift) { return exp_shifted(x, x, n, shift); }
 
+// Over the positions i < n with keep[i] != 0 only (keep: 1.0 or 0.0): the max of x, and
+// y[i] = exp(x[i] - shift) (0 where not kept, never a denormal), returning the sum.
+inline float max_of_kept(const float* x, const float* keep, int64_t n) {
+  __m256 m = _mm256_set1_ps(-INFINITY);
+  const __m256 none = _mm256_set1_ps(-INFINITY), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 kept = _mm256_cmp_ps(_mm256_loadu_ps(keep + i), zero, _CMP_NEQ_OQ);
+    m = _mm256_max_ps(m, _mm256_blendv_ps(none, _mm256_loadu_ps(x + i), kept));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = lanes[0];
+  for (int k = 1; k < 8; ++k) r = std::max(r, lanes[k]);
+  for (; i < n; ++i) if (keep[i] != 0.f) r = std::max(r, x[i]);
+  return r;
+}
+inline float exp_shifted_kept(float* x, const float* keep, int64_t n, float shift) {
+  const __m256 vs = _mm256_set1_ps(shift), zero = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 kept = _mm256_cmp_ps(_mm256_loadu_ps(keep + i), zero, _CMP_NEQ_OQ);
+    const __m256 arg = _mm256_blendv_ps(zero, _mm256_sub_ps(_mm256_loadu_ps(x + i), vs), kept);
+    const __m256 e = _mm256_blendv_ps(zero, exp256(arg), kept);
+    _mm256_storeu_ps(x + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
+  for (; i < n; ++i) sum += (x[i] = keep[i] != 0.f ? std::exp(x[i] - shift) : 0.f);
+  return sum;
+}
+
 inline float max_of(const float* x, int64_t n) {
   __m256 m = _mm256_set1_ps(-INFINITY);
   int64_t i = 0;

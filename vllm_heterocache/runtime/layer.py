@@ -44,6 +44,11 @@ class LayerPools:
     tables: tuple[torch.Tensor, ...]
     layout: BlockLayout
 
+    def prefix(self, heads, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]`` each."""
+        kv = [read_prefix(self.caches[h], self.layout, self.tables[h][row], length) for h in heads]
+        return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)
+
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
         return torch.cat([read_prefix(self.caches[h], self.layout, self.tables[h][row], length)[0] for h in heads],
@@ -106,8 +111,9 @@ def _heads_of(query: torch.Tensor, num_kv_heads: int, heads) -> torch.Tensor:
 
 def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> None:
     """Copy the prompt tokens of this step's prefilling rows of the layer's satellites into the
-    host tier (their host rows are consecutive, ``HeteroCacheRuntime``). (Tokens of a
-    prefix-cache hit are not: refills point at them in the shared blocks, ``placement``.)"""
+    host tier (their host rows are consecutive, ``HeteroCacheRuntime``). A request's first row
+    after a prefix-cache hit also copies the hit's tokens, read from the shared blocks, unless
+    its satellites' refills point at them there (``placement``)."""
     rt, rows = ls.rt, ls.heads.host_rows
     if not rows:
         return
@@ -117,6 +123,8 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         end = min(row.seq_len, state.prompt_len)
         if not state.host or row.first >= end:
             continue
+        if row.first == state.hit and any(_store(state, ls.heads, s)[0] < state.hit for s in sats):
+            rt.host.write(state.key, rows[sats[0]], 0, *ls.pools.prefix(sats, row.index, state.hit))
         tokens = slice(row.start, row.start + end - row.first)
         rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
