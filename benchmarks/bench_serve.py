@@ -20,7 +20,8 @@ and a suffix of the case's length. Every server runs ``--dtype float32 --enforce
 ``--attention-backend heterocache --additional-config '{"heterocache": ...}'``.
 
 Settings (``--settings``, the first is the baseline of the ratios): ``stock`` (vLLM's CPU
-backend), ``heterocache``, and each with ``-nopc`` (``--no-enable-prefix-caching``).
+backend), ``heterocache``, each with ``-nopc`` (``--no-enable-prefix-caching``), and
+``heterocache-copy`` (``shared_prefixes: copy``: selections of a prefix-cache hit copied).
 
 A case is ``model:input_len:setting``: model ``smollm2`` (SmolLM2-135M-Instruct with its
 shipped profile) or ``tiny`` (the tiny random Llama with a synthetic profile of 1 full head in
@@ -80,13 +81,14 @@ PRESETS = {
     "shared": {"cases": "smollm2:256:r0.5", "output_len": 64, "num_prompts": 64, "concurrency": 16, "kv_gib": 1.0,
                "prefix_len": 3072, "num_prefixes": 4, "settings": "stock,heterocache,heterocache-nopc"},
     "document": {"cases": "tiny:64:r0.25", "output_len": 1024, "num_prompts": 16, "concurrency": 16, "kv_gib": 2.0,
-                 "prefix_len": 32768, "num_prefixes": 1},
+                 "prefix_len": 32768, "num_prefixes": 1, "settings": "stock,heterocache,heterocache-copy"},
 }
 DEFAULTS = {"cases": PRESETS["short"]["cases"], "output_len": 32, "num_prompts": 128, "concurrency": 64, "kv_gib": 1.0,
             "prefix_len": 0, "num_prefixes": 1, "settings": "stock,heterocache"}
-SETTINGS = {  # name -> (HeteroCache backend, vLLM's prefix caching)
-    "stock": (False, True), "heterocache": (True, True),
-    "stock-nopc": (False, False), "heterocache-nopc": (True, False),
+SETTINGS = {  # name -> (HeteroCache backend, vLLM's prefix caching, HeteroCache options of the setting)
+    "stock": (False, True, {}), "heterocache": (True, True, {}),
+    "stock-nopc": (False, False, {}), "heterocache-nopc": (True, False, {}),
+    "heterocache-copy": (True, True, {"shared_prefixes": "copy"}),
 }
 # (label, key in vllm bench serve's JSON, higher is better)
 METRICS = [
@@ -275,7 +277,7 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
     server_log, client_log = out / f"{stem}.server.log", out / f"{stem}.client.log"
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    heterocache, prefix_caching = SETTINGS[setting]
+    heterocache, prefix_caching, options = SETTINGS[setting]
     cmd = [vllm, "serve", model, "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(case["max_model_len"]),
            "--disable-uvicorn-access-log", "--seed", "0"]
@@ -291,7 +293,7 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
         cmd += ["--kv-cache-memory-bytes", str(int(a.kv_gib * (1 << 30)))]
     if heterocache:
         cmd += ["--attention-backend", "heterocache",
-                "--additional-config", json.dumps({"heterocache": case["options"]})]
+                "--additional-config", json.dumps({"heterocache": case["options"] | options})]
     record: dict = {"setting": setting, "repeat": repeat + 1, "port": port, "server_cmd": cmd,
                     "server_log": str(server_log), "client_log": str(client_log)}
     server = start(cmd, server_log, env)
