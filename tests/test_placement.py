@@ -39,13 +39,20 @@ def test_blocks_grow_with_the_tokens_and_bring_the_selection_with_the_last_promp
 
 
 def test_a_prefix_cache_hit_is_kept_and_only_the_rest_is_copied():
-    p = RowPlacement.of(100, BS, max_budget=60, keeps_prompt=False, hit=64)
-    # the hit's 4 blocks are shared and stay; at most 36 prompt tokens of the request's own are copied
-    assert (p.shared_blocks, p.shared_len, p.selection_len) == (4, 64, 36)
+    p = RowPlacement.of(100, BS, max_budget=30, keeps_prompt=False, hit=64)
+    # the hit's 4 blocks are shared and stay; at most 30 of the 36 prompt tokens of its own are copied
+    assert (p.shared_blocks, p.shared_len, p.selection_len) == (4, 64, 30)
     assert list(p.released) == [4, 5, 6]
     assert RowPlacement.of(100, BS, max_budget=20, keeps_prompt=False, hit=64).selection_len == 20
     # a hit that is not a whole number of blocks shares its whole blocks only
-    assert RowPlacement.of(100, BS, max_budget=60, keeps_prompt=False, hit=70).shared_blocks == 4
+    assert RowPlacement.of(100, BS, max_budget=30, keeps_prompt=False, hit=70).shared_blocks == 4
+
+
+def test_a_hit_whose_own_part_fits_the_selection_keeps_everything_in_place():
+    """Copying 36 own tokens into 36 slots would hold as much and copy for nothing: the row is a
+    full pool's (the heads point at what they select), nothing is released, nothing moves."""
+    p = RowPlacement.of(100, BS, max_budget=40, keeps_prompt=False, hit=64)
+    assert p.positional and p.shift == 0 and not p.released and p.blocks_for(120) == 8
 
 
 def test_a_pool_that_keeps_every_prompt_token_is_a_full_pool_row():
@@ -67,8 +74,9 @@ def test_a_server_that_copies_shared_prefixes_copies_the_hit_too():
     for mode, shared in (("point", 16), ("copy", 0)):
         planner = BudgetPlanner(profile, HeteroCacheConfig(compression_ratio=0.5, shared_prefixes=mode), block_size=128)
         capacities, _ = planner.pools()
-        placement = capacities[0].placement(4096, 128, hit=2048)
-        assert placement.shared_blocks == shared and placement.selection_len == min(capacities[0].max_budget(4096),
-                                                                                   4096 - shared * 128)
+        placement = capacities[0].placement(4096, 128, hit=1024)
+        assert capacities[0].max_budget(4096) < 3072  # the own part does not fit the selection: not in place
+        assert placement.shared_blocks == shared // 2 and placement.selection_len == min(
+            capacities[0].max_budget(4096), 4096 - shared // 2 * 128)
     with pytest.raises(ConfigError, match="heterocache.shared_prefixes='share': choose 'point' or 'copy'"):
         HeteroCacheConfig(shared_prefixes="share")

@@ -36,7 +36,11 @@ never a copy of their selections of it each.
 
 A pool whose heads all keep every prompt token for the request (its policy keeps them full,
 ratio 1, a short prompt) is laid out like a full pool: every token at its own position, nothing
-copied or released.
+copied or released. So is a request with a hit whose own part of the prompt is no longer than
+its selection region would be (``L - H <= B_max``, a question after a shared document): it keeps
+its own prompt blocks too, its heads point at what they select anywhere in the prompt, and its
+generated tokens follow at their own positions -- no more memory than copying, none of it at
+once, and nothing copied.
 
 The scheduler (``vllm_adapter.pools``) sizes and frees blocks by this module and the workers
 (``runtime``) address tokens by it, so both sides agree by construction.
@@ -73,10 +77,11 @@ class RowPlacement:
         """The placement of a pool whose largest budget for this request is ``max_budget`` tokens;
         ``keeps_prompt``: every head of the pool keeps every prompt token (no selection); ``hit``:
         the request's prompt tokens from the prefix cache (a whole number of blocks)."""
-        if keeps_prompt:
-            return cls(prompt_len, block_size, 0)
         shared = hit // block_size
-        return cls(prompt_len, block_size, min(max_budget, prompt_len - shared * block_size), shared)
+        own = prompt_len - shared * block_size  # the prompt tokens the request computed itself
+        if keeps_prompt or shared and own <= max_budget:
+            return cls(prompt_len, block_size, 0)  # every token in place
+        return cls(prompt_len, block_size, min(max_budget, own), shared)
 
     @property
     def positional(self) -> bool:

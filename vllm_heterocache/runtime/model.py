@@ -263,7 +263,7 @@ class HeteroCacheRuntime:
         fronts = torch.full((*plan.budgets.shape, front_width(plan)), -1, dtype=torch.int32) if pointing else None
         state = self.requests.begin(key, plan, template,
                                     policy=planner.policy, placements=placements, hit=hit, fronts=fronts)
-        if hit and not state.positional:
+        if hit and state.selects:
             self.counters.prefix_cache_hit_tokens += hit
         self.kept[choice.policy].observe(plan.kept_fraction())
         tracks = choice.policy == self.config.policy  # drift tracking is the server layout's

@@ -51,8 +51,13 @@ class RequestState:
 
     @property
     def positional(self) -> bool:
-        """Every pool keeps this request's tokens at their own positions: nothing is selected."""
+        """Every pool keeps this request's tokens at their own positions (nothing is copied)."""
         return all(p.positional for p in self.placements)
+
+    @property
+    def selects(self) -> bool:
+        """Its compressed heads keep a selection (else every head keeps every token in place)."""
+        return not (self.positional and self.plan.keeps_all)
 
     def placement(self, store: int) -> RowPlacement | None:
         """Where this request's tokens are in the caches of pool ``store`` (None: the full pool,

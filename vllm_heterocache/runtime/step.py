@@ -79,8 +79,7 @@ class Row:
         """The row holds the last prompt token of a request whose compressed heads keep a
         selection: they select and copy it after this row (``placement``; a request whose heads
         keep every token, each at its own position, selects nothing)."""
-        state = self.state
-        return self.first < state.prompt_len <= self.seq_len and not (state.positional and state.plan.keeps_all)
+        return self.first < self.state.prompt_len <= self.seq_len and self.state.selects
 
     @property
     def decoding(self) -> bool:
