@@ -320,3 +320,23 @@ def test_each_satellite_selection_is_a_prefix_of_the_pivots_ranking(counts):
     for c in counts:
         want = ref.refill_indices(scores[None], torch.tensor([c]), torch.tensor([cut]))[0]
         assert torch.equal(ranked[:c].sort().values, want[want >= 0])
+
+
+@pytest.mark.parametrize("order", ["k-transposed", "token-major", "other"])
+def test_reading_a_prompt_back_equals_reading_its_positions(order):
+    """read_prefix's copies of the kernels' orders and its index-map path for any other order."""
+    from vllm_heterocache.ops.paged import BlockLayout
+
+    bs, d = 16, 8
+    g = torch.Generator().manual_seed(1)
+    if order == "other":  # a layout no kernel reads: both regions scrambled
+        layout = BlockLayout(bs, d, torch.randperm(bs * d, generator=g), torch.randperm(bs * d, generator=g))
+        assert layout.kernel_order is None
+    else:
+        layout = BlockLayout.for_kernels(bs, d, order == "k-transposed")
+    cache = torch.randn(12, 2, bs, 2 * d, generator=g)
+    table = torch.randperm(12, generator=g)[:5].int()
+    k, v = read_prefix(cache, layout, table, 70)
+    for head in range(2):
+        want_k, want_v = read_positions(cache, layout, table, torch.arange(70), head)
+        assert torch.equal(k[:, head], want_k) and torch.equal(v[:, head], want_v)

@@ -108,13 +108,27 @@ def read_prefix(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Te
                 length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of positions ``0 .. length-1`` of every head: two ``[length, H, D]`` copies
     (reads whole blocks, cheaper than :func:`read_positions` for a prefix)."""
+    return read_prefix_k(kv_cache, layout, block_row, length), _read_region(kv_cache, layout, block_row, length, 1)
+
+
+def read_prefix_k(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int) -> torch.Tensor:
+    """K of positions ``0 .. length-1`` of every head, ``[length, H, D]`` (:func:`read_prefix`)."""
+    return _read_region(kv_cache, layout, block_row, length, 0)
+
+
+def _read_region(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int,
+                 which: int) -> torch.Tensor:
+    """K (``which`` 0) or V (1) of positions ``0 .. length-1``: ``[length, H, D]``. The orders the
+    kernels read (K transposed or token-major, V token-major) are one strided copy; any other
+    goes through the layout's index map."""
     nb, h, bs, d2 = kv_cache.shape
     d = d2 // 2
     nblk = -(-length // bs)
-    regions = kv_cache.view(nb, h, 2, bs * d)[block_row[:nblk].long()]  # [nblk, H, 2, bs*D]
-
-    def tokens(region: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        x = region[..., index].view(nblk, h, bs, d)  # token-major inside each block
-        return x.permute(0, 2, 1, 3).reshape(nblk * bs, h, d)[:length]
-
-    return tokens(regions[:, :, 0], layout.k_index), tokens(regions[:, :, 1], layout.v_index)
+    region = kv_cache.view(nb, h, 2, bs * d)[block_row[:nblk].long(), :, which]  # [nblk, H, bs*D]
+    if which == 0 and layout.kernel_order is True:  # K transposed: [D, bs] per block
+        x = region.view(nblk, h, d, bs).permute(0, 3, 1, 2)
+    elif layout.kernel_order is not None:  # token-major: [bs, D] per block
+        x = region.view(nblk, h, bs, d).permute(0, 2, 1, 3)
+    else:
+        x = region[..., layout.k_index if which == 0 else layout.v_index].view(nblk, h, bs, d).permute(0, 2, 1, 3)
+    return x.reshape(nblk * bs, h, d)[:length]

@@ -27,7 +27,7 @@ import torch
 
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
-from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, write_positions
+from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, read_prefix_k, write_positions
 from vllm_heterocache.policies import SINK_TOKENS
 from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
 from vllm_heterocache.runtime.step import Row, StepPlan
@@ -51,7 +51,7 @@ class LayerPools:
 
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
-        return torch.cat([read_prefix(self.caches[h], self.layout, self.tables[h][row], length)[0] for h in heads],
+        return torch.cat([read_prefix_k(self.caches[h], self.layout, self.tables[h][row], length) for h in heads],
                          dim=1)
 
     def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
