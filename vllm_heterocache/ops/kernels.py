@@ -82,7 +82,8 @@ def gather_attention(
         layout: the caches' block layout.
         fronts: int32 ``[m]``, the front positions the items' ``front_list`` columns index.
     """
-    fronts = NO_FRONTS if fronts is None else fronts
+    if fronts is None:
+        fronts = NO_FRONTS if query.device.type == "cpu" else NO_FRONTS.to(query.device)
     if compiled(layout):
         torch.ops.heterocache.gather_attention(query, output, caches, tables, work, fronts, layout.kernel_order, scale)
     else:

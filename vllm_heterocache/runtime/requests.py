@@ -22,7 +22,7 @@ from vllm_heterocache.policies import DEFAULT_POLICY, POLICIES, Policy
 class RequestState:
     key: str  # vLLM request id
     plan: BudgetPlan  # budgets of the prompt (prompt_len = the request's prompt length)
-    work_template: torch.Tensor  # int64 [layers, H, 7]: its gather-kernel items (runtime.step.work_template)
+    work_template: torch.Tensor  # int64 [layers, H, 8]: its gather-kernel items (runtime.step.work_template)
     policy: Policy = POLICIES[DEFAULT_POLICY]  # its policy (the server's, or its vllm_xargs'): how it selects
     placements: tuple[RowPlacement, ...] = ()  # per compressed pool class: where its tokens live there
     hit: int = 0  # its prompt tokens that came from vLLM's prefix cache (its first row starts there)
