@@ -80,3 +80,17 @@ def test_a_server_that_copies_shared_prefixes_copies_the_hit_too():
             capacities[0].max_budget(4096), 4096 - shared // 2 * 128)
     with pytest.raises(ConfigError, match="heterocache.shared_prefixes='share': choose 'point' or 'copy'"):
         HeteroCacheConfig(shared_prefixes="share")
+
+
+@pytest.mark.parametrize("max_len", [1, 127, 128, 129, 2048, 8064])
+def test_every_placement_fits_the_widest_row(max_len):
+    """vLLM sizes block-table rows once (``CompressedPoolSpec.max_num_blocks_per_req``), while a
+    request's own policy or ratio may select up to its whole prompt: no placement of any prompt
+    up to ``max_len`` ever needs more columns than ``max_row_blocks``."""
+    bs = 128
+    widest = RowPlacement.max_row_blocks(max_len, bs)
+    for L in sorted({1, max_len // 3, max_len - 1, max_len} - {0}):
+        for hit in sorted({0, L // 2 // bs * bs, (L - 1) // bs * bs}):
+            for budget in sorted({1, L // 4, L - 1, L} - {0}):
+                placement = RowPlacement.of(L, bs, budget, keeps_prompt=False, hit=hit)
+                assert max(placement.blocks_for(n) for n in range(1, max_len + 1)) <= widest, (L, hit, budget)

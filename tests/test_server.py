@@ -233,6 +233,13 @@ def test_policy_and_ratio_per_request(server):
     assert grew("duo", "_count") == 1 and 0.75 < grew("duo", "_sum") < 0.85
     assert grew("heterocache", "_count") == 3 and 0.6 * 3 - 0.05 < grew("heterocache", "_sum") < 0.6 + 0.9 + 0.7 + 0.05
 
+    # a prompt near the longest the server takes, with a ratio above the server's: its selection
+    # region is wider than any request of the server's own ratio needs (block-table rows fit it)
+    long = client.completions.create(model="tiny", prompt=[100 + i % 3000 for i in range(2048 - 32)], max_tokens=16,
+                                     temperature=0, extra_body={"vllm_xargs": {"heterocache_ratio": 0.95},
+                                                                "ignore_eos": True})
+    assert long.usage.completion_tokens == 16
+
     bad = {
         "heterocache_policy": [{"heterocache_policy": "snapkv"},  # compresses this server's full-pool heads
                                {"heterocache_policy": "h2o"}],

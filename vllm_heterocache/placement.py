@@ -131,6 +131,14 @@ class RowPlacement:
             return self.peak_blocks
         return _cdiv(self.row_position(num_tokens - 1) + 1, self.block_size)
 
+    @staticmethod
+    def max_row_blocks(max_len: int, block_size: int) -> int:
+        """The most block-table columns any request's row can need, whatever its placement: a
+        prompt of up to ``max_len`` tokens, a selection region of up to its whole prompt (a
+        request's own policy or ratio may keep every prompt token of a head, which it then
+        copies), the generated tokens after it, and one column to spare."""
+        return 2 * _cdiv(max_len, block_size) + 1
+
     def row_position(self, position: int) -> int:
         """Where token ``position`` of the request sits in the row."""
         return position + self.shift if position >= self.prompt_len else position

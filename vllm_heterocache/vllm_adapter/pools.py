@@ -78,17 +78,17 @@ class CompressedPoolSpec(AttentionSpec):
         return class_placement(self.capacity, self.class_rules, choice, prompt_len, self.block_size, hit)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        # block-table columns of the longest prompt's row: its prompt, its selection region, and
-        # the first generated token's block (released prompt columns keep their places)
-        return self._peak_blocks(max_len) + 1
+        # block-table columns of any request's row (released prompt columns keep their places):
+        # a request's own policy or ratio (vllm_xargs) may select more than the server's, up to
+        # its whole prompt
+        return RowPlacement.max_row_blocks(max_len, self.block_size)
 
     def max_memory_usage_bytes(self, vllm_config) -> int:
         # A request's peak is the step of its prompt's last chunk: its prompt and its selection
-        # region (afterwards the prompt's blocks are released).
-        return self._peak_blocks(vllm_config.model_config.max_model_len) * self.page_size_bytes
-
-    def _peak_blocks(self, max_len: int) -> int:
-        return self.capacity.placement(max_len, self.block_size).peak_blocks
+        # region (afterwards the prompt's blocks are released), for the server's policy and ratio
+        # (vLLM's startup check); the scheduler allocates what each request's own placement needs.
+        placement = self.capacity.placement(vllm_config.model_config.max_model_len, self.block_size)
+        return placement.peak_blocks * self.page_size_bytes
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
