@@ -100,3 +100,28 @@ def test_unsupported_layers_are_refused(kwargs, needle):
     with pytest.raises(ConfigError, match="serve it without --attention-backend heterocache") as e:
         check_layer(**args)
     assert needle in str(e.value)
+
+
+def _small_shm_prefix() -> list[str]:
+    """A command prefix that runs the rest with a 64 MB /dev/shm (a container engine's default) in
+    a mount namespace of its own; skips where namespaces cannot be made."""
+    probe = subprocess.run(["unshare", "--mount", "--fork", "sh", "-c", "mount -t tmpfs -o size=64m tmpfs /dev/shm"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a small /dev/shm in a mount namespace here: {probe.stderr.strip()}")
+    return ["unshare", "--mount", "--fork", "sh", "-c", 'mount -t tmpfs -o size=64m tmpfs /dev/shm && exec "$@"', "sh"]
+
+
+@pytest.mark.slow
+def test_too_small_dev_shm_is_one_line_naming_the_flags(tiny, tmp_path):
+    """vLLM's engine needs 240 MiB of /dev/shm for its message queues: with 64 MB its worker fails
+    deep in a traceback; HeteroCache refuses before any engine process starts, in one last line."""
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1", OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1")
+    profile = save_synthetic_profile(tiny, ["PS", "AV"], tmp_path / "tiny.json")
+    out = subprocess.run(_small_shm_prefix() + [sys.executable, "-c", SCRIPT, json.dumps(hc(profile=str(profile), compression_ratio=0.75)), str(tiny)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    log = out.stdout + out.stderr
+    assert out.returncode != 0
+    line = last_line(log)
+    assert "/dev/shm has 64 MiB free" in line and "--shm-size" in line and "--ipc=host" in line, log[-3000:]
+    assert "Engine core initialization failed" not in log

@@ -25,6 +25,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | ``InputProcessor.__init__`` (patched), ``validate_logits_processors_params`` | a request's ``heterocache_policy`` / ``heterocache_ratio`` are checked where vLLM checks its parameters, so a bad value is an HTTP 400 naming the key; the only per-request hook is a logits processor's classmethod, which gets no config | vLLM offers a request-validation hook to plugins with the config |
 | ``EngineArgs.create_engine_config`` (patched) | a configuration the backend refuses is refused where vLLM makes the config, before the engine core and its workers start: their errors end in "Engine core initialization failed", far below the message | vLLM lets a backend validate the whole config (``validate_configuration`` sees one layer's parameters, in the worker) |
 | ``GPUModelRunner.requests`` | the step hook reads a new request's ``vllm_xargs`` (its policy and ratio) | the lifecycle hooks above pass the sampling params |
+| ``MessageQueue.__init__``'s defaults (``max_chunk_bytes``, ``max_chunks``), ``envs.VLLM_MQ_MAX_CHUNK_BYTES_MB``, ``ParallelConfig.distributed_executor_backend`` | the multiprocess executor's message queues are ring buffers in /dev/shm of these sizes; with too small a /dev/shm (a container engine's default 64 MB) a worker fails at startup, far below the message (``startup.check_shared_memory``) | vLLM checks /dev/shm where it makes the config |
 | ``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` | the ISA of the CPU kernels for a dtype / block size / head size (tests build caches in it) | |
 | ``GPUModelRunner.execute_model``, ``sample_tokens``, ``_build_attention_metadata``, ``CPUAttentionBackendImpl.forward``, ``do_kv_cache_update`` (patched only with ``HETEROCACHE_STEP_TIMING=1``) | the per-step time breakdown of the benchmarks (``runtime.timing``), for the stock backend as for HeteroCache | vLLM's own per-step profiling reports attention time |
 """
@@ -414,3 +415,22 @@ def cpu_attention(query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Ten
         scheduler_metadata=meta.scheduler_metadata, s_aux=None, dynamic_causal=meta.dynamic_causal,
         k_scale=scales[0], v_scale=scales[1], kv_cache_dtype=kv_cache_dtype,
     )
+
+
+def shm_queue_bytes(vllm_config) -> int:
+    """The largest segment vLLM's multiprocess executor creates in /dev/shm, 0 for executors that
+    create none there. Its scheduler-output broadcast queue and each worker's response queue are
+    ``MessageQueue`` ring buffers of ``max_chunks x max_chunk_bytes`` (the broadcast's chunk from
+    ``VLLM_MQ_MAX_CHUNK_BYTES_MB``, the responses' the class default); vLLM checks each against
+    the free space as it creates it (they are sparse until written)."""
+    import inspect
+
+    from vllm import envs
+    from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
+
+    if vllm_config.parallel_config.distributed_executor_backend != "mp":
+        return 0
+    defaults = inspect.signature(MessageQueue.__init__).parameters
+    chunks = defaults["max_chunks"].default
+    chunk = max(envs.VLLM_MQ_MAX_CHUNK_BYTES_MB << 20, defaults["max_chunk_bytes"].default)
+    return chunks * chunk

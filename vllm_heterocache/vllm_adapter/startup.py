@@ -9,6 +9,7 @@ end, before any engine process starts), the model's layers when they are built
 from __future__ import annotations
 
 import logging
+import shutil
 import weakref
 
 import torch
@@ -108,6 +109,28 @@ def check_front_end(vllm_config) -> None:
     backend = getattr(vllm_config.attention_config, "backend", None)
     if getattr(backend, "name", None) == BACKEND_NAME:
         check_config(vllm_config)
+        check_shared_memory(vllm_config)
+
+
+SHM_PATH = "/dev/shm"
+
+
+def check_shared_memory(vllm_config, path: str = SHM_PATH) -> None:
+    """Refuse to start where /dev/shm cannot hold vLLM's message queues (``compat.shm_queue_bytes``):
+    a container engine's default (64 MB) is too small, and the worker's own error would come far
+    below the last line."""
+    needed = compat.shm_queue_bytes(vllm_config)
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:  # no such file system: vLLM skips its own check then
+        return
+    if needed > free:
+        mib = 1 << 20
+        raise ConfigError(
+            f"{path} has {free / mib:.0f} MiB free, but vLLM's engine puts shared-memory message queues of "
+            f"{needed / mib:.0f} MiB there: give the container a larger {path} (docker/podman run --shm-size=1g, "
+            "or --ipc=host; in Kubernetes, an emptyDir with medium: Memory mounted at /dev/shm)"
+        )
 
 
 def _build(vllm_config) -> HeteroCacheRuntime:
