@@ -89,6 +89,8 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
     if plan.prefill:
         for h in heads.compressed:
             stock(h, plan.prefilling is not None)
+    for row in plan.continues_prompt:
+        keep_window_queries(ls, row, query)
     for row in plan.ends_prompt:
         select_and_compact(ls, row, query, key, value)
     with section("refill_wait"):
@@ -129,6 +131,27 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
 
+def _window_start(ls: LayerStep, state) -> int:
+    """The first position of the request's observation window: its last ``window`` prompt positions."""
+    return max(0, state.prompt_len - max(1, ls.rt.config.window))
+
+
+def keep_window_queries(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
+    """Keep the queries of this chunk's positions in the request's observation window (a chunk
+    that is not the prompt's last): scoring at the end of the prompt then uses every query of the
+    window, wherever chunked prefill split it, as it does when the window is in one chunk."""
+    state = row.state
+    lo = max(_window_start(ls, state), row.first)
+    if lo >= row.seq_len:
+        return
+    mine = query[row.start + lo - row.first : row.start + row.q_len].clone()
+    kept = state.window_queries.get(ls.layer)
+    if kept is not None and kept[0] + kept[1].shape[0] == lo:  # continues what earlier chunks kept
+        state.window_queries[ls.layer] = (kept[0], torch.cat([kept[1], mine]))
+    else:
+        state.window_queries[ls.layer] = (lo, mine)
+
+
 def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
     """After the last prompt token: compressed heads choose their budget by the request's policy
     (``policies``: scored, or sinks plus recent tokens) and copy it, in prompt order, to slots of
@@ -148,6 +171,7 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     state = row.state
     plan = state.plan
     L, W = plan.prompt_len, plan.window
+    kept_queries = state.window_queries.pop(layer, None)
     c = tuple(h for h in heads.compressed if int(plan.budgets[layer, h]) < L)  # heads that select
     stores = {h: _store(state, heads, h) for h in heads.compressed}
     handled = tuple(h for h in heads.compressed if h in c or stores[h][2])  # (the others are in place)
@@ -159,8 +183,10 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     if whole:
         k_prompt, v_prompt = key[row.start : row.start + L], value[row.start : row.start + L]
     if scored:
-        lo = max(L - max(1, rt.config.window), row.first)
+        lo = max(_window_start(ls, state), row.first)
         q = query[row.start + lo - row.first : row.start + L - row.first]
+        if kept_queries is not None and kept_queries[0] + kept_queries[1].shape[0] == lo:
+            q = torch.cat([kept_queries[1], q])  # the window's queries of earlier chunks
         k = k_prompt[:, list(scored)] if whole else pools.keys(scored, row.index, L)
         scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, rt.config.pool_kernel)
     if c:

@@ -33,6 +33,9 @@ class RequestState:
     kept: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [C, B_max] positions in the
     # compressed slots 0.. (-1 padded; ascending at prefill, refills rewrite slots in place on the
     # refill thread: read it after RefillQueue.wait)
+    window_queries: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict)  # layer -> (position
+    # of the first, queries [n, H_q, D]) of its observation window computed in earlier chunks of its
+    # prompt (runtime.layer.keep_window_queries)
     references: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [P, K] int64, -1 pad
     ring: int | None = None  # its slot in the pivots' query rings (runtime.rings); None: no drift checks
     buffered: int = 0  # decode queries in its rings since the last check (the same in every layer)

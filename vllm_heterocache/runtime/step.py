@@ -165,6 +165,8 @@ class StepPlan:
     Attributes:
         rows: the step's rows with a request (dummy runs have none).
         ends_prompt: rows holding their last prompt token.
+        continues_prompt: rows of requests that select, prefilling a chunk of their prompt that is
+            not its last (``runtime.layer.keep_window_queries``).
         decoding: rows past their prompt.
         prefill: some row is prefilling: vLLM's kernel runs every head (full heads over every
             row, compressed heads over ``prefilling`` when it is set, else over every row).
@@ -197,6 +199,7 @@ class StepPlan:
     prefilling_groups: dict[int, Any] = field(default_factory=dict)
     moved: tuple[MovedWrites | None, ...] = ()
     fronts: tuple[Row, ...] = ()
+    continues_prompt: tuple[Row, ...] = ()
 
 
 def _no_work(num_layers: int) -> tuple[torch.Tensor, ...]:
@@ -225,8 +228,10 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     decoding = tuple(r for r in rows if r.decoding)
     prefill = len(decoding) < len(rows) or not rows
     fused = not prefill and kernels_read_layout and all(r.q_len == 1 for r in decoding)
+    continues = tuple(r for r in rows if r.seq_len < r.state.prompt_len and r.state.selects)
     if not decoding:
-        return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), (), prefill, fused, _no_work(num_layers))
+        return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), (), prefill, fused, _no_work(num_layers),
+                        continues_prompt=continues)
     # one entry per decoding token: [token, row, position + 1] and its request's item template
     tokens = torch.tensor([(r.start + j, r.index, r.first + j + 1) for r in decoding for j in range(r.q_len)],
                           dtype=torch.int64)
@@ -250,7 +255,7 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     prefilling = RowSubset.of(tuple(r for r in rows if not r.decoding)) if prefill else None
     return StepPlan(rows, tuple(r for r in rows if r.ends_prompt), decoding, prefill, fused, work,
                     _drift_phases(decoding, drift_interval), prefilling, moved=_moved(decoding, tokens, num_pools),
-                    fronts=pointing)
+                    fronts=pointing, continues_prompt=continues)
 
 
 def _moved(decoding: tuple[Row, ...], tokens: torch.Tensor, num_pools: int) -> tuple[MovedWrites | None, ...]:
