@@ -15,6 +15,7 @@ from vllm_heterocache.runtime.layer import (
     LayerStep,
     attend,
     gather_decode,
+    keep_window_queries,
     mirror_to_host,
     select_and_compact,
     track_drift,
@@ -129,6 +130,30 @@ def test_prefill_selection_is_compacted_in_position_order(isa, from_cache):
     assert torch.equal(k, s.k[want, 1]) and torch.equal(v, s.v[want, 1])
     ref_topk = ref.topk_positions(scores[[0]], torch.tensor([plan.reference_topk]), torch.tensor([L - plan.window]))
     assert torch.equal(s.state.references[0], ref_topk)
+
+
+@pytest.mark.parametrize("cut", [2, 3, 1], ids=["half", "one-kept", "three-kept"])
+def test_a_chunk_boundary_inside_the_window_selects_as_one_chunk(isa, cut):
+    """Chunked prefill that splits the observation window (vLLM's token budget ends a chunk inside
+    it) selects exactly what the whole prompt in one step selects: the earlier chunk's window
+    queries are kept for the scoring at the prompt's end."""
+    whole = Setup(isa, pattern="PS")
+    whole.prefill()
+    split = Setup(isa, pattern="PS")
+    L = split.length
+    boundary = L - cut  # the window (4) straddles it
+    first = split.step(boundary, boundary)  # (admits r0 afresh: its first row starts at 0)
+    (row,) = first.plan.rows
+    state = row.state
+    assert first.plan.continues_prompt == (row,) and not first.plan.ends_prompt
+    keep_window_queries(first, row, split.q[:boundary])
+    last = split.step(cut, L)
+    (row,) = last.plan.ends_prompt
+    assert row.state is state
+    select_and_compact(last, row, split.q[boundary:], split.k[boundary:], split.v[boundary:])
+    assert torch.equal(state.kept[0], whole.state.kept[0])
+    assert torch.equal(state.references[0], whole.state.references[0])
+    assert not state.window_queries  # used up
 
 
 def masked_dense(s, q, kk, vv, positions):
