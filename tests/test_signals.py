@@ -19,18 +19,12 @@ import psutil
 import pytest
 import requests
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 STOP_BOUND_S = 60  # from the signal until the process and all its descendants are gone
 # vLLM pins its CPU worker to core 0 by default: where another server's worker is pinned there too
 # (a shared test machine), it starves for minutes. Unpinned, the scheduler spreads them.
 UNPINNED = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def accepts_connections(port: int) -> bool:
