@@ -216,11 +216,11 @@ def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern, hit):
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
 
 
-def decode_to_a_drift(s):
-    """Three decode steps of request r0 (a "PS" setup of 61 prompt tokens, drift interval 3)
-    whose pivot (head 0) is certain to drift at the third: its reference is made the K positions
-    it now attends to least. Returns the drift check's reference result and the three tokens'
-    K and V ``[3, HKV, D]``."""
+def tokens_to_a_drift(s):
+    """K, V and queries ``[3, H, D]`` of three decode steps of request r0 (a "PS" setup of 61
+    prompt tokens, drift interval 3) whose pivot (head 0) is certain to drift at the third: its
+    reference is made the K positions it now attends to least. Returns the drift check's
+    reference result and the tokens' queries, K and V."""
     rt, plan = s.rt, s.state.plan
     cut, K = 61 - plan.window, plan.reference_topk
     g = torch.Generator().manual_seed(9)
@@ -236,10 +236,46 @@ def decode_to_a_drift(s):
     s.state.references[0] = torch.sort(latest, stable=True).indices[:K].sort().values[None]
     result = reference_check(s.state.references[0])
     assert bool(result.drift[0])
+    return result, qs, ks, vs
+
+
+def decode_to_a_drift(s):
+    """Run the three decode steps of :func:`tokens_to_a_drift`; returns its result, K and V."""
+    result, qs, ks, vs = tokens_to_a_drift(s)
     for step in range(3):
         s.write(61 + step, ks[step : step + 1], vs[step : step + 1])
         track_drift(s.step(1, 62 + step), qs[step : step + 1])
     return result, ks, vs
+
+
+def test_steps_planned_before_earlier_steps_run_each_execute_their_own_plan(isa):
+    """vLLM's async scheduling plans (and builds the metadata of) step n + 1 before step n runs.
+    Three decode steps planned before any runs, then run in order, give what planning and running
+    each in turn gives: the outputs, the queries' places in the ring, the drift check at the
+    third step and its refill. (The layers take the plan from their step's metadata.)"""
+
+    def run(plan_ahead: bool):
+        s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61)
+        s.prefill()
+        _, qs, ks, vs = tokens_to_a_drift(s)
+        outs = []
+        steps = [s.step(1, 62 + n) for n in range(3)] if plan_ahead else []
+        for n in range(3):
+            step = steps[n] if plan_ahead else s.step(1, 62 + n)
+            s.write(61 + n, ks[n : n + 1], vs[n : n + 1])
+            out = torch.zeros(1, HQ, D)
+            attend(step, qs[n : n + 1], ks[n : n + 1], vs[n : n + 1], out, stock=lambda h, prefilling: None)
+            outs.append(out)
+        s.rt.refills.wait("r0", 0)
+        return s, torch.cat(outs)
+
+    (ahead, out_ahead), (in_turn, out_in_turn) = run(True), run(False)
+    assert ahead.rt.counters.drift_checks == in_turn.rt.counters.drift_checks == 1
+    assert ahead.rt.counters.drifts == in_turn.rt.counters.drifts == 1
+    assert torch.equal(out_ahead, out_in_turn)
+    assert torch.equal(ahead.state.kept[0], in_turn.state.kept[0])
+    assert torch.equal(ahead.state.references[0], in_turn.state.references[0])
+    assert ahead.state.buffered == in_turn.state.buffered == 0
 
 
 @pytest.mark.parametrize("hit, shared_prefixes", [(0, "point"), (32, "point"), (32, "copy")],

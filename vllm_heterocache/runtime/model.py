@@ -5,7 +5,8 @@ the metadata builders and the attention impl of every layer. Built once from the
 config; the cache layout is attached when vLLM builds the attention metadata builders, the host
 tier when vLLM has sized its KV cache. Per step, the runner's step hook calls
 :meth:`HeteroCacheRuntime.begin_step`, which admits the step's requests (the side effects) and
-plans the step once (``runtime.step``); the layers only execute that plan.
+plans the step once (``runtime.step``); the metadata builders put the plan in the step's
+attention metadata, and the layers execute the plan they find there.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ class HeteroCacheRuntime:
         self.refills = RefillQueue()
         self.host: HostTier | None = None
         self.layout: BlockLayout | None = None  # the KV caches' block layout (attach_layout)
-        self.step: StepPlan = empty_plan(profile.num_layers)  # the current step (begin_step)
-        self.group_of: dict[str, int] = {}  # KV cache (layer) name -> its KV cache group (adapter)
+        # The plan of the step whose attention metadata vLLM builds now (begin_step): a hand-off to
+        # the metadata builders, which put it in the step's metadata; the layers read it there.
+        self.planned: StepPlan = empty_plan(profile.num_layers)
         local = {g: j for j, g in enumerate(self.planner.heads)}
         holders = rank_of_heads(profile.num_kv_heads, tp_size)
         self.layers: list[LayerHeads] = []
@@ -180,9 +182,10 @@ class HeteroCacheRuntime:
 
         Admits the requests whose prefill starts -- at position 0, or after a prefix-cache hit at
         the row's first position -- (a fresh state, host-tier blocks for their satellites, a
-        query-ring slot for their pivots), plans the step once (:attr:`step`), and counts the
-        decoding rows' queries as buffered: every layer with pivots buffers them in this step's
-        forward (exactly one forward follows each call).
+        query-ring slot for their pivots), plans the step once (:attr:`planned`), and advances
+        each decoding row's place in its query ring (``RequestState.buffered``): the plan holds
+        the places of this step's queries (``StepPlan.drift``), so a step's layers write and check
+        the same places however late they run, and the next step is planned after it.
 
         A row that holds a request's last prompt token and generated tokens after it (a resumed
         request recomputing its output) is planned as two rows, its prompt part and its
@@ -205,15 +208,17 @@ class HeteroCacheRuntime:
                 start, q_len = start + L - first, seq_len - L
             rows.append(Row(start, q_len, seq_len, i, state))
         kernels_read = self.layout is not None and kernels.compiled(self.layout)
-        self.step = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval,
-                              len(self.capacities))
-        for row in self.step.decoding:  # the step buffers these queries in every layer with pivots
+        plan = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval,
+                         len(self.capacities))
+        for row in plan.decoding:  # the next step's queries go to the places after these
             row.state.buffered = (row.state.buffered + row.q_len) % self.config.drift_interval
-        return self.step
+        self.planned = plan
+        return plan
 
-    def dummy_step(self) -> None:
+    def dummy_step(self) -> StepPlan:
         """vLLM's dummy runs (warm-up, profiling) have rows but no requests."""
-        self.step = empty_plan(self.profile.num_layers)
+        self.planned = empty_plan(self.profile.num_layers)
+        return self.planned
 
     def finish(self, keys) -> None:
         """Requests finished, aborted or preempted: wait for their copies, free their state."""

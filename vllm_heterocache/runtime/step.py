@@ -3,7 +3,9 @@
 The model runner's step hook admits the step's requests (``HeteroCacheRuntime.begin_step``,
 which has the side effects: request states, host-tier blocks) and then calls :func:`plan_step`,
 a pure function of the rows and the model's heads. Every layer of the step reads the same
-:class:`StepPlan`; nothing in it changes while the layers run.
+:class:`StepPlan`, which travels in the step's attention metadata (``vllm_adapter.backend``);
+nothing in it changes after planning, and executing it reads no other per-step state, so plans
+of later steps may be made before it runs.
 
 Rows and tokens. Row ``i`` of a step is one request's ``q_len`` new tokens at positions
 ``first .. seq_len - 1`` (``first = seq_len - q_len``), stored at ``query[start : start + q_len]``
@@ -47,8 +49,7 @@ their rows and row positions, and the adapter turns them into the pool's slot ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -173,14 +174,9 @@ class StepPlan:
         prefilling: in a mixed step (prefilling and decoding rows), the prefilling rows; else None.
         fused: every row decodes one token and the kernels read the layout: one gather call per
             layer runs every head, vLLM's kernel none.
-        work: per layer, int64 ``[n, 6]`` gather-kernel work items (``n`` may be 0).
+        work: per layer, int64 ``[n, 8]`` gather-kernel work items (``n`` may be 0).
         drift: the drift tracking of the decoding rows of requests that hold a query ring, in
             phases (the same in every layer with pivots).
-        groups: KV cache group -> this step's attention metadata of the group (block table,
-            slot mapping, and vLLM's kernel plan unless the step is fused), added by the metadata
-            builders before any layer runs (``HeteroCacheRuntime.group_of`` says which group
-            holds which head's cache).
-        prefilling_groups: the same for ``prefilling`` in a mixed step.
         moved: per compressed pool class, its :class:`MovedWrites` (None: every token of the
             step at its own position in that pool).
         fronts: the decoding rows whose selections point into shared prompt blocks, in the order
@@ -195,8 +191,6 @@ class StepPlan:
     work: tuple[torch.Tensor, ...]
     drift: tuple[DriftPhase, ...] = ()
     prefilling: RowSubset | None = None
-    groups: dict[int, Any] = field(default_factory=dict)
-    prefilling_groups: dict[int, Any] = field(default_factory=dict)
     moved: tuple[MovedWrites | None, ...] = ()
     fronts: tuple[Row, ...] = ()
     continues_prompt: tuple[Row, ...] = ()

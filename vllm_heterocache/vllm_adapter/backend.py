@@ -1,8 +1,11 @@
 """The HETEROCACHE attention backend for vLLM 0.32 (CPU platform): a thin adapter.
 
 Plan/run split: the runner's step hook plans each engine step once (``runtime.step``); each
-pool's metadata builder adds its KV cache group's metadata to that plan; the impl executes the
-plan per layer (``runtime.layer.attend``).
+pool's metadata builder returns its KV cache group's metadata with that plan in it
+(:class:`HeteroCacheMetadata`); the impl reads the plan and each head's group metadata from the
+step's metadata, never from the runtime, and executes the plan per layer
+(``runtime.layer.attend``). So a step's plan travels with its metadata: steps whose metadata is
+built before an earlier step executes (vLLM's async scheduling) each execute their own.
 
 Each KV head of a layer has a cache of its own (``vllm_adapter.pools``): head 0 the layer's, the
 others companion cache layers; full heads' caches are in the full pool's KV cache group,
@@ -21,7 +24,7 @@ the backend is vLLM's CPU backend, unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -35,6 +38,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 
 from vllm_heterocache.runtime.layer import LayerPools, LayerStep, attend, mirror_to_host
 from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
+from vllm_heterocache.runtime.step import RowSubset, StepPlan
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
 from vllm_heterocache.vllm_adapter.layout import probe_layout
@@ -66,13 +70,21 @@ class HeteroCacheBackend(CPUAttentionBackend):
 
 @dataclass
 class HeteroCacheMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata of one KV cache group in one step (block table, slot mapping, and
+    vLLM's kernel plan of the step's rows unless the step is fused), and what a layer reads of the
+    step: its plan (the same object in the metadata of every group of the step) and, in a mixed
+    step, the group's metadata of the plan's prefilling rows."""
+
     isa: str = ""  # the CPU kernels' ISA for this pool's block size
+    plan: StepPlan | None = None
+    prefilling: CPUAttentionMetadata | None = None
 
 
 class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
-    """CPU metadata of one pool's KV cache group (its query heads are those of the pool's KV
-    heads), added to the step's plan. In a fused step no layer runs vLLM's kernel, so vLLM's
-    kernel plan (scheduler metadata) is not built."""
+    """The metadata of one pool's KV cache group (its query heads are those of the pool's KV
+    heads) for the step that the step hook planned (``HeteroCacheRuntime.take_plan``). In a
+    fused step no layer runs vLLM's kernel, so vLLM's kernel plan (scheduler metadata) is not
+    built."""
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -80,45 +92,34 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         model, parallel = vllm_config.model_config, vllm_config.parallel_config
         group = model.get_num_attention_heads(parallel) // model.get_num_kv_heads(parallel)
         self.num_heads = kv_cache_spec.num_kv_heads * group
-        rt = self.runtime
-        self.group = len(set(rt.group_of.values()))
-        rt.group_of.update(dict.fromkeys(layer_names, self.group))
         inner = getattr(kv_cache_spec, "kv_cache_specs", None)  # (a group of several specs of one type)
         spec = next(iter(inner.values())) if inner else kv_cache_spec
         self.pool = spec.pool if isinstance(spec, CompressedPoolSpec) else None  # None: the full pool
-        if rt.compresses:
-            rt.attach_layout(probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
-                                          kv_cache_spec.head_size))
+        if self.runtime.compresses:
+            self.runtime.attach_layout(probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
+                                                    kv_cache_spec.head_size))
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
-        rt = self.runtime
-        if not rt.compresses:
+        if not self.runtime.compresses:
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        plan = rt.step
+        plan = self.runtime.planned
         cm = common_attn_metadata
         slot_mapping = self._slot_mapping(plan, cm)
         if plan.fused:
-            meta = HeteroCacheMetadata(
+            return HeteroCacheMetadata(
                 num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
                 query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens,
                 block_table=cm.block_table_tensor, slot_mapping=slot_mapping, scheduler_metadata=None,
-                isa=self.isa,
+                isa=self.isa, plan=plan,
             )
-        elif plan.groups:
-            # vLLM's kernel plan depends on the rows and the query heads per cache (G for every
-            # pool), not on the block table: the first group's serves every other group
-            meta = replace(next(iter(plan.groups.values())), block_table=cm.block_table_tensor,
-                           slot_mapping=slot_mapping)
-        else:
-            meta = HeteroCacheMetadata(**vars(super().build(common_prefix_len, common_attn_metadata, fast_build)),
-                                       isa=self.isa)
-            meta.slot_mapping = slot_mapping
-        plan.groups[self.group] = meta
+        meta = HeteroCacheMetadata(**vars(super().build(common_prefix_len, common_attn_metadata, fast_build)),
+                                   isa=self.isa, plan=plan)
+        meta.slot_mapping = slot_mapping
         if plan.prefilling is not None:
-            plan.prefilling_groups[self.group] = self._prefilling(plan, meta)
+            meta.prefilling = self._prefilling(plan.prefilling, meta)
         return meta
 
-    def _slot_mapping(self, plan, cm: CommonAttentionMetadata) -> torch.Tensor:
+    def _slot_mapping(self, plan: StepPlan, cm: CommonAttentionMetadata) -> torch.Tensor:
         """vLLM's slot mapping of this group, with the tokens the step stores away from their
         own positions in this pool (``StepPlan.moved``) at their row positions."""
         moved = plan.moved[self.pool] if self.pool is not None and plan.moved else None
@@ -130,20 +131,15 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         out[moved.tokens] = blocks * bs + moved.positions % bs
         return out
 
-    def _prefilling(self, plan, meta: HeteroCacheMetadata) -> HeteroCacheMetadata:
-        """The group's metadata for the prefilling rows of a mixed step; vLLM's kernel plan of
-        those rows is built once, by the first group (it does not depend on the block table)."""
-        sub = plan.prefilling
+    def _prefilling(self, sub: RowSubset, meta: HeteroCacheMetadata) -> CPUAttentionMetadata:
+        """The group's metadata of the prefilling rows of a mixed step."""
         assert meta.dynamic_causal is None, "decoder attention: causal masks are static"
-        block_table = meta.block_table[sub.index]
-        first = next(iter(plan.prefilling_groups.values()), None)
-        if first is not None:
-            return replace(first, block_table=block_table)
-        return replace(
-            meta, num_actual_tokens=sub.num_tokens, max_query_len=sub.max_query_len,
-            query_start_loc=sub.query_start_loc, max_seq_len=sub.max_seq_len, seq_lens=sub.seq_lens,
-            block_table=block_table, slot_mapping=None,  # unused: the cache write takes the whole step's
+        return CPUAttentionMetadata(
+            num_actual_tokens=sub.num_tokens, max_query_len=sub.max_query_len, query_start_loc=sub.query_start_loc,
+            max_seq_len=sub.max_seq_len, seq_lens=sub.seq_lens, block_table=meta.block_table[sub.index],
+            slot_mapping=None,  # unused: the cache write takes the whole step's
             scheduler_metadata=compat.cpu_kernel_plan(self, sub.query_start_loc, sub.seq_lens, meta.causal),
+            causal=meta.causal,
         )
 
 
@@ -155,11 +151,14 @@ class _Layer:
     heads: LayerHeads
     own: torch.Tensor  # the layer's own cache (cache 0), as vLLM passes it
     caches: tuple[torch.Tensor, ...]  # local KV head j: [num_blocks, 1, block_size, 2 * D]
-    groups: tuple[int, ...]  # local KV head j: the KV cache group of its cache
+    names: tuple[str, ...]  # local KV head j: the name of its cache layer (its KV cache group's metadata)
     scales: tuple[float, float]
 
 
 class HeteroCacheImpl(CPUAttentionBackendImpl):
+    """Executes a step's plan per layer; reads only the step's metadata (``HeteroCacheMetadata``:
+    the plan and each head's group metadata), its layer, and the request states the plan names."""
+
     def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
                  logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
                  sinks=None) -> None:
@@ -176,20 +175,26 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         if bound is None or bound.own is not kv_cache:
             index = compat.layer_index(layer.layer_name)
             heads = self.runtime.layers[index]
-            names = [head_cache_name(layer.layer_name, c) for c in heads.cache_of]
+            names = tuple(head_cache_name(layer.layer_name, c) for c in heads.cache_of)
             others = [n for n in names if n != layer.layer_name]
             companions = dict(zip(others, compat.companion_caches(others)))
             bound = self._bound = _Layer(
                 index, heads, kv_cache, tuple(kv_cache if n == layer.layer_name else companions[n] for n in names),
-                tuple(self.runtime.group_of[name] for name in names), compat.kv_scales(layer),
+                names, compat.kv_scales(layer),
             )
         return bound
 
-    def _step(self, layer: _Layer) -> LayerStep:
+    @staticmethod
+    def _metadata(bound: _Layer) -> tuple[HeteroCacheMetadata, ...]:
+        """Each local KV head's metadata in this step: its cache's KV cache group's."""
+        metas = compat.step_metadata(bound.names)
+        assert all(m.plan is metas[0].plan for m in metas), "one step's metadata has one plan"
+        return metas
+
+    def _step(self, bound: _Layer, metas: tuple[HeteroCacheMetadata, ...]) -> LayerStep:
         rt = self.runtime
-        plan = rt.step
-        tables = tuple(plan.groups[g].block_table for g in layer.groups)
-        return LayerStep(rt, layer.index, layer.heads, LayerPools(layer.caches, tables, rt.layout), plan, self.scale)
+        pools = LayerPools(bound.caches, tuple(m.block_table for m in metas), rt.layout)
+        return LayerStep(rt, bound.index, bound.heads, pools, metas[0].plan, self.scale)
 
     # -- 1. cache write ------------------------------------------------------------------------
 
@@ -198,17 +203,15 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
             self._write(layer, key, value, kv_cache, slot_mapping)
 
     def _write(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        rt = self.runtime
-        if not rt.compresses:
+        if not self.runtime.compresses:
             return super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         bound = self._layer(layer, kv_cache)
-        plan = rt.step
-        for j, (cache, group) in enumerate(zip(bound.caches, bound.groups)):
-            meta = plan.groups[group]
+        metas = self._metadata(bound)
+        for j, (cache, meta) in enumerate(zip(bound.caches, metas)):
             compat.write_kv(key[:, j : j + 1], value[:, j : j + 1], cache, meta.slot_mapping, meta.isa, bound.scales,
                             self.kv_cache_dtype)
-        if plan.rows and bound.heads.host_rows:
-            mirror_to_host(self._step(bound), key, value)
+        if metas[0].plan.rows and bound.heads.host_rows:
+            mirror_to_host(self._step(bound, metas), key, value)
 
     # -- 2. attention --------------------------------------------------------------------------
 
@@ -223,22 +226,22 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         bound = self._layer(layer, kv_cache)
-        step = self._step(bound)
+        metas = self._metadata(bound)
+        step = self._step(bound, metas)
 
         def stock(head: int, prefilling: bool) -> None:
-            self._stock(bound, step, query, head, output, prefilling)
+            self._stock(bound, metas[head], step, query, head, output, prefilling)
 
         attend(step, query, key, value, output, stock)
         return output
 
-    def _stock(self, bound: _Layer, step: LayerStep, query, head: int, output, prefilling: bool) -> None:
-        """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache, for every row
-        of the step or for the plan's prefilling rows only."""
-        plan = step.plan
+    def _stock(self, bound: _Layer, meta: HeteroCacheMetadata, step: LayerStep, query, head: int, output,
+               prefilling: bool) -> None:
+        """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache (``meta``: its
+        group's metadata), for every row of the step or for the plan's prefilling rows only."""
         if prefilling:
-            meta, tokens = plan.prefilling_groups[bound.groups[head]], plan.prefilling.tokens
+            meta, tokens = meta.prefilling, step.plan.prefilling.tokens
         else:
-            meta = plan.groups[bound.groups[head]]
             tokens = slice(0, meta.num_actual_tokens)
         hkv, d = self.num_kv_heads, self.head_size
         g = self.num_heads // hkv

@@ -364,6 +364,19 @@ def companion_caches(names) -> list[torch.Tensor]:
     return [layers[name].kv_cache for name in names]
 
 
+def step_metadata(names) -> tuple:
+    """The attention metadata of the named (companion) cache layers in the current forward pass:
+    each their KV cache group's, as vLLM's metadata builders returned it for this step (the
+    forward context's per-layer dict; vLLM makes a list of them only for speculative decoding and
+    micro-batches, which this backend does not run)."""
+    from vllm.forward_context import get_forward_context
+
+    per_layer = get_forward_context().attn_metadata
+    if not isinstance(per_layer, dict):
+        raise RuntimeError(f"heterocache: expected one attention metadata dict per step, got {type(per_layer).__name__}")
+    return tuple(per_layer[name] for name in names)
+
+
 def kv_scales(layer) -> tuple[float, float]:
     return layer._k_scale_float, layer._v_scale_float
 
