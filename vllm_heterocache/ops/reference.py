@@ -18,6 +18,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from vllm_heterocache.taxonomy import median
+
 PAD = -1
 
 
@@ -153,12 +155,6 @@ class DriftResult(NamedTuple):
     latest_scores: torch.Tensor  # float32 [P, T]: pooled, GQA-maxed scores of the last step
 
 
-def _median(x: torch.Tensor) -> torch.Tensor:
-    n = x.shape[-1]
-    s = x.sort(dim=-1).values
-    return (s[..., (n - 1) // 2] + s[..., n // 2]) / 2
-
-
 def drift_check(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -199,7 +195,7 @@ def drift_check(
         cur = topk_positions(scores[:, step], topk, candidates)
         overlaps[:, step] = overlap_coefficient(cur, reference)
         latest = cur
-    med = _median(overlaps)
+    med = median(overlaps, dim=-1)
     return DriftResult(med < threshold, med, latest, scores[:, -1])
 
 
