@@ -7,9 +7,8 @@ For each case one prompt of the given length (public-domain text) is generated g
 new tokens per backend, each run in its own engine process (eager mode for both); with
 ``--repeats N`` the settings run N times, interleaved, and the medians are compared (this
 machine's speed drifts by 10-30% between minutes). Decode tokens/s comes from the engine's own
-timestamps (first and last token). A case's setting is
-``rX`` (compression_ratio X) or ``bX`` (token_budget = X * length, for ratios the profile makes
-infeasible: SmolLM2's shipped profile allows ratios above 0.389 only). SmolLM2 runs with its
+timestamps (first and last token). Cases are ``MODEL:LENGTH:SETTING``
+(``benchmarks/cases.py``). SmolLM2 runs with its
 shipped profile, the tiny model with a profile of 1 full head in 8 (12.5%). Each HeteroCache
 case runs with refills from the host tier and with refills disabled (the overhead of retrieval).
 
@@ -35,10 +34,11 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from statistics import median
 
-HERE = Path(__file__).resolve().parent
+from cases import Case, heterocache_options, kept_fraction, prepare_model
 WORKER = r'''
 import json, os, sys, time
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
@@ -64,16 +64,6 @@ if __name__ == "__main__":
 
 
 TIMING = re.compile(r"heterocache step timing: decode steps (\d+); ms per step: (.*)")
-
-
-def kept_fraction(profile: str | Path, options: dict, length: int) -> float:
-    """Fraction of the KV cache a setting keeps: full heads all of it; compressed heads the
-    compression ratio's share overall (the paper's formula) or ``token_budget`` tokens each."""
-    types = [t for layer in json.loads(Path(profile).read_text())["head_types"] for t in layer]
-    full = sum(t in ("volatile", "pivot") for t in types) / len(types)
-    if "compression_ratio" in options:
-        return max(full, options["compression_ratio"])
-    return full + (1 - full) * min(1.0, options["token_budget"] / length)
 
 
 def run(model: str, length: int, new: int, extra: dict) -> dict:
@@ -114,24 +104,13 @@ def main() -> None:
                    help="tensor-parallel ranks for every setting, one core each (the tiny model's 2 KV heads: "
                         "its pivot and satellite in layer 0 are on different ranks at 2)")
     a = p.parse_args()
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from backend_support import save_synthetic_profile
-
-    from vllm_heterocache.models.smollm2 import prepare_default_model
-    from vllm_heterocache.models.tiny import build_tiny_model
-
     rows = []
-    for case in a.cases.split(","):
-        name, length, setting = case.split(":")
-        length, x = int(length), float(setting[1:])
-        options = {"compression_ratio": x} if setting[0] == "r" else {"token_budget": int(x * length)}
-        if name == "smollm2":
-            model = str(prepare_default_model())
-        else:
-            model = str(build_tiny_model())
-            profile = save_synthetic_profile(Path(model), ["PS", "AA", "AA", "AA"],
-                                             Path("/tmp/heterocache-bench-tiny-profile.json"))
-            options["profile"] = str(profile)
+    work = Path(tempfile.mkdtemp(prefix="heterocache-bench-decode-"))  # the tiny model's profile
+    for spec in Case.parse_list(a.cases):
+        case, length = str(spec), spec.length
+        model, profile = prepare_model(spec.model, work)
+        model = str(model)
+        options = heterocache_options(spec.model, profile, spec.options)
         tp = {"tensor_parallel_size": a.tp_size, "distributed_executor_backend": "mp"} if a.tp_size > 1 else {}
         settings = {
             "stock": {**tp},
@@ -155,8 +134,7 @@ def main() -> None:
             print(f"{case:<16} medians of {a.repeats}: stock {stock_decode:7.1f} tok/s ttft {stock_ttft:6.1f}s | {label} "
                   f"{decode:7.1f} tok/s ttft {ttft:6.1f}s | decode ratio {decode / stock_decode:.2f}x, "
                   f"ttft ratio {ttft / stock_ttft:.2f}x", flush=True)
-        f = kept_fraction(options.get("profile") or HERE.parent / "profiles" / "SmolLM2-135M-Instruct.json", options,
-                          length)
+        f = kept_fraction(profile, options, length)
         parts = {label: breakdown(runs[label]) for label in runs}
         for label, ms in parts.items():
             print(f"{case:<16} {label:<21} ms per decode step: " + ", ".join(f"{k} {ms[k]:.2f}" for k in PARTS)

@@ -55,7 +55,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
 
 POLICY_ENGINE = ("streamingllm", "snapkv", "pyramidkv", "duo")  # served per request by a snapkv server
 PROFILE_ENGINE = ("heterocache", "duo")  # served per request by a heterocache server, per profile

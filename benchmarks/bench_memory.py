@@ -34,15 +34,18 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from cases import MODELS, Case, heterocache_options, prepare_model, setting_options
+
 WORKER = r'''
 import json, os, sys
 os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 from vllm import LLM, SamplingParams
 from vllm_heterocache.data.texts import documents
+from vllm_heterocache.vllm_adapter import compat
 if __name__ == "__main__":
     mode, model, length, kv_bytes, extra = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), json.loads(sys.argv[5])
     requests, suffix = int(os.environ.get("SHARED_REQUESTS", "32")), int(os.environ.get("SHARED_SUFFIX", "64"))
@@ -58,28 +61,22 @@ if __name__ == "__main__":
         found = [l for l in str(e).splitlines() if "estimated maximum model length" in l]
         print("RESULT " + json.dumps({"error": found[0] if found else str(e)[-300:]}))
         sys.exit(0)
-    core = llm.llm_engine.engine_core.engine_core
-    sched = core.scheduler
-    pool = sched.kv_cache_manager.block_pool
-    groups = sched.kv_cache_config.kv_cache_groups
-    managers = sched.kv_cache_manager.coordinator.single_type_managers
+    sched = compat.engine_scheduler(llm)
+    pool = compat.engine_block_pool(sched)
+    groups = compat.engine_kv_cache_groups(sched)
+    held_by_group = compat.engine_blocks_by_group(sched)
     def block_bytes(g):  # a page in each of the group's layers
         spec = g.kv_cache_spec
         return spec.page_size_bytes * (1 if hasattr(spec, "kv_cache_specs") else len(g.layer_names))
     # every block of the pool costs the largest group's bytes (vLLM pads smaller groups to it)
     sizes = [max(block_bytes(g) for g in groups)] * len(groups)
     def held_bytes():
-        return sum(size * sum(not b.is_null for blocks in m.req_to_blocks.values() for b in blocks)
-                   for size, m in zip(sizes, managers))
+        return sum(size * sum(not b.is_null for blocks in held.values() for b in blocks)
+                   for size, held in zip(sizes, held_by_group))
     def in_use_bytes():  # every block some request holds, a shared one once
-        return sum(size * len({b.block_id for blocks in m.req_to_blocks.values() for b in blocks if not b.is_null})
-                   for size, m in zip(sizes, managers))
-    preempted = []
-    original = sched._preempt_request
-    def counting(request, *a, **k):
-        preempted.append(request.request_id)
-        return original(request, *a, **k)
-    sched._preempt_request = counting
+        return sum(size * len({b.block_id for blocks in held.values() for b in blocks if not b.is_null})
+                   for size, held in zip(sizes, held_by_group))
+    preempted = compat.count_preemptions(sched)
     text = llm.get_tokenizer()("\n".join(documents(8, 8 * length)), add_special_tokens=False).input_ids
     ids = text[:length]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
@@ -117,23 +114,6 @@ def run(mode: str, model: str, length: int, kv_bytes: int, extra: dict, env: dic
     return json.loads(lines[-1][7:])
 
 
-def setting_options(setting: str, length: int) -> dict:
-    kind, x = setting[0], float(setting[1:])
-    return {"compression_ratio": x} if kind == "r" else {"token_budget": max(1, int(x * length))}
-
-
-def models() -> dict[str, tuple[str, str | None]]:
-    sys.path.insert(0, str(HERE.parent / "tests"))
-    from backend_support import save_synthetic_profile
-
-    from vllm_heterocache.models.smollm2 import prepare_default_model
-    from vllm_heterocache.models.tiny import build_tiny_model
-
-    tiny = build_tiny_model()
-    profile = save_synthetic_profile(tiny, ["PS", "AA", "AA", "AA"], Path("/tmp/heterocache-bench-memory-tiny.json"))
-    return {"tiny": (str(tiny), str(profile)), "smollm2": (str(prepare_default_model()), None)}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--footprint", default="tiny:8192,smollm2:4096")
@@ -152,22 +132,23 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     kv_bytes = a.kv_mib << 20
-    paths = models()
+    work = Path(tempfile.mkdtemp(prefix="heterocache-bench-memory-"))  # the tiny model's profile
+    paths = {name: prepare_model(name, work) for name in MODELS}
     report = {"kv_mib": a.kv_mib, "concurrency_kv_mib": a.concurrency_kv_mib, "footprint": [], "concurrency": [],
               "shared": [], "longest": []}
 
     def engines(name: str, length: int):
         model, profile = paths[name]
-        yield "stock", model, {}
+        yield "stock", str(model), {}
         for s in a.settings.split(","):
-            opts = {**({"profile": profile} if profile else {}), **setting_options(s, length)}
-            yield s, model, {"attention_backend": "heterocache", "additional_config": {"heterocache": opts}}
+            opts = heterocache_options(name, profile, setting_options(s, length))
+            yield s, str(model), {"attention_backend": "heterocache", "additional_config": {"heterocache": opts}}
 
-    for case in filter(None, a.footprint.split(",")):
-        name, length = case.split(":")
+    for spec in Case.parse_list(a.footprint, setting=False):
+        case, name, length = str(spec), spec.model, spec.length
         base = None
-        for label, model, extra in engines(name, int(length)):
-            r = run("footprint", model, int(length), kv_bytes, extra)
+        for label, model, extra in engines(name, length):
+            r = run("footprint", model, length, kv_bytes, extra)
             if "error" in r:  # e.g. a ratio the profile makes infeasible
                 print(f"footprint {case:<14} {label:<6} not run: {r['error']}", flush=True)
                 continue
@@ -176,20 +157,20 @@ def main() -> None:
             print(f"footprint {case:<14} {label:<6} {r['bytes_per_token']:9.0f} B/token "
                   f"({r['bytes_per_token'] / base:.3f} of stock; {r['held_blocks']} blocks in {r['groups']} groups, "
                   f"block sizes {r['block_sizes']})", flush=True)
-    for case in filter(None, a.concurrency.split(",")):
-        name, length = case.split(":")
-        for label, model, extra in engines(name, int(length)):
-            r = run("concurrency", model, int(length), a.concurrency_kv_mib << 20, extra)
+    for spec in Case.parse_list(a.concurrency, setting=False):
+        case, name, length = str(spec), spec.model, spec.length
+        for label, model, extra in engines(name, length):
+            r = run("concurrency", model, length, a.concurrency_kv_mib << 20, extra)
             report["concurrency"].append({"case": case, "setting": label, **r})
             print(f"concurrency {case:<12} {label:<6} {r['most_decoding']:3d} requests decoding at once, "
                   f"{r['preemptions']} preemptions ({r['blocks']} blocks)", flush=True)
     shared_env = {"SHARED_REQUESTS": str(a.shared_requests), "SHARED_SUFFIX": str(a.shared_suffix)}
-    for case in filter(None, a.shared.split(",")):
-        name, length = case.split(":")
+    for spec in Case.parse_list(a.shared, setting=False):
+        case, name, length = str(spec), spec.model, spec.length
         for mib in (a.kv_mib, a.shared_kv_mib):
             base = None
-            for label, model, extra in engines(name, int(length)):
-                r = run("shared", model, int(length), mib << 20, extra, shared_env)
+            for label, model, extra in engines(name, length):
+                r = run("shared", model, length, mib << 20, extra, shared_env)
                 if "error" in r:
                     print(f"shared {case:<13} {mib:4d} MiB {label:<6} not run: {r['error']}", flush=True)
                     continue

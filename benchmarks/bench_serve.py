@@ -23,10 +23,8 @@ Settings (``--settings``, the first is the baseline of the ratios): ``stock`` (v
 backend), ``heterocache``, each with ``-nopc`` (``--no-enable-prefix-caching``), and
 ``heterocache-copy`` (``shared_prefixes: copy``: selections of a prefix-cache hit copied).
 
-A case is ``model:input_len:setting``: model ``smollm2`` (SmolLM2-135M-Instruct with its
-shipped profile) or ``tiny`` (the tiny random Llama with a synthetic profile of 1 full head in
-8, as in bench_decode_speed.py); setting ``rX`` (compression_ratio X) or ``bX``
-(token_budget = X * input_len). With ``--repeats N`` the settings run N times, interleaved
+A case is ``MODEL:LENGTH:SETTING`` (``cases.py``; LENGTH is the input length after the shared
+prefix, if any). With ``--repeats N`` the settings run N times, interleaved
 (the order rotates with each repeat), each in a fresh server, and the medians are compared:
 ratio = setting / baseline for request and output-token throughput (higher is better), p50/p99
 TTFT and p50/p99 ITL (lower is better); failed requests are summed.
@@ -61,10 +59,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,7 +68,11 @@ import urllib.request
 from pathlib import Path
 from statistics import median
 
-HERE = Path(__file__).resolve().parent
+from cases import Case, heterocache_options, kept_fraction, prepare_model
+
+from vllm_heterocache import server_process
+from vllm_heterocache.serve import vllm_executable
+
 MARGIN = 16  # max-model-len = input + output + MARGIN (special tokens the server may add)
 PRESETS = {
     "short": {"cases": "smollm2:1024:r0.5", "output_len": 32, "num_prompts": 128, "concurrency": 64, "kv_gib": 1.0},
@@ -102,120 +101,9 @@ METRICS = [
 ]
 STATS_INTERVAL_S = 10.0  # heterocache.stats_interval_s's default
 
-_GROUPS: set[int] = set()  # process groups started here and not yet ended
-
-
-# ---------------------------------------------------------------- processes
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a non-zombie process of group ``pgid`` exists (Linux /proc)."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()  # state, ppid, pgrp, ...
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            return True
-    return False
-
-
-def end_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the process group led by ``proc``; SIGKILL what is left after ``grace`` seconds."""
-    pgid = proc.pid
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            pass
-        deadline = time.time() + wait
-        while time.time() < deadline:
-            if proc.poll() is not None and not _group_alive(pgid):
-                _GROUPS.discard(pgid)
-                return
-            time.sleep(0.2)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
-    if _group_alive(pgid):
-        print(f"warning: process group {pgid} still has processes after SIGKILL", file=sys.stderr, flush=True)
-    else:
-        _GROUPS.discard(pgid)
-
-
-def end_all_groups() -> None:
-    for pgid in list(_GROUPS):
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.time() + (15 if sig == signal.SIGTERM else 5)
-            while time.time() < deadline and _group_alive(pgid):
-                time.sleep(0.2)
-            if not _group_alive(pgid):
-                break
-        _GROUPS.discard(pgid)
-
-
-def start(cmd: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # its own process group: killed as a whole
-    _GROUPS.add(proc.pid)
-    return proc
-
 
 def _terminate(signum, frame):  # SIGTERM / SIGHUP: unwind through the finally blocks
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def vllm_binary() -> str:
-    exe = Path(sys.executable).parent / "vllm"  # the venv's, next to this interpreter
-    if exe.is_file():
-        return str(exe)
-    found = shutil.which("vllm")
-    if not found:
-        raise SystemExit(f"error: no `vllm` next to {sys.executable} nor on PATH")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
-def wait_ready(proc: subprocess.Popen, base: str, name: str, log: Path, timeout: float) -> float:
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode} while starting; "
-                               f"last lines of {log}:\n{tail(log)}")
-        try:
-            if _get(f"{base}/health")[0] == 200:
-                status, body = _get(f"{base}/v1/models")
-                if status == 200 and name in {m["id"] for m in json.loads(body).get("data", [])}:
-                    return time.time() - t0
-        except (urllib.error.URLError, OSError, ValueError):
-            pass
-        time.sleep(1.0)
-    raise RuntimeError(f"the server did not become ready within {timeout:.0f} s; last lines of {log}:\n{tail(log)}")
 
 
 # ---------------------------------------------------------------- logs
@@ -275,7 +163,7 @@ def parse_server_log(log: Path) -> dict:
 def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, repeat: int, a, out: Path) -> dict:
     stem = f"{case['slug']}-{setting}-{repeat + 1}"
     server_log, client_log = out / f"{stem}.server.log", out / f"{stem}.client.log"
-    port = free_port()
+    port = server_process.free_port()
     base = f"http://127.0.0.1:{port}"
     heterocache, prefix_caching, options = SETTINGS[setting]
     cmd = [vllm, "serve", model, "--served-model-name", served, "--host", "127.0.0.1", "--port", str(port),
@@ -296,9 +184,10 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
                 "--additional-config", json.dumps({"heterocache": case["options"] | options})]
     record: dict = {"setting": setting, "repeat": repeat + 1, "port": port, "server_cmd": cmd,
                     "server_log": str(server_log), "client_log": str(client_log)}
-    server = start(cmd, server_log, env)
+    server = server_process.start(cmd, env=env, log=server_log)
     try:
-        record["ready_s"] = wait_ready(server, base, served, server_log, a.ready_timeout)
+        record["ready_s"] = server_process.wait_ready(server, base, timeout=a.ready_timeout, model=served,
+                                                       log=server_log)
         info = parse_server_log(server_log)
         if heterocache and not info["backend_line"]:
             raise RuntimeError(f"no 'HeteroCache attention backend' line in {server_log}")
@@ -313,22 +202,22 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
                       "--save-result", "--save-detailed", "--result-dir", str(out), "--result-filename", result_name,
                       "--label", setting, "--disable-tqdm"]
         record["client_cmd"] = client_cmd
-        client = start(client_cmd, client_log, dict(os.environ))
+        client = server_process.start(client_cmd, env=dict(os.environ), log=client_log)
         try:
             t0 = time.time()
             while client.poll() is None:
                 if server.poll() is not None:
                     raise RuntimeError(f"the server exited with status {server.returncode} during the load; "
-                                       f"last lines of {server_log}:\n{tail(server_log)}")
+                                       f"last lines of {server_log}:\n{server_process.log_tail(server_log)}")
                 if time.time() - t0 > a.client_timeout:
                     raise RuntimeError(f"the client ran past {a.client_timeout:.0f} s; see {client_log}")
                 time.sleep(0.5)
         finally:
-            end_group(client, grace=10)
+            server_process.stop(client, grace=10)
         result_file = out / result_name
         if client.returncode or not result_file.is_file():
             raise RuntimeError(f"vllm bench serve exited with status {client.returncode}; last lines of "
-                               f"{client_log}:\n{tail(client_log)}")
+                               f"{client_log}:\n{server_process.log_tail(client_log)}")
         raw = json.loads(result_file.read_text())
         record["result_file"] = str(result_file)
         record["metrics"] = {k: v for k, v in raw.items() if not isinstance(v, (list, dict))}
@@ -353,7 +242,7 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
         record["heterocache_stats"] = lines[-1] if lines else None
         record["heterocache_stats_parsed"] = parse_stats(record["heterocache_stats"])
     finally:
-        end_group(server)
+        server_process.stop(server)
     return record
 
 
@@ -371,25 +260,11 @@ def dataset_args(case: dict, a) -> list[str]:
 # ---------------------------------------------------------------- cases and report
 
 def prepare_case(spec: str, a, out: Path) -> dict:
-    name, length, setting = spec.split(":")
-    length, x = int(length), float(setting[1:])
-    if setting[0] not in "rb":
-        raise SystemExit(f"error: case {spec!r}: setting must be rX or bX")
-    options = {"compression_ratio": x} if setting[0] == "r" else {"token_budget": int(x * length)}
-    if name == "smollm2":
-        from vllm_heterocache.models.smollm2 import prepare_default_model
-        model = str(prepare_default_model())
-        profile = HERE.parent / "profiles" / "SmolLM2-135M-Instruct.json"
-    elif name == "tiny":
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from backend_support import save_synthetic_profile
-
-        from vllm_heterocache.models.tiny import build_tiny_model
-        model = str(build_tiny_model())
-        profile = save_synthetic_profile(Path(model), ["PS", "AA", "AA", "AA"], out / "tiny-profile.json")
-        options["profile"] = str(profile)
-    else:
-        raise SystemExit(f"error: case {spec!r}: model must be smollm2 or tiny")
+    case = Case.parse(spec)
+    name, length = case.model, case.length
+    model, profile = prepare_model(name, out)
+    model = str(model)
+    options = heterocache_options(name, profile, case.options)
     options.update(json.loads(a.heterocache_options))
     config = json.loads((Path(model) / "config.json").read_text())
     limit = config["max_position_embeddings"]
@@ -398,8 +273,6 @@ def prepare_case(spec: str, a, out: Path) -> dict:
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     token_bytes = 2 * layers * kv_heads * head_dim * 4  # K and V, float32
     kv_bytes = int(a.kv_gib * (1 << 30))
-    sys.path.insert(0, str(HERE))
-    from bench_decode_speed import kept_fraction
     f = kept_fraction(profile, options, input_len)
     request = input_len + a.output_len
     capacity = {
@@ -498,7 +371,7 @@ def run_line(case: dict, rec: dict, repeats: int) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="defaults for the options below (explicit ones win)")
-    p.add_argument("--cases", help=f"comma-separated model:input_len:setting (default {DEFAULTS['cases']})")
+    p.add_argument("--cases", help=f"comma-separated MODEL:LENGTH:SETTING (cases.py; default {DEFAULTS['cases']})")
     p.add_argument("--output-len", type=int, help=f"output tokens per request (default {DEFAULTS['output_len']})")
     p.add_argument("--num-prompts", type=int, help=f"requests per run (default {DEFAULTS['num_prompts']})")
     p.add_argument("--concurrency", type=int, help=f"most requests in flight (default {DEFAULTS['concurrency']})")
@@ -535,7 +408,7 @@ def main() -> int:
     print(f"logs, client results and results.json go to {out}", flush=True)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
-    vllm = vllm_binary()
+    vllm = vllm_executable()
     results: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
                      "vllm": vllm, "cases": []}
     status = 0
@@ -579,7 +452,7 @@ def main() -> int:
         print(f"error: {results['error']}", file=sys.stderr, flush=True)
         status = 1
     finally:
-        end_all_groups()
+        server_process.stop_all()
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"results: {out / 'results.json'}", flush=True)
     return status

@@ -65,9 +65,12 @@ from statistics import median
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_serve import end_all_groups, end_group, free_port, start, vllm_binary, wait_ready, _terminate  # noqa: E402
+from cases import MODELS, heterocache_options, prepare_model
+
+from vllm_heterocache import server_process
+from vllm_heterocache.serve import vllm_executable
+
+TINY_LAYOUT = ("PS", "SP", "AV", "AA")  # every head type, clusters in two layers
 
 MIN_PROMPT, ANSWER = 16, (8, 128)
 MARGIN = ANSWER[1] + 32  # room for the longest answer (and special tokens) below max-model-len
@@ -350,7 +353,7 @@ def server_command(vllm: str, model: Path, served: str, port: int, a, heterocach
 
 def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: Path, vllm: str) -> dict:
     """One fresh server of ``setting`` under the whole load; its record."""
-    served, port = model.name, free_port()
+    served, port = model.name, server_process.free_port()
     base = f"http://127.0.0.1:{port}"
     log = out / f"{setting}-{repeat + 1}.server.log"
     heterocache = setting == "heterocache"
@@ -359,10 +362,11 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
     if a.malloc == "tcmalloc":
         env["LD_PRELOAD"] = ":".join(filter(None, (tcmalloc(), env.get("LD_PRELOAD"))))
     env |= dict(kv.split("=", 1) for kv in getattr(a, "server_env", None) or [])
-    server = start(server_command(vllm, model, served, port, a, options if heterocache else None), log, env)
+    server = server_process.start(server_command(vllm, model, served, port, a, options if heterocache else None),
+                                  env=env, log=log)
     record: dict = {"setting": setting, "repeat": repeat + 1, "server_log": str(log)}
     try:
-        record["ready_s"] = wait_ready(server, base, served, log, a.ready_timeout)
+        record["ready_s"] = server_process.wait_ready(server, base, timeout=a.ready_timeout, model=served, log=log)
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         requests = make_requests(a.requests, a.max_model_len, vocab, a.disconnect, seed=repeat,
                                  prompt_len=getattr(a, "prompt_len", None))
@@ -402,7 +406,7 @@ def run_setting(setting: str, repeat: int, model: Path, options: dict, a, out: P
                    "heterocache": {k: v for k, v in values.items() if k.startswith("heterocache_")}}
         record["failures"] = [asdict(o) for o in outcomes if not o.ok][:10]
     finally:
-        end_group(server)
+        server_process.stop(server)
     return record
 
 
@@ -474,21 +478,15 @@ def print_report(table: dict, runs: list[dict], problems: list[str], a) -> None:
     print("\n".join(["soak: OK"] if not problems else ["soak: FAILED", *problems]), flush=True)
 
 
+def _interrupted(signum, frame):  # SIGTERM / SIGHUP: unwind through the finally blocks
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def model_and_options(name: str, ratio: float, out: Path) -> tuple[Path, dict]:
-    if name == "smollm2":
-        from vllm_heterocache.models.smollm2 import prepare_default_model
-
-        return prepare_default_model(), {"compression_ratio": ratio}
-    if name == "tiny":
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from backend_support import save_synthetic_profile
-
-        from vllm_heterocache.models.tiny import build_tiny_model
-
-        model = build_tiny_model()
-        profile = save_synthetic_profile(model, ["PS", "SP", "AV", "AA"], out / "tiny-profile.json")
-        return model, {"compression_ratio": ratio, "profile": str(profile)}
-    raise SystemExit(f"error: --model must be tiny or smollm2, got {name!r}")
+    if name not in MODELS:
+        raise SystemExit(f"error: --model must be one of {', '.join(MODELS)}, got {name!r}")
+    model, profile = prepare_model(name, out, TINY_LAYOUT)
+    return model, heterocache_options(name, profile, {"compression_ratio": ratio})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -528,11 +526,11 @@ def main(argv: list[str] | None = None) -> int:
     out = (a.out or Path(tempfile.mkdtemp(prefix="heterocache-soak-"))).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"logs and results.json go to {out}", flush=True)
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGHUP, _interrupted)
     model, options = model_and_options(a.model, a.ratio, out)
     options |= json.loads(a.heterocache_options)
-    vllm, runs = vllm_binary(), []
+    vllm, runs = vllm_executable(), []
     try:
         for rep in range(a.repeats):
             for setting in settings if rep % 2 == 0 else settings[::-1]:
@@ -541,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{setting} run {rep + 1}: {r['request_throughput']:.2f} req/s, {r['output_throughput']:.0f} tok/s, "
                       f"failed {r['failed']}, RSS growth {100 * r['rss_growth']:.1f}%", flush=True)
     finally:
-        end_all_groups()
+        server_process.stop_all()
         (out / "results.json").write_text(json.dumps({"config": {k: str(v) for k, v in vars(a).items()},
                                                       "options": options, "runs": runs}, indent=1))
     table, problems = report(runs, a)

@@ -32,17 +32,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.profile.fingerprint import canonical_config, config_hash
+from vllm_heterocache.profile.importer import KNOWN_MODELS
+from vllm_heterocache.profile.schema import HeadProfile, load_profile
 
-from vllm_heterocache.budget import BudgetPlanner  # noqa: E402
-from vllm_heterocache.config import HeteroCacheConfig  # noqa: E402
-from vllm_heterocache.profile.fingerprint import canonical_config, config_hash  # noqa: E402
-from vllm_heterocache.profile.importer import KNOWN_MODELS  # noqa: E402
-from vllm_heterocache.profile.schema import HeadProfile, load_profile  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 PREDICTION = "PREDICTION from a memory-bandwidth roofline, not a measurement"
 GiB, GB = 1024**3, 1e9

@@ -1,4 +1,3 @@
-import socket
 import sys
 from pathlib import Path
 
@@ -7,13 +6,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 PROFILES = ROOT / "profiles"
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kubectl() -> str:
@@ -56,6 +48,6 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_profile(tiny, tmp_path_factory):
     """Every layer has compressed heads; pivots with satellites in layers 0, 1 and 3."""
-    from backend_support import save_synthetic_profile
+    from vllm_heterocache.profile.synthetic import save_synthetic_profile
 
     return save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp_path_factory.mktemp("p") / "tiny.json")

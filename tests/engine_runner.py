@@ -14,6 +14,9 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from vllm_heterocache.vllm_adapter import compat  # noqa: E402 (after the environment it reads)
+from vllm_heterocache.vllm_adapter.runner_hooks import runtime_of  # noqa: E402
+
 
 def prompts(tokenizer, lengths, shared=False):
     """Prompts of the given lengths, each from its own document (``shared``: all from one, so
@@ -52,24 +55,23 @@ def generate_batches(model, batches_of, max_tokens, batch_args=None, **kw):
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=model, dtype="float32", max_model_len=2048, enforce_eager=True, seed=0, **kw)
-    core = llm.llm_engine.engine_core.engine_core
-    manager = core.scheduler.kv_cache_manager
+    scheduler = compat.engine_scheduler(llm)
     tokens, hits = [], []
     for i, batch in enumerate(batches_of(llm.get_tokenizer())):
         params = SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=(batch_args or {}).get(i))
         outs = llm.generate([{"prompt_token_ids": ids} for ids in batch], params)
         tokens.append([list(o.outputs[0].token_ids) for o in outs])
         hits.append([o.num_cached_tokens for o in outs])
-    while core.scheduler.has_requests():  # the step that tells the worker who finished
+    while scheduler.has_requests():  # the step that tells the worker who finished
         llm.llm_engine.step()
-    groups = [len(g.layer_names) for g in core.scheduler.kv_cache_config.kv_cache_groups]
-    result = {"tokens": tokens, "hits": hits, "free_blocks": manager.block_pool.get_num_free_blocks(),
-              "num_blocks": manager.block_pool.num_gpu_blocks, "group_layers": groups}
+    groups = [len(g.layer_names) for g in compat.engine_kv_cache_groups(scheduler)]
+    pool = compat.engine_block_pool(scheduler)
+    result = {"tokens": tokens, "hits": hits, "free_blocks": pool.get_num_free_blocks(),
+              "num_blocks": pool.num_gpu_blocks, "group_layers": groups}
     if kw.get("tensor_parallel_size", 1) > 1:
         result["ranks"] = llm.collective_rpc(runtime_summary)
     else:
-        rt = getattr(llm.llm_engine.model_executor.driver_worker.worker.model_runner.model.model.layers[0].self_attn
-                     .attn.impl, "runtime", None)
+        rt = runtime_of(compat.driver_model_runner(llm))
         if rt is not None:
             result |= {"counters": vars(rt.counters), "states": len(rt.requests),
                        "host_used_blocks": rt.host.used_blocks if rt.host is not None else None}
@@ -96,24 +98,16 @@ def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, re
         except VLLMValidationError as e:  # what the API server answers with HTTP 400
             refused.append(str(e))
     refused = "\n".join(refused)
-    preemptions = []
-    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
-    if core is not None:  # in-process engine: count the scheduler's preemptions
-        original = core.scheduler._preempt_request
-
-        def counting(request, *args, **kwargs):
-            preemptions.append(request.request_id)
-            return original(request, *args, **kwargs)
-
-        core.scheduler._preempt_request = counting
+    scheduler = compat.engine_scheduler(llm)
+    preemptions = compat.count_preemptions(scheduler) if scheduler is not None else []  # (in-process engines)
     params = [SamplingParams(temperature=0, max_tokens=max_tokens, extra_args=x) for x in extra_args or [None] * len(lengths)]
     outs = llm.generate(prompts(llm.get_tokenizer(), lengths, shared), params)
     result = {"tokens": [list(o.outputs[0].token_ids) for o in outs], "preemptions": len(preemptions),
               "refused": refused}
-    if core is not None:  # vLLM's own block accounting once every request is done
-        while core.scheduler.has_requests():  # the step that tells the worker who finished
+    if scheduler is not None:  # vLLM's own block accounting once every request is done
+        while scheduler.has_requests():  # the step that tells the worker who finished
             llm.llm_engine.step()
-        pool = core.scheduler.kv_cache_manager.block_pool
+        pool = compat.engine_block_pool(scheduler)
         result["free_blocks"], result["num_blocks"] = pool.get_num_free_blocks(), pool.num_gpu_blocks
     if kw.get("tensor_parallel_size", 1) > 1:  # every rank's runtime, from inside its worker process
         result["ranks"] = llm.collective_rpc(runtime_summary)
@@ -121,10 +115,9 @@ def generate(model, lengths, max_tokens, max_model_len=4096, extra_args=None, re
 
         # what the worker processes published for /metrics (this process's own file: an earlier engine)
         result["published"] = [s for s in read_snapshots(metrics_dir()) if s["pid"] != os.getpid()]
-    worker = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
-    if worker is not None:
-        impl = worker.worker.model_runner.model.model.layers[0].self_attn.attn.impl
-        rt = getattr(impl, "runtime", None)
+    runner = compat.driver_model_runner(llm)
+    if runner is not None:
+        rt = runtime_of(runner)
         if rt is not None:
             result["counters"] = vars(rt.counters)
             result["states"] = len(rt.requests)
@@ -139,8 +132,7 @@ def runtime_summary(worker):
     """On a worker (``LLM.collective_rpc``): its rank's runtime counters and host tier."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    impl = worker.model_runner.model.model.layers[0].self_attn.attn.impl
-    rt = getattr(impl, "runtime", None)
+    rt = runtime_of(compat.worker_model_runner(worker))
     if rt is None:
         return {"rank": get_tensor_model_parallel_rank()}
     return {"rank": get_tensor_model_parallel_rank(), "counters": vars(rt.counters), "states": len(rt.requests),

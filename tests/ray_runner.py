@@ -15,9 +15,10 @@ one exchange of the drift messages of pivot clusters across ranks. Used by tests
 
 import json
 import os
-import socket
 import subprocess
 import sys
+
+from vllm_heterocache.server_process import free_port
 
 
 class RankWorker:
@@ -56,8 +57,10 @@ class RankWorker:
     def report(self) -> dict:
         import torch
 
-        impl = self.worker.model_runner.model.model.layers[0].self_attn.attn.impl
-        rt = impl.runtime
+        from vllm_heterocache.vllm_adapter import compat
+        from vllm_heterocache.vllm_adapter.runner_hooks import runtime_of
+
+        rt = runtime_of(compat.worker_model_runner(self.worker))
         summed = rt.exchange(torch.full((1, 2, 3), self.rank + 1, dtype=torch.int64))
         return {
             "rank": self.rank,
@@ -78,12 +81,6 @@ class RankWorker:
 os.environ.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
 RAY_ENV = dict(os.environ)
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]  # the `ray` command of this interpreter (PATH may not have it)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main():

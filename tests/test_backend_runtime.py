@@ -4,7 +4,7 @@ tables, odd lengths), a real host tier, against the reference ops on dense tenso
 import pytest
 import torch
 
-from backend_support import synthetic_profile, write_tokens
+from backend_support import write_tokens
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.ops import kernels
@@ -20,6 +20,7 @@ from vllm_heterocache.runtime.layer import (
     select_and_compact,
     track_drift,
 )
+from vllm_heterocache.profile.synthetic import synthetic_profile
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 
 HQ, HKV, D, BS, NB = 6, 2, 64, 16, 48

@@ -115,7 +115,7 @@ def test_short_prompts_keep_every_token(llama_profile):
 
 @pytest.mark.parametrize("options", [{"compression_ratio": 0.6}, {"token_budget": 100}, {"compression_ratio": 0.6, "round_to_block": True}])
 def test_pool_capacity_bounds_every_compressed_budget(options):
-    from backend_support import synthetic_profile
+    from vllm_heterocache.profile.synthetic import synthetic_profile
 
     config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
               "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 100, "architectures": ["LlamaForCausalLM"]}

@@ -20,7 +20,8 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT, free_port, kubectl
+from conftest import ROOT, kubectl
+from vllm_heterocache.server_process import free_port
 
 pytestmark = pytest.mark.container
 

@@ -1,20 +1,18 @@
 """The README's main job: `heterocache demo` serves SmolLM2 with HeteroCache and answers."""
 
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+from vllm_heterocache.server_process import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.model]
 
 
 def test_demo_serves_the_default_model_and_answers():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = subprocess.run([sys.executable, "-m", "vllm_heterocache.cli", "demo", "--once", "--port", str(port)],
                          capture_output=True, text=True, timeout=900, cwd=ROOT)
     log = out.stdout + out.stderr

@@ -2,13 +2,8 @@
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 CONTEXTS = {1024: 3, 2048: 2}
 

@@ -1,12 +1,10 @@
 """benchmarks/roofline.py: the bandwidth-roofline prediction (no engine, no GPU)."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from conftest import PROFILES, ROOT
+from conftest import PROFILES
 from vllm_heterocache.budget import BudgetPlanner
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.profile.schema import HeadProfile, load_profile
@@ -14,12 +12,9 @@ from vllm_heterocache.profile.schema import HeadProfile, load_profile
 
 @pytest.fixture(scope="module")
 def roofline():
-    spec = importlib.util.spec_from_file_location("roofline", ROOT / "benchmarks" / "roofline.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["roofline"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("roofline", None)
+    import roofline
+
+    return roofline
 
 
 @pytest.fixture(scope="module")

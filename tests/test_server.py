@@ -3,8 +3,6 @@
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -12,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from backend_support import save_synthetic_profile
-from conftest import free_port
+from vllm_heterocache import server_process
+from vllm_heterocache.profile.synthetic import save_synthetic_profile
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +23,7 @@ def server(tmp_path_factory):
     tiny = build_tiny_model()
     tmp = tmp_path_factory.mktemp("server")
     profile = save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp / "tiny.json")
-    port = free_port()
+    port = server_process.free_port()
     options = {"heterocache": {"profile": str(profile), "compression_ratio": 0.6, "window": 8, "min_prompt_len": 0}}
     cmd = [
         str(Path(sys.executable).parent / "vllm"), "serve", str(tiny),
@@ -35,30 +33,16 @@ def server(tmp_path_factory):
     ]
     log_path = tmp / "server.log"
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = server_process.start(cmd, env=env, log=log_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-5000:]}")
-            try:
-                if requests.get(f"{base}/v1/models", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline:
-                pytest.fail(f"server did not start in 300 s:\n{log_path.read_text()[-5000:]}")
-            time.sleep(1)
+        try:
+            server_process.wait_ready(proc, base, timeout=300, model="tiny", log=log_path)
+        except server_process.ServerFailed as failed:
+            pytest.fail(str(failed))
         yield base, log_path
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        server_process.stop(proc, grace=60)
 
 
 def test_backend_is_selected(server):

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,19 +16,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-import requests
 
-from conftest import ROOT, free_port
+from conftest import ROOT
+from vllm_heterocache.server_process import ServerFailed, accepts_connections, free_port, wait_ready
 
 STOP_BOUND_S = 60  # from the signal until the process and all its descendants are gone
 # vLLM pins its CPU worker to core 0 by default: where another server's worker is pinned there too
 # (a shared test machine), it starves for minutes. Unpinned, the scheduler spreads them.
 UNPINNED = {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}
-
-
-def accepts_connections(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def heterocache(*args: str) -> list[str]:
@@ -56,14 +50,10 @@ def stopped(proc: subprocess.Popen):
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"exited with {proc.returncode} before serving:\n{log.read_text()[-5000:]}"
-        with contextlib.suppress(requests.RequestException):
-            if requests.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return
-        assert time.monotonic() < deadline, f"no healthy server in {timeout:.0f} s:\n{log.read_text()[-5000:]}"
-        time.sleep(1)
+    try:
+        wait_ready(proc, f"http://127.0.0.1:{port}", timeout=timeout, log=log)
+    except ServerFailed as failed:
+        pytest.fail(str(failed))
 
 
 def assert_stops(proc: subprocess.Popen, sig: signal.Signals, port: int, log: Path) -> int:
@@ -149,7 +139,7 @@ def _session(code: str) -> subprocess.Popen:
 
 
 def test_a_server_that_ignores_sigterm_is_killed_after_the_grace_period():
-    from vllm_heterocache.demo import stop_server
+    from vllm_heterocache.server_process import stop
 
     stubborn = """
         import signal, subprocess, sys, time
@@ -161,7 +151,7 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_grace_period():
     with stopped(_session(stubborn)) as proc:
         child = psutil.Process(int(proc.stdout.readline()))
         start = time.monotonic()
-        stop_server(proc, grace=2)
+        assert not stop(proc, grace=2)  # (not within the grace: killed)
         assert time.monotonic() - start < 10
         assert proc.returncode == -signal.SIGKILL
         child.wait(timeout=10)  # SIGKILLed with its group
@@ -170,9 +160,9 @@ def test_a_server_that_ignores_sigterm_is_killed_after_the_grace_period():
 def test_the_server_gets_sigterm_when_the_demo_is_killed_outright():
     """PR_SET_PDEATHSIG: the wrapper is SIGKILLed (no handler runs), the kernel signals the server."""
     wrapper = """
-        import subprocess, time
-        from vllm_heterocache.demo import _die_with_parent
-        server = subprocess.Popen(["sleep", "600"], start_new_session=True, preexec_fn=_die_with_parent())
+        import time
+        from vllm_heterocache import server_process
+        server = server_process.start(["sleep", "600"], die_with_parent=True)
         print(server.pid, flush=True)
         time.sleep(600)
     """

@@ -4,13 +4,8 @@ mid-stream; every other request completes, and the server settles back to its ba
 own /metrics (no request, refill, host-tier or device block held)."""
 
 import argparse
-import sys
 
 import pytest
-
-from conftest import ROOT
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 pytestmark = pytest.mark.slow
 

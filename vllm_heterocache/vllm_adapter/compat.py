@@ -26,6 +26,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | ``EngineArgs.create_engine_config`` (patched) | a configuration the backend refuses is refused where vLLM makes the config, before the engine core and its workers start: their errors end in "Engine core initialization failed", far below the message | vLLM lets a backend validate the whole config (``validate_configuration`` sees one layer's parameters, in the worker) |
 | ``GPUModelRunner.requests`` | the step hook reads a new request's ``vllm_xargs`` (its policy and ratio) | the lifecycle hooks above pass the sampling params |
 | ``MessageQueue.__init__``'s defaults (``max_chunk_bytes``, ``max_chunks``), ``envs.VLLM_MQ_MAX_CHUNK_BYTES_MB``, ``ParallelConfig.distributed_executor_backend`` | the multiprocess executor's message queues are ring buffers in /dev/shm of these sizes; with too small a /dev/shm (a container engine's default 64 MB) a worker fails at startup, far below the message (``startup.check_shared_memory``) | vLLM checks /dev/shm where it makes the config |
+| ``LLMEngine.engine_core.engine_core`` (an in-process engine's core), ``Scheduler.kv_cache_manager`` (its ``block_pool``, ``coordinator.single_type_managers``' ``req_to_blocks``), ``Scheduler.running``, ``has_requests``, ``kv_cache_config``, ``_preempt_request`` (wrapped), ``model_executor.driver_worker.worker.model_runner``, ``Worker.model_runner``; ``CPUWorker``, ``get_kv_cache_configs``, ``resolve_kv_cache_layout`` | tests and benchmarks only (``engine_scheduler`` and the functions after it; tests/ray_runner.py drives two ranks as Ray actors the way vLLM's Ray executor does): they check vLLM's own block accounting, count preemptions and read each rank's runtime; vLLM has no public view of these | vLLM exposes block usage and preemption counts per engine (its ``/metrics`` gives usage as a fraction only) |
 | ``vllm.v1.attention.backends.cpu_attn._get_attn_isa`` | the ISA of the CPU kernels for a dtype / block size / head size (tests build caches in it) | |
 | ``GPUModelRunner.execute_model``, ``sample_tokens``, ``_build_attention_metadata``, ``CPUAttentionBackendImpl.forward``, ``do_kv_cache_update`` (patched only with ``HETEROCACHE_STEP_TIMING=1``) | the per-step time breakdown of the benchmarks (``runtime.timing``), for the stock backend as for HeteroCache | vLLM's own per-step profiling reports attention time |
 """
@@ -447,3 +448,51 @@ def shm_queue_bytes(vllm_config) -> int:
     chunks = defaults["max_chunks"].default
     chunk = max(envs.VLLM_MQ_MAX_CHUNK_BYTES_MB << 20, defaults["max_chunk_bytes"].default)
     return chunks * chunk
+
+
+# -- tests and benchmarks: an in-process engine's internals ------------------------------------------
+
+
+def engine_scheduler(llm):
+    """The scheduler of an ``LLM``'s in-process engine core (``VLLM_ENABLE_V1_MULTIPROCESSING=0``),
+    else None."""
+    core = getattr(getattr(llm.llm_engine, "engine_core", None), "engine_core", None)
+    return None if core is None else core.scheduler
+
+
+def engine_block_pool(scheduler):
+    """vLLM's block pool of ``scheduler`` (``get_num_free_blocks()``, ``num_gpu_blocks``)."""
+    return scheduler.kv_cache_manager.block_pool
+
+
+def engine_kv_cache_groups(scheduler) -> list:
+    return list(scheduler.kv_cache_config.kv_cache_groups)
+
+
+def engine_blocks_by_group(scheduler) -> list[dict]:
+    """Per KV cache group: request id -> the blocks it holds (null blocks included)."""
+    return [m.req_to_blocks for m in scheduler.kv_cache_manager.coordinator.single_type_managers]
+
+
+def count_preemptions(scheduler) -> list[str]:
+    """The ids of the requests ``scheduler`` preempts from now on, appended as it does."""
+    preempted: list[str] = []
+    original = scheduler._preempt_request
+
+    def counting(request, *args, **kwargs):
+        preempted.append(request.request_id)
+        return original(request, *args, **kwargs)
+
+    scheduler._preempt_request = counting
+    return preempted
+
+
+def driver_model_runner(llm):
+    """The model runner of an ``LLM``'s driver worker, when it runs in this process (else None)."""
+    worker = getattr(getattr(llm.llm_engine, "model_executor", None), "driver_worker", None)
+    return None if worker is None else worker.worker.model_runner
+
+
+def worker_model_runner(worker):
+    """The model runner of a vLLM worker (``LLM.collective_rpc``'s argument, or a worker object)."""
+    return worker.model_runner
