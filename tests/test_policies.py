@@ -1,12 +1,11 @@
 """Policies (``vllm_heterocache.policies``): their layouts of a profile, the same budget rule for
 all, what a request may ask for, and the scheduler's pool capacities against the planner."""
 
-import dataclasses
 
 import pytest
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, class_placement
+from vllm_heterocache.budget import BudgetPlanner, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ConfigError
 from vllm_heterocache.ops import reference as ref
@@ -90,32 +89,35 @@ def test_what_requests_may_ask_for(llama_profile):
 
 @pytest.mark.parametrize("server", ["heterocache", "snapkv", "duo"])
 def test_pool_capacities_bound_every_request_budget(llama_profile, server):
-    """The scheduler's capacity of each pool class for a request (``PoolCapacity.for_request``)
-    is the largest budget the worker's planner gives that request's heads in the class."""
+    """The scheduler's capacity of each pool class for a request (``budget.request_terms``, from
+    the class's spec) is the largest budget the worker's planner for the same terms gives that
+    request's heads in the class."""
     config = HeteroCacheConfig(policy=server, compression_ratio=0.5, window=16, budget_classes=3)
     planner = BudgetPlanner(llama_profile, config)
-    capacities, _ = planner.pools()
+    server_terms = planner.server_terms()
     _, class_of = planner.capacity_classes(config.budget_classes)
-    rules = RequestRules.of(llama_profile, server, 0.5, compresses=True)
-    class_rules = planner.class_rules(n for n, _ in rules.floors)
-    for name, floor in rules.floors:
+    assert server_terms.rules == RequestRules.of(llama_profile, server, 0.5, compresses=True)
+    for name, floor in server_terms.rules.floors:
         for ratio in (None, 1.0, round(floor + 0.05, 3), 0.9):
             if name == "full" and ratio not in (None, 1.0):
                 continue
-            choice = rules.parse({"heterocache_policy": name, **({} if ratio is None else {"heterocache_ratio": ratio})})
-            options = {"policy": name} | ({} if ratio is None else {"compression_ratio": ratio})
-            request = BudgetPlanner(llama_profile, dataclasses.replace(config, **options))
+            args = {"heterocache_policy": name, **({} if ratio is None else {"heterocache_ratio": ratio})}
+            terms = request_terms(server_terms, args, strict=True)
+            assert terms == request_terms(server_terms, args)  # the engine reads them alike
+            request = planner.for_choice(terms.choice)
             for L in (100, 700, 4096):
                 budgets = request.plan(L).every_budgets
-                for c, capacity in enumerate(capacities):
-                    rule = next(r for r in class_rules[c] if r.policy == name)
-                    cap = capacity.for_request(rule, choice.ratio).max_budget(L)
+                for c in range(len(server_terms.capacities)):
+                    scheduler = request_terms(server_terms.of_class(c), args)  # as a pool's spec reads them
+                    cap = scheduler.capacities[0].max_budget(L)
+                    assert cap == terms.capacities[c].max_budget(L)
                     heads = [budgets[l, h] for (l, h), k in class_of.items() if k == c]
                     assert cap == max(heads), (name, ratio, L, c)
                     # where the request's tokens go (placement): the scheduler's blocks hold the
                     # worker's selections, with or without a prefix-cache hit
                     for hit in (0, (L - 16) // 64 * 64):
-                        placement = class_placement(capacity, class_rules[c], choice, L, 64, hit)
+                        placement = scheduler.placement(0, L, 64, hit)
+                        assert placement == terms.placement(c, L, 64, hit)
                         if placement.positional:  # every token in place: nothing selected, or a short own part
                             assert all(b == L for b in heads) or hit and L - hit <= cap, (name, ratio, L, c)
                         else:  # room for the copied part of the largest selection

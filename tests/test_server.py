@@ -220,9 +220,10 @@ def test_policy_and_ratio_per_request(server):
 
     bad = {
         "heterocache_policy": [{"heterocache_policy": "snapkv"},  # compresses this server's full-pool heads
-                               {"heterocache_policy": "h2o"}],
+                               {"heterocache_policy": "h2o"}, {"heterocache_policy": True}],
         "heterocache_ratio": [{"heterocache_ratio": 0.3},  # its full heads alone keep 0.5
                               {"heterocache_ratio": 1.5}, {"heterocache_ratio": "lots"},
+                              {"heterocache_ratio": True},  # (vLLM's request model reads a JSON true as 1)
                               {"heterocache_policy": "full", "heterocache_ratio": 0.7}],
         "heterocache_ration": [{"heterocache_ration": 0.7}],
     }

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -98,7 +99,7 @@ class BudgetPlanner:
         self.policy = POLICIES[config.policy]
         self.layout = profile = self.policy.layout(profile)
         self.heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
-        self.tp_size = tp_size
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self._classes: dict[int, tuple] = {}  # capacity_classes(count), computed once
         layers = range(profile.num_layers)
         every = range(profile.num_kv_heads)
@@ -145,6 +146,23 @@ class BudgetPlanner:
     def request_rules(self) -> RequestRules:
         """What a server planned by this planner takes per request (``vllm_xargs``)."""
         return RequestRules.of(self.profile, self.config.policy, self.config.compression_ratio, self.compresses)
+
+    def server_terms(self) -> ServerTerms:
+        """What a server planned by this planner takes per request, with its pool classes
+        (:meth:`pools`); :func:`request_terms` reads a request's arguments by them."""
+        rules = self.request_rules()
+        capacities, _ = self.pools()
+        return ServerTerms(rules, capacities, self.class_rules(name for name, _ in rules.floors))
+
+    def for_choice(self, choice: RequestChoice) -> BudgetPlanner:
+        """The planner of a request's policy and ratio (``RequestTerms.choice``): its budgets per
+        head, which the request's capacity in each class bounds (:meth:`PoolCapacity.for_request`
+        applies the same rule to the class's largest budget ratio)."""
+        options = {"policy": choice.policy}
+        if choice.ratio is not None:
+            options |= {"compression_ratio": choice.ratio, "token_budget": None}
+        return BudgetPlanner(self.profile, replace(self.config, **options), tp_rank=self.tp_rank,
+                             tp_size=self.tp_size, block_size=self.block_size)
 
     def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
         """Compressed heads (all ranks) in at most ``count`` classes, contiguous by budget ratio.
@@ -378,15 +396,64 @@ class PoolCapacity:
         return _max_budget(self, prompt_len)
 
 
-def class_placement(capacity: PoolCapacity, class_rules: tuple[ClassRule, ...], choice: RequestChoice,
-                    prompt_len: int, block_size: int, hit: int = 0) -> RowPlacement:
-    """Where a request of policy and ratio ``choice`` (``RequestRules.resolve``) keeps its tokens
-    in the pool of one budget class (``capacity``, and ``class_rules``: how each policy uses the
-    class), ``hit`` of its ``prompt_len`` prompt tokens from vLLM's prefix cache. The one
-    derivation of a request's capacity that the scheduler (its blocks) and the workers (where
-    they read and write) share."""
-    rule = next(r for r in class_rules if r.policy == choice.policy)
-    return capacity.for_request(rule, choice.ratio).placement(prompt_len, block_size, hit)
+@dataclass(frozen=True)
+class ServerTerms:
+    """What a server's KV pools take per request, as plain data: it travels to the scheduler
+    inside every compressed pool's KV cache spec (a spec holds the terms of its own class).
+
+    Attributes:
+        rules: the request arguments (``vllm_xargs``) the server takes (``policies.RequestRules``).
+        capacities: per compressed pool class, its capacity under the server's policy and ratio.
+        class_rules: per pool class, how the requests of each policy of ``rules.floors`` use it.
+    """
+
+    rules: RequestRules
+    capacities: tuple[PoolCapacity, ...] = ()
+    class_rules: tuple[tuple[ClassRule, ...], ...] = ()
+
+    def of_class(self, pool: int) -> ServerTerms:
+        """The terms of pool class ``pool`` alone (its class index becomes 0)."""
+        return ServerTerms(self.rules, (self.capacities[pool],), (self.class_rules[pool],))
+
+
+@dataclass(frozen=True)
+class RequestTerms:
+    """One request's policy and ratio, and its capacity in each pool class of the server.
+
+    Attributes:
+        choice: the request's policy and ratio (``policies.RequestChoice``).
+        capacities: per pool class, the bound of the request's budgets there
+            (:meth:`PoolCapacity.for_request`): the scheduler sizes the request's blocks by it and
+            the workers address them by it (:meth:`placement`).
+        error: the engine's reading of arguments that do not parse (the API server refuses them
+            first): the request keeps everything (policy ``full``), and this says why.
+    """
+
+    choice: RequestChoice
+    capacities: tuple[PoolCapacity, ...]
+    error: str | None = None
+
+    def placement(self, pool: int, prompt_len: int, block_size: int, hit: int = 0) -> RowPlacement:
+        """Where the request's tokens live in the pool of class ``pool`` (``placement``), ``hit``
+        of its ``prompt_len`` prompt tokens from vLLM's prefix cache."""
+        return self.capacities[pool].placement(prompt_len, block_size, hit)
+
+
+def request_terms(server: ServerTerms, extra_args: Mapping[str, Any] | None, *, strict: bool = False) -> RequestTerms:
+    """A request's choice and capacities from its ``SamplingParams.extra_args`` (``vllm_xargs``):
+    the one derivation that the API server (``strict``: bad arguments raise
+    ``policies.RequestError`` naming the key, an HTTP 400), the scheduler (a request's blocks in
+    each compressed pool) and the workers (its budgets and where its tokens are) share. Without
+    ``strict``, arguments that do not parse give policy ``full`` and the error (:class:`RequestTerms`)."""
+    if strict:
+        choice, error = server.rules.parse(extra_args), None
+    else:
+        choice, error = server.rules.resolve(extra_args)
+    capacities = tuple(
+        capacity.for_request(next(r for r in rules if r.policy == choice.policy), choice.ratio)
+        for capacity, rules in zip(server.capacities, server.class_rules)
+    )
+    return RequestTerms(choice, capacities, error)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -11,7 +11,6 @@ attention metadata, and the layers execute the plan they find there.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Mapping
@@ -19,11 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, class_placement
+from vllm_heterocache.budget import BudgetPlanner, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
-from vllm_heterocache.policies import RequestChoice
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue
@@ -88,13 +86,12 @@ class HeteroCacheRuntime:
         self.tp_rank, self.tp_size, self.block_size = tp_rank, tp_size, block_size
         self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
         self.heads_layout = layout = self.planner.layout  # the policy's layout of the profile (``policies``)
-        self.planner_for = functools.lru_cache(maxsize=64)(self._new_planner)  # RequestChoice -> its planner
+        self.planner_for = functools.lru_cache(maxsize=64)(self.planner.for_choice)  # RequestChoice -> its planner
         self.capacities, pool_of = self.planner.pools()
         self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         self._compresses = self.planner.compresses
         # What requests may ask for (``vllm_xargs``), and how each policy uses each pool class.
-        self.request_rules = self.planner.request_rules()
-        self.class_rules = self.planner.class_rules(name for name, _ in self.request_rules.floors)
+        self.terms = self.planner.server_terms()
         self.sharing = sharing_summary(pool_of, self.caches, profile.num_kv_heads, tp_size) if tp_size > 1 else ""
         self.threshold = (
             config.stability_threshold
@@ -103,7 +100,7 @@ class HeteroCacheRuntime:
         )
         self.requests = RequestTable()
         self.counters = Counters()
-        self.kept = {name: Histogram(KEPT_FRACTION_BUCKETS) for name, _ in self.request_rules.floors}  # by policy
+        self.kept = {name: Histogram(KEPT_FRACTION_BUCKETS) for name, _ in self.terms.rules.floors}  # by policy
         self.refills = RefillQueue()
         self.host: HostTier | None = None
         self.layout: BlockLayout | None = None  # the KV caches' block layout (attach_layout)
@@ -245,24 +242,16 @@ class HeteroCacheRuntime:
                 "heterocache_refill_failures_total.", state.key, type(failure).__name__, failure,
             )
 
-    def _new_planner(self, choice: RequestChoice) -> BudgetPlanner:
-        """The budget planner of a request's policy and ratio (:attr:`planner_for`, cached)."""
-        options = {"policy": choice.policy}
-        if choice.ratio is not None:
-            options |= {"compression_ratio": choice.ratio, "token_budget": None}
-        return BudgetPlanner(self.profile, dataclasses.replace(self.config, **options), tp_rank=self.tp_rank,
-                             tp_size=self.tp_size, block_size=self.block_size)
-
     def _admit(self, key: str, prompt_len: int, args: Mapping | None = None, hit: int = 0) -> RequestState:
         """A request's state from its first row; ``hit``: prompt tokens vLLM's prefix cache gave it."""
         self.finish([key])
-        choice, error = self.request_rules.resolve(args)
-        if error is not None:  # the API server checks these: a client of the engine itself sent them
-            log.warning("heterocache: request %s: %s; it keeps its full KV (policy full)", key, error)
+        terms = request_terms(self.terms, args)
+        choice = terms.choice
+        if terms.error is not None:  # the API server checks these: a client of the engine itself sent them
+            log.warning("heterocache: request %s: %s; it keeps its full KV (policy full)", key, terms.error)
         planner = self.planner_for(choice)
         plan = planner.plan(prompt_len)
-        placements = tuple(class_placement(capacity, rules, choice, prompt_len, self.block_size, hit)
-                           for capacity, rules in zip(self.capacities, self.class_rules))
+        placements = tuple(terms.placement(c, prompt_len, self.block_size, hit) for c in range(len(self.capacities)))
         template = work_template(plan, self.store_of, placements)
         pointing = bool((template[..., 7] >= 0).any())
         fronts = torch.full((*plan.budgets.shape, front_width(plan)), -1, dtype=torch.int32) if pointing else None
@@ -310,6 +299,6 @@ class HeteroCacheRuntime:
             f"a {example_prompt}-token prompt keeps {span} tokens per compressed head (fraction kept "
             f"{plan.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
             f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}; decode attention: {kernels.describe()}"
-            + f"; requests may choose (vllm_xargs heterocache_policy): {', '.join(n for n, _ in self.request_rules.floors)}"
+            + f"; requests may choose (vllm_xargs heterocache_policy): {', '.join(n for n, _ in self.terms.rules.floors)}"
             + (f"; {self.sharing}" if self.sharing else "")
         )

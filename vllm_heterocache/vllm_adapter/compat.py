@@ -23,6 +23,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 | ``KVCacheManager.get_computed_blocks`` (patched) | a request whose compressed heads select tokens may hit the prefix cache up to its observation window only (its window's queries must be computed), but the hit search sees block hashes, not the request | vLLM lets a KV cache spec bound a request's hit |
 | ``KVCacheManager.allocate_slots`` (patched), ``coordinator.single_type_managers``, ``Request.sampling_params`` | a compressed pool's block manager keeps a request's budget, which its policy and ratio (``vllm_xargs``) decide, but managers see request ids only | managers receive the request (or its KV budget) |
 | ``InputProcessor.__init__`` (patched), ``validate_logits_processors_params`` | a request's ``heterocache_policy`` / ``heterocache_ratio`` are checked where vLLM checks its parameters, so a bad value is an HTTP 400 naming the key; the only per-request hook is a logits processor's classmethod, which gets no config | vLLM offers a request-validation hook to plugins with the config |
+| ``vllm.entrypoints.launchers.app.init_entrypoints_middleware`` (wrapped) | vLLM's request models read ``vllm_xargs`` values as ``str | int | float``, turning a JSON ``true`` into ``1`` before any check sees it; the only way to refuse it is to see the body first (ASGI middleware), and endpoint plugins, which could add one, load only when named in ``VLLM_PLUGINS`` | vLLM keeps JSON booleans in ``vllm_xargs`` (or offers plugins a default-on middleware hook) |
 | ``EngineArgs.create_engine_config`` (patched) | a configuration the backend refuses is refused where vLLM makes the config, before the engine core and its workers start: their errors end in "Engine core initialization failed", far below the message | vLLM lets a backend validate the whole config (``validate_configuration`` sees one layer's parameters, in the worker) |
 | ``GPUModelRunner.requests`` | the step hook reads a new request's ``vllm_xargs`` (its policy and ratio) | the lifecycle hooks above pass the sampling params |
 | ``MessageQueue.__init__``'s defaults (``max_chunk_bytes``, ``max_chunks``), ``envs.VLLM_MQ_MAX_CHUNK_BYTES_MB``, ``ParallelConfig.distributed_executor_backend`` | the multiprocess executor's message queues are ring buffers in /dev/shm of these sizes; with too small a /dev/shm (a container engine's default 64 MB) a worker fails at startup, far below the message (``startup.check_shared_memory``) | vLLM checks /dev/shm where it makes the config |
@@ -34,6 +35,7 @@ layer is built. Each patch is narrow and idempotent. Written against vLLM 0.32.0
 from __future__ import annotations
 
 import logging
+import sys
 import weakref
 
 import torch
@@ -185,6 +187,23 @@ def validate_requests(make_validator) -> None:
 
     InputProcessor.__init__ = __init__
     _APPLIED.add("input_validation")
+
+
+def add_api_middleware(middleware) -> None:
+    """Add the ASGI ``middleware`` class to the API servers this process builds, after vLLM's
+    own. Applied only where vLLM's app builder is loaded already (``vllm serve`` imports it before
+    it loads plugins): other processes need no web framework imported."""
+    launcher = sys.modules.get("vllm.entrypoints.launchers.app")
+    if "api_middleware" in _APPLIED or launcher is None:
+        return
+    init = launcher.init_entrypoints_middleware
+
+    def init_entrypoints_middleware(args, app, *rest, **kwargs):
+        init(args, app, *rest, **kwargs)
+        app.add_middleware(middleware)
+
+    launcher.init_entrypoints_middleware = init_entrypoints_middleware
+    _APPLIED.add("api_middleware")
 
 
 def check_engine_configs(check) -> None:

@@ -16,7 +16,7 @@ one per local head; with tensor parallelism padded to the same caches on every r
   releases the prompt's blocks. A request's budget follows its policy and ratio
   (``vllm_xargs``): the manager reads them from the request when the scheduler first allocates
   its slots (:func:`note_request`), by the same function as the workers
-  (``budget.class_placement``).
+  (``budget.request_terms``).
 
 Prefix caching. Every pool shares prompt blocks through vLLM's own prefix cache (block hashes,
 its LRU): a compressed pool hashes the blocks of its prompt region only -- never its selection,
@@ -46,9 +46,8 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
 
-from vllm_heterocache.budget import ClassRule, PoolCapacity, class_placement
+from vllm_heterocache.budget import PoolCapacity, ServerTerms, request_terms
 from vllm_heterocache.placement import RowPlacement
-from vllm_heterocache.policies import RequestRules
 from vllm_heterocache.runtime.model import HeteroCacheRuntime
 from vllm_heterocache.sharding import FULL_POOL
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
@@ -62,19 +61,21 @@ class CompressedPoolSpec(AttentionSpec):
     class's largest budget plus the generated tokens (``capacity`` says how many for a prompt
     of the server's policy; :meth:`placement_for`, where a request's own are)."""
 
-    capacity: PoolCapacity
+    terms: ServerTerms  # the server's terms of this pool's class alone (``ServerTerms.of_class``)
     # one of the budget classes it holds (``HeteroCacheRuntime.capacities``): classes of equal
-    # capacity and rules have equal specs, which vLLM puts in one KV cache group, and lay a
-    # request's tokens out alike (``placement``)
+    # terms have equal specs, which vLLM puts in one KV cache group, and lay a request's tokens
+    # out alike (``placement``)
     pool: int = field(compare=False)
-    rules: RequestRules
-    class_rules: tuple[ClassRule, ...]  # one per policy of ``rules.floors``
+
+    @property
+    def capacity(self) -> PoolCapacity:
+        return self.terms.capacities[0]
 
     def placement_for(self, prompt_len: int, extra_args, hit: int = 0) -> RowPlacement:
         """Where a request with ``SamplingParams.extra_args`` ``extra_args`` keeps its tokens in
         this class's pool (``placement``), ``hit`` of its prompt tokens from the prefix cache."""
-        choice, _ = self.rules.resolve(extra_args)  # (the worker logs a bad one)
-        return class_placement(self.capacity, self.class_rules, choice, prompt_len, self.block_size, hit)
+        terms = request_terms(self.terms, extra_args)  # (the worker logs arguments that do not parse)
+        return terms.placement(0, prompt_len, self.block_size, hit)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
         # block-table columns of any request's row (released prompt columns keep their places):
@@ -91,7 +92,7 @@ class CompressedPoolSpec(AttentionSpec):
 
     def is_uniform_with_collection(self, kv_cache_specs: dict[str, KVCacheSpec]) -> bool:
         return all(
-            isinstance(s, CompressedPoolSpec) and (s.capacity, s.class_rules) == (self.capacity, self.class_rules)
+            isinstance(s, CompressedPoolSpec) and s.terms == self.terms
             for s in kv_cache_specs.values()
         )
 
@@ -253,10 +254,8 @@ def split_kv_cache_specs(rt: HeteroCacheRuntime, specs: dict[str, KVCacheSpec], 
                 head_size=spec.head_size,
                 head_size_v=spec.head_size_v,
                 dtype=spec.dtype,
-                capacity=rt.capacities[pool],
                 pool=pool,
-                rules=rt.request_rules,
-                class_rules=rt.class_rules[pool],
+                terms=rt.terms.of_class(pool),
             )
             store = head_cache_name(name, c)
             if c and store not in forward_context:

@@ -20,9 +20,10 @@ def register() -> None:
     from vllm_heterocache.vllm_adapter.pools import register_pool_spec
 
     register_pool_spec()
-    from vllm_heterocache.vllm_adapter.requests import validator
+    from vllm_heterocache.vllm_adapter.requests import RefuseBooleanArguments, validator
 
     compat.validate_requests(validator)
+    compat.add_api_middleware(RefuseBooleanArguments)
     from vllm_heterocache.vllm_adapter.startup import check_front_end
 
     compat.check_engine_configs(check_front_end)
