@@ -75,7 +75,7 @@ class Setup:
     def step(self, q_len, seq_len) -> LayerStep:
         """Layer 0 in a step of one row: request r0's tokens up to position ``seq_len - 1``."""
         plan = self.rt.begin_step(["r0"], [self.length], [0, q_len], [seq_len])
-        return LayerStep(self.rt, 0, self.heads, self.pools, plan, 0.125)
+        return LayerStep(self.rt.parts, 0, self.heads, self.pools, plan, 0.125)
 
     def placement(self, head):
         """Where head ``head`` keeps request r0's tokens (``placement``; None: the full pool)."""

@@ -17,7 +17,10 @@ PURE_MODULES = [
     "vllm_heterocache.ops.reference",
     "vllm_heterocache.ops.paged",
     "vllm_heterocache.ops.kernels",
+    "vllm_heterocache.profile.synthetic",
+    "vllm_heterocache.server_process",
     "vllm_heterocache.runtime.step",
+    "vllm_heterocache.runtime.heads",
     "vllm_heterocache.runtime.model",
     "vllm_heterocache.runtime.layer",
 ]

@@ -141,6 +141,14 @@ def away_from_pivot(cluster, holders: list[set[int]]) -> list[int]:
     return [s for s in cluster.satellites if holders[s] != holders[cluster.pivot]]
 
 
+def clusters_across(clusters, holders: list[set[int]]) -> tuple[list, list]:
+    """``clusters`` split into those inside their pivot's ranks and those across ranks (sorted by
+    pivot: every rank lists them in the same order, for the exchange of their drift decisions)."""
+    inside = [c for c in clusters if not away_from_pivot(c, holders)]
+    across = sorted((c for c in clusters if away_from_pivot(c, holders)), key=lambda c: c.pivot)
+    return inside, across
+
+
 def crossing_clusters(profile, tp_size: int) -> list[str]:
     """The profile's pivot clusters whose satellites are not all on their pivot's ranks."""
     holders = rank_of_heads(profile.num_kv_heads, tp_size)

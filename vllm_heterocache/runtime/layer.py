@@ -29,7 +29,11 @@ from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, read_prefix_k, write_positions
 from vllm_heterocache.policies import SINK_TOKENS
-from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
+from vllm_heterocache.runtime.heads import LayerHeads
+from vllm_heterocache.runtime.host import HostTier
+from vllm_heterocache.runtime.refill import RefillQueue, degrade
+from vllm_heterocache.runtime.rings import QueryRings
+from vllm_heterocache.runtime.stats import Counters
 from vllm_heterocache.runtime.step import Row, StepPlan
 from vllm_heterocache.runtime.timing import section
 
@@ -62,10 +66,27 @@ class LayerPools:
 
 
 @dataclass(frozen=True)
+class LayerParts:
+    """The parts of the engine's runtime that per-layer code uses, each owned by one object:
+    settings, counters, the refill queue, the pivots' query rings, the host tier (None until vLLM
+    has sized the KV cache, or without satellites) and the exchange across tensor-parallel ranks
+    (``t`` summed over the ranks; None at one rank)."""
+
+    window: int
+    pool_kernel: int
+    threshold: float  # tau_stable of the drift check
+    counters: Counters
+    refills: RefillQueue
+    rings: QueryRings
+    host: HostTier | None = None
+    exchange: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
 class LayerStep:
     """One layer in one step: what every per-layer function reads."""
 
-    rt: HeteroCacheRuntime
+    parts: LayerParts
     layer: int  # model layer index
     heads: LayerHeads
     pools: LayerPools
@@ -82,7 +103,7 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
     """The layer's attention in this step, as its plan says (``runtime.step``); ``stock(h,
     prefilling)`` runs vLLM's kernel for the query heads of KV head ``h`` over every row of the
     step, or over the plan's prefilling rows only."""
-    rt, plan, heads = ls.rt, ls.plan, ls.heads
+    parts, plan, heads = ls.parts, ls.plan, ls.heads
     if not plan.fused:  # (a step with a prefilling row is never fused)
         for h in heads.full:
             stock(h, False)
@@ -95,9 +116,9 @@ def attend(ls: LayerStep, query: torch.Tensor, key: torch.Tensor, value: torch.T
         select_and_compact(ls, row, query, key, value)
     with section("refill_wait"):
         for row in plan.decoding:
-            failure = rt.refills.wait(row.state.key, ls.layer)
+            failure = parts.refills.wait(row.state.key, ls.layer)
             if failure is not None:
-                rt.refill_failed(row.state, failure)
+                degrade(row.state, failure, parts.counters)
     gather_decode(ls, query, output)
     if (heads.pivots or heads.shared) and plan.drift:
         with section("drift"):
@@ -116,7 +137,7 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
     host tier (their host rows are consecutive, ``HeteroCacheRuntime``). A request's first row
     after a prefix-cache hit also copies the hit's tokens, read from the shared blocks, unless
     its satellites' refills point at them there (``placement``)."""
-    rt, rows = ls.rt, ls.heads.host_rows
+    host, rows = ls.parts.host, ls.heads.host_rows
     if not rows:
         return
     sats = list(rows)
@@ -126,14 +147,14 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         if not state.host or row.first >= end:
             continue
         if row.first == state.hit and any(_store(state, ls.heads, s)[0] < state.hit for s in sats):
-            rt.host.write(state.key, rows[sats[0]], 0, *ls.pools.prefix(sats, row.index, state.hit))
+            host.write(state.key, rows[sats[0]], 0, *ls.pools.prefix(sats, row.index, state.hit))
         tokens = slice(row.start, row.start + end - row.first)
-        rt.host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
+        host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
 
 def _window_start(ls: LayerStep, state) -> int:
     """The first position of the request's observation window: its last ``window`` prompt positions."""
-    return max(0, state.prompt_len - max(1, ls.rt.config.window))
+    return max(0, state.prompt_len - max(1, ls.parts.window))
 
 
 def keep_window_queries(ls: LayerStep, row: Row, query: torch.Tensor) -> None:
@@ -167,7 +188,7 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     are the step's own ``key``/``value`` (the values just written to the caches), else they are
     read from the caches.
     """
-    rt, heads, pools, layer = ls.rt, ls.heads, ls.pools, ls.layer
+    heads, pools, layer = ls.heads, ls.pools, ls.layer
     state = row.state
     plan = state.plan
     L, W = plan.prompt_len, plan.window
@@ -188,7 +209,7 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
         if kept_queries is not None and kept_queries[0] + kept_queries[1].shape[0] == lo:
             q = torch.cat([kept_queries[1], q])  # the window's queries of earlier chunks
         k = k_prompt[:, list(scored)] if whole else pools.keys(scored, row.index, L)
-        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, rt.config.pool_kernel)
+        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, ls.parts.pool_kernel)
     if c:
         budgets = plan.budgets[layer, list(c)]
         if state.policy.selection == "scores":
@@ -215,7 +236,7 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
             scores[len(scored) - n :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
         )
     if c or pivots:
-        rt.counters.prefill_selections += 1
+        ls.parts.counters.prefill_selections += 1
 
 
 def _store(state, heads: LayerHeads, h: int) -> tuple[int, int, int]:
@@ -271,11 +292,11 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
     step (a sum over the ranks) gives every rank the messages of all; each refills its own
     satellites from them, exactly as if the pivot were local.
     """
-    rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
+    parts, heads, layer, pools = ls.parts, ls.heads, ls.layer, ls.pools
     t, _, d = query.shape
     p = list(heads.pivots)
     per_head = query.view(t, ls.num_kv_heads, -1, d)  # [T, H_kv, G, D]
-    rings = rt.rings.of_layer(layer, per_head.shape[2], d)
+    rings = parts.rings.of_layer(layer, per_head.shape[2], d)
     caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
     sent: list[tuple[Row, torch.Tensor]] = []  # clusters across ranks: per check, its message (_message)
     for phase in ls.plan.drift:  # the phase's tokens first: a mixed step's prefill tokens are not copied
@@ -289,11 +310,11 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
             if p:
                 result = kernels.drift_check(
                     rings[state.ring], caches, tables, row.index, check.key_len, cut, state.references[layer],
-                    plan.reference_topk, rt.threshold, rt.config.pool_kernel, pools.layout,
+                    plan.reference_topk, parts.threshold, parts.pool_kernel, pools.layout,
                 )
-                rt.counters.drift_checks += 1
+                parts.counters.drift_checks += 1
                 for i in torch.nonzero(result.drift)[:, 0].tolist():
-                    rt.counters.drifts += 1
+                    parts.counters.drifts += 1
                     state.references[layer][i] = result.latest_topk[i]
                     sats = heads.satellites.get(heads.pivots[i], ())
                     if sats and state.host:
@@ -306,7 +327,7 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
         messages = torch.zeros(len(sent), len(heads.shared), width, dtype=torch.int64)
         for n, (_, m) in enumerate(sent):
             messages[n, :, : m.shape[1]] = m
-        received = rt.exchange(messages)
+        received = parts.exchange(messages)
         for (row, _), got in zip(sent, received):
             for x, sats in enumerate(heads.shared_satellites):
                 if sats and got[x, 0] and row.state.host:
@@ -345,7 +366,7 @@ def _refill_counts(ls: LayerStep, row: Row, sats) -> list[int]:
 def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     """Queue the copies of the satellites' new selection (each the best of its pivot's ``ranked``
     positions its budget holds, ``ref.refill_indices``) from the host tier into their slots."""
-    rt, heads, layer, pools = ls.rt, ls.heads, ls.layer, ls.pools
+    parts, heads, layer, pools = ls.parts, ls.heads, ls.layer, ls.pools
     state = row.state
     ranked = ranked[ranked >= 0]
     counts = torch.tensor(_refill_counts(ls, row, sats)).clamp(0, ranked.numel())
@@ -356,7 +377,7 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     for n, c in enumerate(counts.tolist()):
         chosen[n, :c] = ranked[:c].sort().values
     kept, compressed = state.kept[layer], [heads.compressed.index(s) for s in sats]
-    host, key = rt.host, state.key
+    host, key = parts.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
     caches = [pools.caches[s] for s in sats]
     stores = [_store(state, heads, s) for s in sats]
@@ -390,5 +411,5 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
             host.copy_out(key, host_rows, copies, caches, tables, pools.layout)
             kept[compressed, :width] = torch.where(moves >= 0, moves, held)
 
-    rt.refills.submit(key, layer, copy)
-    rt.counters.refilled_heads += len(sats)
+    parts.refills.submit(key, layer, copy)
+    parts.counters.refilled_heads += len(sats)

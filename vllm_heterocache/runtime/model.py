@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 
@@ -23,49 +22,17 @@ from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
 from vllm_heterocache.profile.schema import HeadProfile, HeadType
+from vllm_heterocache.runtime.heads import layer_heads
 from vllm_heterocache.runtime.host import HostTier
-from vllm_heterocache.runtime.refill import RefillQueue
+from vllm_heterocache.runtime.layer import LayerParts
+from vllm_heterocache.runtime.refill import RefillQueue, degrade
 from vllm_heterocache.runtime.requests import RequestState, RequestTable
 from vllm_heterocache.runtime.rings import QueryRings
 from vllm_heterocache.runtime.stats import KEPT_FRACTION_BUCKETS, Counters, Histogram
 from vllm_heterocache.runtime.step import Row, StepPlan, empty_plan, front_width, plan_step, work_template
-from vllm_heterocache.sharding import FULL_POOL, away_from_pivot, model_caches, rank_of_heads, sharing_summary
+from vllm_heterocache.sharding import model_caches, sharing_summary
 
 log = logging.getLogger("vllm.heterocache")
-
-
-@dataclass(frozen=True)
-class LayerHeads:
-    """The local KV heads of one layer by role (indices are local to this TP rank).
-
-    ``pool[j]``: the KV pool of local head ``j``: ``FULL_POOL``, or the budget class of a
-    compressed head (``HeteroCacheRuntime.capacities``). ``cache_of[j]``: the layer's KV cache
-    that holds it, of ``cache_pools`` (the layer's caches, the same on every rank: on a rank
-    whose mix of pools differs from another's, a compressed head may sit in a cache with more
-    room than its pool, ``sharding``).
-    """
-
-    full: tuple[int, ...]
-    compressed: tuple[int, ...]
-    pivots: tuple[int, ...]
-    satellites: dict[int, tuple[int, ...]]  # local pivot -> its satellites (clusters inside this rank)
-    host_rows: dict[int, int]  # local satellite -> its row in the host tier
-    pool: tuple[int, ...]
-    cache_of: tuple[int, ...]
-    cache_pools: tuple[int, ...]
-    # Clusters across ranks (the same list on every rank, by pivot): their drift decisions and
-    # refill positions are exchanged (``runtime.layer.track_drift``). ``shared[x]``: the index in
-    # ``pivots`` of cluster x's pivot if this rank decides for it (the lowest rank holding it),
-    # else -1; ``shared_satellites[x]``: cluster x's satellites on this rank.
-    shared: tuple[int, ...] = ()
-    shared_satellites: tuple[tuple[int, ...], ...] = ()
-
-    @property
-    def store(self) -> tuple[int, ...]:
-        """Local head ``j``'s store: the pool of the cache that holds it (``cache_pools[cache_of[j]]``;
-        its own pool, or with tensor parallelism one with more room). The store's layout decides
-        where the head's tokens are (``placement``)."""
-        return tuple(self.cache_pools[c] for c in self.cache_of)
 
 
 class HeteroCacheRuntime:
@@ -107,40 +74,8 @@ class HeteroCacheRuntime:
         # The plan of the step whose attention metadata vLLM builds now (begin_step): a hand-off to
         # the metadata builders, which put it in the step's metadata; the layers read it there.
         self.planned: StepPlan = empty_plan(profile.num_layers)
-        local = {g: j for j, g in enumerate(self.planner.heads)}
-        holders = rank_of_heads(profile.num_kv_heads, tp_size)
-        self.layers: list[LayerHeads] = []
-        across_satellites = []  # per layer, per cluster across ranks: its satellites (global KV heads)
-        rows = 0
-        for layer, types in enumerate(layout.head_types):
-            heads = [types[g] for g in self.planner.heads]
-            pool = tuple(pool_of(layer, g) for g in self.planner.heads)
-            pivots = tuple(j for j, t in enumerate(heads) if t is HeadType.PIVOT)
-            clusters = layout.clusters_of_layer(layer)
-            inside = [c for c in clusters if not away_from_pivot(c, holders)]
-            across = sorted((c for c in clusters if away_from_pivot(c, holders)), key=lambda c: c.pivot)
-            sats = {local[c.pivot]: tuple(local[s] for s in c.satellites) for c in inside if c.pivot in local}
-            shared_sats = tuple(tuple(local[s] for s in c.satellites if s in local) for c in across)
-            across_satellites.append(tuple(c.satellites for c in across))
-            host_rows = {}  # only refills read the host tier
-            for s in sorted({h for group in (*sats.values(), *shared_sats) for h in group}) if config.refill else ():
-                host_rows[s], rows = rows, rows + 1
-            self.layers.append(
-                LayerHeads(
-                    full=tuple(j for j, p in enumerate(pool) if p == FULL_POOL),
-                    compressed=tuple(j for j, p in enumerate(pool) if p != FULL_POOL),
-                    pivots=pivots,
-                    satellites=sats,
-                    host_rows=host_rows,
-                    pool=pool,
-                    cache_of=self.caches[layer].cache_of[tp_rank],
-                    cache_pools=self.caches[layer].pools,
-                    shared=tuple(pivots.index(local[c.pivot]) if min(holders[c.pivot]) == tp_rank else -1
-                                 for c in across),
-                    shared_satellites=shared_sats,
-                )
-            )
-        self.num_host_rows = rows
+        self.layers, self.num_host_rows, across_satellites = layer_heads(
+            layout, self.planner.heads, pool_of, self.caches, tp_rank, tp_size, host_rows=config.refill)
         self.store_of = torch.tensor([lh.store for lh in self.layers], dtype=torch.int64)  # [layers, H] (LayerHeads.store)
         self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
         # Every rank plans the same drift checks (clusters across ranks exchange their results).
@@ -149,6 +84,13 @@ class HeteroCacheRuntime:
         self._across = across_satellites if any(lh.shared for lh in self.layers) else []
         if self._across and exchange is None:
             raise ValueError("heterocache: pivot clusters cross tensor-parallel ranks: the runtime needs an exchange")
+        self.parts = self._parts()
+
+    def _parts(self) -> LayerParts:
+        """The parts of this runtime that per-layer code uses (``runtime.layer``)."""
+        return LayerParts(window=self.config.window, pool_kernel=self.config.pool_kernel, threshold=self.threshold,
+                          counters=self.counters, refills=self.refills, rings=self.rings, host=self.host,
+                          exchange=self.exchange)
 
     @property
     def compresses(self) -> bool:
@@ -161,6 +103,7 @@ class HeteroCacheRuntime:
 
     def attach_host_tier(self, host: HostTier) -> None:
         self.host = host
+        self.parts = self._parts()
 
     def attach_layout(self, layout: BlockLayout) -> None:
         """The block layout of every KV cache of this engine (one ISA, dtype and block size)."""
@@ -226,21 +169,9 @@ class HeteroCacheRuntime:
             self.rings.release(key)
             failure = self.refills.wait_request(key)
             if failure is not None:
-                self.refill_failed(state, failure)
+                degrade(state, failure, self.counters)
             if self.host is not None:
                 self.host.free(key)
-
-    def refill_failed(self, state: RequestState, failure: Exception) -> None:
-        """A refill copy of request ``state`` failed: log and count it; the request goes on
-        without refills (its satellites keep the slots they hold; the engine keeps serving)."""
-        self.counters.refill_failures += 1
-        if state.host:
-            state.host = False
-            log.warning(
-                "heterocache: a refill copy of request %s failed (%s: %s); the request goes on without "
-                "refills (its satellites keep their current selection). Counted in "
-                "heterocache_refill_failures_total.", state.key, type(failure).__name__, failure,
-            )
 
     def _admit(self, key: str, prompt_len: int, args: Mapping | None = None, hit: int = 0) -> RequestState:
         """A request's state from its first row; ``hit``: prompt tokens vLLM's prefix cache gave it."""

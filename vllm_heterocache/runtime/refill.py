@@ -4,17 +4,20 @@ A drift found in layer ``l`` at decode step ``s`` submits the copies of that lay
 and the step goes on; the next step that reads those satellites' slots (layer ``l`` at step
 ``s + 1``) waits for exactly that request's and layer's copies, nothing else. On a CPU machine
 the copies run on one worker thread (torch's copy kernels drop the GIL). A copy that fails is
-never silent: :meth:`RefillQueue.wait` returns its exception to the runtime, which logs and
-counts it and serves that request on without refills (``HeteroCacheRuntime.refill_failed``).
+never silent: :meth:`RefillQueue.wait` returns its exception, and the caller logs and counts
+it and serves that request on without refills (:func:`degrade`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from vllm_heterocache.runtime.stats import REFILL_WAIT_BUCKETS, Histogram
+from vllm_heterocache.runtime.stats import REFILL_WAIT_BUCKETS, Counters, Histogram
+
+log = logging.getLogger("vllm.heterocache")
 
 
 class RefillQueue:
@@ -47,3 +50,16 @@ class RefillQueue:
 
     def __len__(self) -> int:
         return sum(len(f) for f in self._pending.values())
+
+
+def degrade(state, failure: Exception, counters: Counters) -> None:
+    """A refill copy of request ``state`` (``RequestState``) failed: log and count it; the request
+    goes on without refills (its satellites keep the slots they hold; the engine keeps serving)."""
+    counters.refill_failures += 1
+    if state.host:
+        state.host = False
+        log.warning(
+            "heterocache: a refill copy of request %s failed (%s: %s); the request goes on without "
+            "refills (its satellites keep their current selection). Counted in "
+            "heterocache_refill_failures_total.", state.key, type(failure).__name__, failure,
+        )

@@ -37,7 +37,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_heterocache.runtime.layer import LayerPools, LayerStep, attend, mirror_to_host
-from vllm_heterocache.runtime.model import HeteroCacheRuntime, LayerHeads
+from vllm_heterocache.runtime.heads import LayerHeads
+from vllm_heterocache.runtime.model import HeteroCacheRuntime
 from vllm_heterocache.runtime.step import RowSubset, StepPlan
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
@@ -194,7 +195,7 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
     def _step(self, bound: _Layer, metas: tuple[HeteroCacheMetadata, ...]) -> LayerStep:
         rt = self.runtime
         pools = LayerPools(bound.caches, tuple(m.block_table for m in metas), rt.layout)
-        return LayerStep(rt, bound.index, bound.heads, pools, metas[0].plan, self.scale)
+        return LayerStep(rt.parts, bound.index, bound.heads, pools, metas[0].plan, self.scale)
 
     # -- 1. cache write ------------------------------------------------------------------------
 
