@@ -61,9 +61,9 @@ def _kept_fractions(llm, server, settings, cases) -> list[list[float]]:
     """Per setting and case, the fraction of the prompt's KV cache kept, as the engine planned it."""
     if server is None:
         return [[1.0] * len(cases) for _ in settings]
-    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.budget import Budgeter
     from vllm_heterocache.config import HeteroCacheConfig
-    from vllm_heterocache.profile.resolve import resolve_profile
+    from vllm_heterocache.head_profile.resolve import resolve_profile
 
     config = HeteroCacheConfig.from_dict(server)
     model_config = llm.llm_engine.vllm_config.model_config
@@ -71,9 +71,9 @@ def _kept_fractions(llm, server, settings, cases) -> list[list[float]]:
     out = []
     for s in settings:
         ratio = 1.0 if s["policy"] == "full" else s["ratio"]
-        planner = BudgetPlanner(profile, dataclasses.replace(config, policy=s["policy"], compression_ratio=ratio,
+        budgeter = Budgeter(profile, dataclasses.replace(config, policy=s["policy"], compression_ratio=ratio,
                                                              token_budget=None))
-        out.append([planner.plan(len(c["prompt_ids"])).kept_fraction() for c in cases])
+        out.append([budgeter.budgets(len(c["prompt_ids"])).kept_fraction() for c in cases])
     return out
 
 

@@ -19,7 +19,7 @@ vLLM (SmolLM2-135M-Instruct, the embedded default model; greedy, 48 new tokens):
 - per head profile (``--profiles``: the shipped one and the sparse one), one engine with policy
   ``heterocache``, whose requests ask for ``heterocache`` and ``duo`` at each fraction.
 
-A fraction at or below a policy's share of full heads (F / H of its layout) is infeasible and is
+A fraction at or below a policy's share of full heads (F / H of its roles) is infeasible and is
 reported so. kvpress (``--kvpress``): its presses of the same methods on HF transformers, in a
 virtual environment of its own that the script creates (``kvpress_env.py``), against its own
 full-cache answers.
@@ -145,7 +145,7 @@ def floors(profile) -> dict[str, float]:
     """Policy -> the fraction its full heads alone keep with ``profile`` (a ratio must exceed it)."""
     from vllm_heterocache.policies import POLICIES, full_share
 
-    return {name: full_share(policy.layout(profile)) for name, policy in POLICIES.items()}
+    return {name: full_share(policy.roles(profile)) for name, policy in POLICIES.items()}
 
 
 def vllm_runs(model, cases_file, fractions, profiles, work, shipped_profile,
@@ -212,8 +212,8 @@ def main() -> None:
     from needles import make_cases
 
     from vllm_heterocache.models.smollm2 import prepare_default_model
-    from vllm_heterocache.profile import load_profile
-    from vllm_heterocache.profile.resolve import shipped_profile_path
+    from vllm_heterocache.head_profile import load_profile
+    from vllm_heterocache.head_profile.resolve import shipped_profile_path
 
     def shipped_profile(name: str):
         return load_profile(shipped_profile_path(name))

@@ -81,7 +81,7 @@ def prepare_model(name: str, work: Path, layout: tuple[str, ...] = TINY_LAYOUT) 
         return prepare_default_model(), SMOLLM2_PROFILE
     if name == "tiny":
         from vllm_heterocache.models.tiny import build_tiny_model
-        from vllm_heterocache.profile.synthetic import save_synthetic_profile
+        from vllm_heterocache.head_profile.synthetic import save_synthetic_profile
 
         model = build_tiny_model()
         work.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ A decode step is taken to be bound by HBM traffic: time = bytes / (peak bandwidt
 - Stock KV: K and V (2 x head_dim x 2 bytes) of every KV head for all L + g tokens (L prompt
   tokens, g generated so far).
 - HeteroCache KV: full heads (volatile, pivot) read L + g tokens, compressed heads (anchor,
-  satellite) their prompt budget + g. Budgets are the product's own (``BudgetPlanner.plan``).
+  satellite) their prompt budget + g. Budgets are the product's own (``Budgeter.budgets``).
 - Drift checks (only when refills are on, as in the backend): every ``drift_interval`` steps each
   pivot re-reads its L + g keys (K only).
 - Refills: when a pivot drifts (probability ``--drift-rate`` per pivot and check: an ASSUMPTION)
@@ -34,11 +34,11 @@ import argparse
 import json
 from pathlib import Path
 
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import Budgeter
 from vllm_heterocache.config import HeteroCacheConfig
-from vllm_heterocache.profile.fingerprint import canonical_config, config_hash
-from vllm_heterocache.profile.importer import KNOWN_MODELS
-from vllm_heterocache.profile.schema import HeadProfile, load_profile
+from vllm_heterocache.head_profile.fingerprint import canonical_config, config_hash
+from vllm_heterocache.head_profile.importer import KNOWN_MODELS
+from vllm_heterocache.head_profile.schema import HeadProfile, load_profile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,20 +80,20 @@ def predict(profile: HeadProfile, config: HeteroCacheConfig, context: int, batch
             efficiency: float, link_gbs: float, memory_bytes: float, generated: int = 512,
             drift_rate: float = 0.2, mem_util: float = 0.9, dtype_bytes: int = 2) -> dict:
     """One case's predicted step times (ms), speed-ups and KV footprints (bytes)."""
-    planner = BudgetPlanner(profile, config)
-    plan = planner.plan(context)
+    budgeter = Budgeter(profile, config)
+    plan = budgeter.budgets(context)
     fp = profile.model
     heads, tok = fp.num_layers * fp.num_kv_heads, 2 * fp.head_dim * dtype_bytes  # bytes per token and head
     L, g, B, G = context, (generated - 1) / 2, batch, generated
     params, read_params = weight_counts(profile)
     weights, weights_read = params * dtype_bytes, read_params * dtype_bytes
-    compresses = not planner.keep_all and not bool(plan.full.all())  # else the backend is the stock one
+    compresses = not budgeter.keep_all and not bool(plan.full.all())  # else the backend is the stock one
     checks = compresses and config.refill
-    hc_tokens = int(plan.budgets.sum()) + heads * g if compresses else heads * (L + g)
+    hc_tokens = int(plan.per_head.sum()) + heads * g if compresses else heads * (L + g)
     stock_kv, hc_kv = B * heads * (L + g) * tok, B * hc_tokens * tok
     n_pivots = profile.counts()["pivot"]
     check_bytes = B * n_pivots * (L + g) * fp.head_dim * dtype_bytes if checks else 0.0  # per check
-    slots = sum(int(plan.budgets[c.layer, s]) - plan.window for c in profile.clusters for s in c.satellites)
+    slots = sum(int(plan.per_head[c.layer, s]) - plan.window for c in profile.clusters for s in c.satellites)
     refill_bytes = B * drift_rate * slots * tok if checks else 0.0  # per check, over the host link
     N, hbm, link = config.drift_interval, hbm_tbs * 1e12 * efficiency, link_gbs * 1e9 * efficiency
     t_stock = (weights_read + stock_kv) / hbm
@@ -103,7 +103,7 @@ def predict(profile: HeadProfile, config: HeteroCacheConfig, context: int, batch
     # capacity at the end of the generation (L + G tokens)
     stock_seq = heads * (L + G) * tok
     if compresses:
-        caps, class_of = planner.capacity_classes(config.budget_classes)
+        caps, class_of = budgeter.capacity_classes(config.budget_classes)
         comp = sum(caps[c].max_budget(L) + G for c in class_of.values())
         hc_seq = ((heads - len(class_of)) * (L + G) + comp) * tok
         hc_peak = max(B * hc_seq, (B - 1) * hc_seq + heads * L * tok)

@@ -1,5 +1,5 @@
 """Shared builders for backend tests: a real profile's layout on a small model, real paged caches
-(synthetic profiles: ``vllm_heterocache.profile.synthetic``)."""
+(synthetic profiles: ``vllm_heterocache.head_profile.synthetic``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_heterocache.profile import HeadProfile, ModelFingerprint
+from vllm_heterocache.head_profile import HeadProfile, ModelFingerprint
 
 
 def save_converted_profile(model_dir: Path, source: Path, out: Path) -> Path:

@@ -31,7 +31,7 @@ REFERENCE_FILES = {
 
 @pytest.fixture(scope="session")
 def llama_profile():
-    from vllm_heterocache.profile.importer import convert_reference
+    from vllm_heterocache.head_profile.importer import convert_reference
 
     name = "meta-llama/Llama-3.1-8B-Instruct"
     return convert_reference(REFERENCE_FILES[name], model_name=name)
@@ -48,6 +48,6 @@ def tiny():
 @pytest.fixture(scope="session")
 def tiny_profile(tiny, tmp_path_factory):
     """Every layer has compressed heads; pivots with satellites in layers 0, 1 and 3."""
-    from vllm_heterocache.profile.synthetic import save_synthetic_profile
+    from vllm_heterocache.head_profile.synthetic import save_synthetic_profile
 
     return save_synthetic_profile(tiny, ["PS", "SP", "AV", "PS"], tmp_path_factory.mktemp("p") / "tiny.json")

@@ -11,7 +11,7 @@ from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import read_positions, read_prefix, write_positions
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.layer import (
-    LayerPools,
+    LayerCaches,
     LayerStep,
     attend,
     gather_decode,
@@ -20,8 +20,8 @@ from vllm_heterocache.runtime.layer import (
     select_and_compact,
     track_drift,
 )
-from vllm_heterocache.profile.synthetic import synthetic_profile
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.head_profile.synthetic import synthetic_profile
+from vllm_heterocache.runtime.core import HeteroCacheRuntime
 
 HQ, HKV, D, BS, NB = 6, 2, 64, 16, 48
 CONFIG = {"model_type": "llama", "hidden_size": HQ * D, "num_hidden_layers": 1, "num_attention_heads": HQ,
@@ -41,7 +41,7 @@ class Setup:
 
     def __init__(self, isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0, hit=0,
                  shared_prefixes="point"):
-        from vllm_heterocache.vllm_adapter.layout import probe_layout
+        from vllm_heterocache.vllm_adapter.block_layout import probe_layout
 
         g = torch.Generator().manual_seed(seed)
         cfg = HeteroCacheConfig(compression_ratio=ratio, window=window, drift_interval=interval, pool_kernel=3,
@@ -55,7 +55,7 @@ class Setup:
         perm = torch.randperm(NB, generator=g)  # scrambled block order, one table per pool kind
         n = 2 * ((length + 40) // BS + 1)  # the prompt, the selection region and generated tokens
         tables = {-1: perm[:n].int()[None], 0: perm[n : 2 * n].int()[None]}
-        self.pools = LayerPools(
+        self.caches = LayerCaches(
             tuple(torch.zeros(NB, 1, BS, 2 * D) for _ in range(HKV)),
             tuple(tables[min(p, 0)] for p in heads.pool),
             layout,
@@ -75,7 +75,7 @@ class Setup:
     def step(self, q_len, seq_len) -> LayerStep:
         """Layer 0 in a step of one row: request r0's tokens up to position ``seq_len - 1``."""
         plan = self.rt.begin_step(["r0"], [self.length], [0, q_len], [seq_len])
-        return LayerStep(self.rt.parts, 0, self.heads, self.pools, plan, 0.125)
+        return LayerStep(self.rt.parts, 0, self.heads, self.caches, plan, 0.125)
 
     def placement(self, head):
         """Where head ``head`` keeps request r0's tokens (``placement``; None: the full pool)."""
@@ -94,7 +94,7 @@ class Setup:
         for j in range(HKV):
             placement = self.placement(j) if hasattr(self, "state") else None
             at = start if placement is None else placement.row_position(start)
-            write_tokens(self.pools.caches[j], self.isa, self.pools.tables[j][0], at, k[:, j : j + 1], v[:, j : j + 1])
+            write_tokens(self.caches.per_head[j], self.isa, self.caches.tables[j][0], at, k[:, j : j + 1], v[:, j : j + 1])
 
     def append(self, n, seed):
         """K, V and queries of ``n`` generated tokens after the prompt, K/V written to the pools."""
@@ -121,15 +121,15 @@ class Setup:
 def test_prefill_selection_is_compacted_in_position_order(isa, from_cache):
     s = Setup(isa, pattern="PS")
     s.prefill(from_cache)
-    plan, L = s.state.plan, s.length
+    budgets, L = s.state.budgets, s.length
     scores = ref.prefill_scores(s.q[-4:], s.k, 3)
-    want = ref.select_tokens(scores[[1]], plan.budgets[0, [1]], plan.window)[0]
+    want = ref.select_tokens(scores[[1]], budgets.per_head[0, [1]], budgets.window)[0]
     want = want[want >= 0]
     assert 4 <= want.numel() < L  # really compressed, window included
-    k, v = s.pools.read(1, 0, s.slots(1, want.numel()))  # in the selection region, after the prompt
+    k, v = s.caches.read(1, 0, s.slots(1, want.numel()))  # in the selection region, after the prompt
     assert s.slots(1, 1)[0] >= L
     assert torch.equal(k, s.k[want, 1]) and torch.equal(v, s.v[want, 1])
-    ref_topk = ref.topk_positions(scores[[0]], torch.tensor([plan.reference_topk]), torch.tensor([L - plan.window]))
+    ref_topk = ref.topk_positions(scores[[0]], torch.tensor([budgets.reference_topk]), torch.tensor([L - budgets.window]))
     assert torch.equal(s.state.references[0], ref_topk)
 
 
@@ -207,7 +207,7 @@ def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern, hit):
     s.prefill()
     kn, vn, qn = s.append(1, seed=6)
     step = s.step(1, 46)
-    if not kernels.compiled(s.pools.layout):
+    if not kernels.compiled(s.caches.layout):
         assert not step.plan.fused  # the reference runs compressed heads; vLLM's kernel full heads
         pytest.skip("compiled kernels not built: decode steps are not fused")
     assert step.plan.fused and step.plan.work[0].shape[0] == HKV
@@ -222,8 +222,8 @@ def tokens_to_a_drift(s):
     prompt tokens, drift interval 3) whose pivot (head 0) is certain to drift at the third: its
     reference is made the K positions it now attends to least. Returns the drift check's
     reference result and the tokens' queries, K and V."""
-    rt, plan = s.rt, s.state.plan
-    cut, K = 61 - plan.window, plan.reference_topk
+    rt, budgets = s.rt, s.state.budgets
+    cut, K = 61 - budgets.window, budgets.reference_topk
     g = torch.Generator().manual_seed(9)
     qs = torch.randn(3, HQ, D, generator=g) * 3
     ks, vs = torch.randn(3, HKV, D, generator=g), torch.randn(3, HKV, D, generator=g)
@@ -284,22 +284,22 @@ def test_steps_planned_before_earlier_steps_run_each_execute_their_own_plan(isa)
 def test_drift_refills_satellite_slots_from_the_host_tier(isa, hit, shared_prefixes):
     s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61, hit=hit, shared_prefixes=shared_prefixes)
     s.prefill()
-    rt, plan = s.rt, s.state.plan
-    cut = 61 - plan.window
+    rt, budgets = s.rt, s.state.budgets
+    cut = 61 - budgets.window
     before = set(s.state.kept[0][0].tolist())  # (the copy may be done as soon as the drift is found)
     result, _, _ = decode_to_a_drift(s)
     assert rt.counters.drift_checks == 1 and rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
     rt.refills.wait("r0", 0)
-    count = int(plan.budgets[0, 1]) - plan.window
+    count = int(budgets.per_head[0, 1]) - budgets.window
     want = ref.refill_indices(result.latest_scores, torch.tensor([count]), torch.tensor([cut]))[0]
     want = want[want >= 0]
     assert want.numel() == count
     held = s.state.kept[0][0, :count]
     assert sorted(held.tolist()) == want.tolist()  # the new selection, each position in one slot
-    k, v = s.pools.read(1, 0, s.slots(1, count))
+    k, v = s.caches.read(1, 0, s.slots(1, count))
     assert torch.equal(k, s.k[held, 1]) and torch.equal(v, s.v[held, 1])  # the satellite's true K/V
     window = torch.arange(cut, 61)  # the window slots are untouched
-    k, _ = s.pools.read(1, 0, s.slots(1, count + plan.window)[count:])
+    k, _ = s.caches.read(1, 0, s.slots(1, count + budgets.window)[count:])
     assert torch.equal(k, s.k[window, 1])
     assert torch.equal(s.state.references[0][0], result.latest_topk[0])
     moved = set(want.tolist()) - before  # only positions the satellite did not hold are copied,
@@ -314,8 +314,8 @@ def test_a_failed_refill_copy_degrades_its_request_and_the_step_goes_on(isa, cap
     s = Setup(isa, pattern="PS", ratio=0.6, interval=3, length=61)
     s.prefill()
     rt = s.rt
-    count = int(s.state.plan.budgets[0, 1]) - s.state.plan.window
-    kept, slots = s.state.kept[0].clone(), s.pools.read(1, 0, s.slots(1, count))
+    count = int(s.state.budgets.per_head[0, 1]) - s.state.budgets.window
+    kept, slots = s.state.kept[0].clone(), s.caches.read(1, 0, s.slots(1, count))
     rt.host.free("r0")
     _, ks, vs = decode_to_a_drift(s)
     assert rt.counters.drifts == 1 and rt.counters.refilled_heads == 1
@@ -329,7 +329,7 @@ def test_a_failed_refill_copy_degrades_its_request_and_the_step_goes_on(isa, cap
     assert rt.counters.refill_failures == 1 and not s.state.host and len(rt.refills) == 0
     assert "refill copy of request r0 failed (KeyError" in caplog.text
     assert torch.equal(s.state.kept[0], kept)  # the selection it holds, as it was
-    assert all(torch.equal(a, b) for a, b in zip(s.pools.read(1, 0, s.slots(1, count)), slots))
+    assert all(torch.equal(a, b) for a, b in zip(s.caches.read(1, 0, s.slots(1, count)), slots))
     want = masked_dense(s, qn, torch.cat([s.k, ks, kn]), torch.cat([s.v, vs, vn]), [64])
     satellite = slice(3, 6)  # the query heads of KV head 1
     torch.testing.assert_close(out[:, satellite], want[:, satellite], rtol=1e-5, atol=1e-6)
@@ -346,7 +346,7 @@ def test_finish_frees_state_and_host_blocks(isa):
 
 def test_pool_views_honour_padded_block_strides(isa):
     """vLLM pads the pages of layers whose page does not divide the largest (a strided view)."""
-    from vllm_heterocache.vllm_adapter.layout import probe_layout
+    from vllm_heterocache.vllm_adapter.block_layout import probe_layout
 
     layout = probe_layout(isa, torch.float32, BS, D)
     page = HKV * BS * 2 * D

@@ -3,69 +3,69 @@ import math
 import pytest
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, min_feasible_ratio, plan_budgets
+from vllm_heterocache.budget import Budgeter, min_feasible_ratio, prompt_budgets
 from vllm_heterocache.sharding import crossing_clusters, local_kv_heads
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ProfileError
-from vllm_heterocache.profile import HeadProfile
+from vllm_heterocache.head_profile import HeadProfile
 
 from conftest import ROOT
 
 
 def test_ratio_formula_matches_the_paper(llama_profile):
     L, H, F = 4096, 256, 50
-    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.25, window=0), L)
+    plan = prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.25, window=0), L)
     base = (0.25 * H - F) * L / (H - F)
     assert plan.base == pytest.approx(base)
     for l in range(32):
         for h in range(8):
             r = llama_profile.budget_ratios[l][h]
             expected = L if r is None else min(L, math.floor(base * r))
-            assert int(plan.budgets[l, h]) == expected
+            assert int(plan.per_head[l, h]) == expected
     assert plan.kept_fraction() == pytest.approx(0.25, abs=0.002)
     assert plan.reference_topk == math.floor(base)
 
 
 def test_window_is_a_floor_of_every_budget(llama_profile):
-    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.21, window=64), 1000)
-    assert int(plan.budgets.min()) == 64
+    plan = prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.21, window=64), 1000)
+    assert int(plan.per_head.min()) == 64
 
 
 def test_prompt_shorter_than_window_keeps_everything(llama_profile):
-    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.25, window=32), 20)
-    assert torch.all(plan.budgets == 20)
+    plan = prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.25, window=32), 20)
+    assert torch.all(plan.per_head == 20)
 
 
 def test_ratio_one_keeps_every_token(llama_profile):
-    plan = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=1.0), 777)
-    assert torch.all(plan.budgets == 777) and plan.kept_fraction() == 1.0
+    plan = prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=1.0), 777)
+    assert torch.all(plan.per_head == 777) and plan.kept_fraction() == 1.0
 
 
 def test_token_budget_mode(llama_profile):
-    plan = plan_budgets(llama_profile, HeteroCacheConfig(token_budget=100, window=8), 10_000)
+    plan = prompt_budgets(llama_profile, HeteroCacheConfig(token_budget=100, window=8), 10_000)
     r = llama_profile.budget_ratios[0][0]
-    assert plan.base == 100 and int(plan.budgets[0, 0]) == max(8, math.floor(100 * r))
+    assert plan.base == 100 and int(plan.per_head[0, 0]) == max(8, math.floor(100 * r))
     assert plan.reference_topk == 100
 
 
 def test_infeasible_ratio_names_the_smallest_feasible_one(llama_profile):
     assert min_feasible_ratio(llama_profile) == pytest.approx(50 / 256)
     with pytest.raises(BudgetError) as e:
-        plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.1), 4096)
+        prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.1), 4096)
     msg = str(e.value)
     assert "heterocache.compression_ratio=0.1 is infeasible" in msg
     assert "smallest feasible ratio is 0.196" in msg
-    plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.196), 4096)  # and it is
+    prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.196), 4096)  # and it is
 
 
 def test_round_to_block(llama_profile):
     cfg = HeteroCacheConfig(compression_ratio=0.3, round_to_block=True)
-    plan = plan_budgets(llama_profile, cfg, 1000, block_size=16)
-    assert torch.all((plan.budgets % 16 == 0) | (plan.budgets == 1000))
-    unrounded = plan_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.3), 1000)
-    assert torch.all(plan.budgets >= unrounded.budgets)
+    plan = prompt_budgets(llama_profile, cfg, 1000, block_size=16)
+    assert torch.all((plan.per_head % 16 == 0) | (plan.per_head == 1000))
+    unrounded = prompt_budgets(llama_profile, HeteroCacheConfig(compression_ratio=0.3), 1000)
+    assert torch.all(plan.per_head >= unrounded.per_head)
     with pytest.raises(ValueError, match="block_size"):
-        plan_budgets(llama_profile, cfg, 1000)
+        prompt_budgets(llama_profile, cfg, 1000)
 
 
 def test_local_heads_split_and_replicate():
@@ -95,7 +95,7 @@ def _two_layer_profile(clusters, layer0=("pivot", "satellite", "anchor", "satell
 
 def test_tp_slicing_maps_local_heads_to_global_ones():
     profile = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1, 3]}])
-    plan = plan_budgets(profile, HeteroCacheConfig(compression_ratio=0.5, window=0), 100)
+    plan = prompt_budgets(profile, HeteroCacheConfig(compression_ratio=0.5, window=0), 100)
     assert plan.global_heads == (0, 1, 2, 3) and plan.full[0].tolist() == [True, False, False, False]
 
 
@@ -103,19 +103,19 @@ def test_clusters_crossing_ranks_are_named_and_planned():
     profile = _two_layer_profile([{"layer": 0, "pivot": 0, "satellites": [1, 3]}])
     assert crossing_clusters(profile, 2) == ["layer 0 pivot 0 -> satellites [3]"]
     assert crossing_clusters(profile, 1) == []
-    plan = plan_budgets(profile, HeteroCacheConfig(compression_ratio=0.5, window=0), 100, tp_rank=1, tp_size=2)
-    assert plan.global_heads == (2, 3) and plan.budgets.shape == (2, 2)
+    plan = prompt_budgets(profile, HeteroCacheConfig(compression_ratio=0.5, window=0), 100, tp_rank=1, tp_size=2)
+    assert plan.global_heads == (2, 3) and plan.per_head.shape == (2, 2)
 
 
 def test_short_prompts_keep_every_token(llama_profile):
     cfg = HeteroCacheConfig(compression_ratio=0.25, window=32, min_prompt_len=300)
-    assert torch.all(plan_budgets(llama_profile, cfg, 299).budgets == 299)
-    assert plan_budgets(llama_profile, cfg, 300).kept_fraction() < 0.3
+    assert torch.all(prompt_budgets(llama_profile, cfg, 299).per_head == 299)
+    assert prompt_budgets(llama_profile, cfg, 300).kept_fraction() < 0.3
 
 
 @pytest.mark.parametrize("options", [{"compression_ratio": 0.6}, {"token_budget": 100}, {"compression_ratio": 0.6, "round_to_block": True}])
 def test_pool_capacity_bounds_every_compressed_budget(options):
-    from vllm_heterocache.profile.synthetic import synthetic_profile
+    from vllm_heterocache.head_profile.synthetic import synthetic_profile
 
     config = {"model_type": "llama", "hidden_size": 256, "num_hidden_layers": 3, "num_attention_heads": 4,
               "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 100, "architectures": ["LlamaForCausalLM"]}
@@ -124,13 +124,13 @@ def test_pool_capacity_bounds_every_compressed_budget(options):
     data["budget_ratios"] = [[None if r is None else next(ratios) for r in row] for row in data["budget_ratios"]]
     profile = HeadProfile.from_json(data)
     cfg = HeteroCacheConfig(window=8, min_prompt_len=64, **options)
-    planner = BudgetPlanner(profile, cfg, block_size=16)
-    capacities, class_of = planner.capacity_classes(3)
+    budgeter = Budgeter(profile, cfg, block_size=16)
+    capacities, class_of = budgeter.capacity_classes(3)
     assert sorted(set(class_of.values())) == [0, 1, 2] and len(class_of) == 8
     for L in [0, 1, 7, 63, 64, 65, 100, 333, 1000, 4097]:
-        plan = planner.plan(L)
+        plan = budgeter.budgets(L)
         for c, cap in enumerate(capacities):  # exactly the class's largest budget, never below
-            members = [int(plan.budgets[l, h]) for (l, h), k in class_of.items() if k == c]
+            members = [int(plan.per_head[l, h]) for (l, h), k in class_of.items() if k == c]
             assert cap.max_budget(L) == max(members)
     ratios = [profile.budget_ratios[l][h] for (l, h) in sorted(class_of, key=class_of.get)]
     assert ratios == sorted(ratios)  # classes are contiguous ranges of budget ratio
@@ -148,12 +148,12 @@ def test_vllm_groups_pools_of_caches_in_equal_groups_padding_the_last():
 def test_classes_are_sized_for_vllms_groups():
     """SmolLM2's 35 full heads beside 55 compressed ones: 4 equal classes would pad 40 of 130
     cache slots; the classes chosen pad at most 2%, in contiguous ranges of budget ratio."""
-    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.head_profile import load_profile
 
     profile = load_profile(ROOT / "profiles" / "SmolLM2-135M-Instruct.json")
-    planner = BudgetPlanner(profile, HeteroCacheConfig(compression_ratio=0.5), block_size=128)
-    capacities, class_of = planner.capacity_classes(4)
-    groups, slots, caches = planner.group_slots(capacities, class_of)
+    budgeter = Budgeter(profile, HeteroCacheConfig(compression_ratio=0.5), block_size=128)
+    capacities, class_of = budgeter.capacity_classes(4)
+    groups, slots, caches = budgeter.group_slots(capacities, class_of)
     assert caches == 90 and slots <= 1.02 * caches and len(capacities) <= 4
     by_class = [[profile.budget_ratios[l][h] for (l, h), c in class_of.items() if c == k] for k in range(len(capacities))]
     assert all(max(a) <= min(b) for a, b in zip(by_class, by_class[1:]))  # contiguous by ratio

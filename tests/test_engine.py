@@ -200,7 +200,7 @@ def test_tensor_parallel_two_ranks_with_a_real_profile(tmp_path):
     from backend_support import save_converted_profile
 
     from vllm_heterocache.models.tiny import build_tiny_model
-    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.head_profile import load_profile
     from vllm_heterocache.sharding import crossing_clusters
 
     model = build_tiny_model(num_layers=32, num_key_value_heads=8, num_attention_heads=16, head_dim=32,
@@ -239,15 +239,15 @@ def test_prefix_caching_on_smollm2():
     results, _ = run_engines("prefix", prepare_default_model(), PROFILES / "SmolLM2-135M-Instruct.json",
                              timeout=1800, PREFIX_BLOCKS="360")
     check_prefix_runs(results)
-    # vLLM groups the caches as the planner chose its classes for: no block pays for padding
+    # vLLM groups the caches as the budgeter chose its classes for: no block pays for padding
     # beyond 2% of its caches (4 equal classes beside the 35 full heads padded 44%)
-    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.budget import Budgeter
     from vllm_heterocache.config import HeteroCacheConfig
-    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.head_profile import load_profile
 
-    planner = BudgetPlanner(load_profile(PROFILES / "SmolLM2-135M-Instruct.json"),
+    budgeter = Budgeter(load_profile(PROFILES / "SmolLM2-135M-Instruct.json"),
                             HeteroCacheConfig(compression_ratio=0.6), block_size=128)
-    groups, slots, caches = planner.group_slots(*planner.capacity_classes(4))
+    groups, slots, caches = budgeter.group_slots(*budgeter.capacity_classes(4))
     layers = results["hc_pc"]["group_layers"]
     assert (len(layers), max(layers) * len(layers)) == (groups, slots) and slots <= 1.02 * caches == 1.02 * 90
 

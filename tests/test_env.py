@@ -24,7 +24,7 @@ def test_a_missing_directory_is_an_error_not_a_silent_skip(monkeypatch, tmp_path
     monkeypatch.setenv("HETEROCACHE_PROFILE_DIR", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="HETEROCACHE_PROFILE_DIR=.* is not a directory"):
         env.check()
-    from vllm_heterocache.profile.resolve import shipped_profile_dirs
+    from vllm_heterocache.head_profile.resolve import shipped_profile_dirs
 
     with pytest.raises(ConfigError, match="HETEROCACHE_PROFILE_DIR"):
         shipped_profile_dirs()

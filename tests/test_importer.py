@@ -4,8 +4,8 @@ import pytest
 
 from conftest import PROFILES, REFERENCE_FILES
 from vllm_heterocache.errors import ProfileError
-from vllm_heterocache.profile import load_profile
-from vllm_heterocache.profile.importer import KNOWN_MODELS, convert_reference, hyperparameters_from_name
+from vllm_heterocache.head_profile import load_profile
+from vllm_heterocache.head_profile.importer import KNOWN_MODELS, convert_reference, hyperparameters_from_name
 
 SHIPPED = {
     "meta-llama/Llama-3.1-8B-Instruct": "Llama-3.1-8B-Instruct.json",

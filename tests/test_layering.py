@@ -8,7 +8,7 @@ from conftest import ROOT
 
 ADAPTER = ROOT / "vllm_heterocache" / "vllm_adapter"
 # The documented chain (vllm_adapter/__init__.py): each module imports only those before it.
-CHAIN = ["compat", "layout", "pools", "requests", "metrics", "runner_hooks", "startup", "backend", "registration"]
+CHAIN = ["compat", "block_layout", "pools", "request_args", "metrics", "runner_hooks", "startup", "backend", "registration"]
 
 
 def _imports(path):

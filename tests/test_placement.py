@@ -63,17 +63,17 @@ def test_a_pool_that_keeps_every_prompt_token_is_a_full_pool_row():
 
 
 def test_a_server_that_copies_shared_prefixes_copies_the_hit_too():
-    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.budget import Budgeter
     from vllm_heterocache.config import HeteroCacheConfig
     from vllm_heterocache.errors import ConfigError
-    from vllm_heterocache.profile import load_profile
+    from vllm_heterocache.head_profile import load_profile
 
     from conftest import ROOT
 
     profile = load_profile(ROOT / "profiles" / "SmolLM2-135M-Instruct.json")
     for mode, shared in (("point", 16), ("copy", 0)):
-        planner = BudgetPlanner(profile, HeteroCacheConfig(compression_ratio=0.5, shared_prefixes=mode), block_size=128)
-        capacities, _ = planner.pools()
+        budgeter = Budgeter(profile, HeteroCacheConfig(compression_ratio=0.5, shared_prefixes=mode), block_size=128)
+        capacities, _ = budgeter.pools()
         placement = capacities[0].placement(4096, 128, hit=1024)
         assert capacities[0].max_budget(4096) < 3072  # the own part does not fit the selection: not in place
         assert placement.shared_blocks == shared // 2 and placement.selection_len == min(

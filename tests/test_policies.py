@@ -1,40 +1,40 @@
-"""Policies (``vllm_heterocache.policies``): their layouts of a profile, the same budget rule for
-all, what a request may ask for, and the scheduler's pool capacities against the planner."""
+"""Policies (``vllm_heterocache.policies``): their roles of a profile's heads, the same budget rule for
+all, what a request may ask for, and the scheduler's pool capacities against the budgeter."""
 
 
 import pytest
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, request_terms
+from vllm_heterocache.budget import Budgeter, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ConfigError
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.policies import POLICIES, PYRAMID_BETA, SINK_TOKENS, RequestChoice, RequestError, RequestRules
 
 
-def _mean_ratio(layout):
-    ratios = [r for row in layout.budget_ratios for r in row if r is not None]
+def _mean_ratio(roles):
+    ratios = [r for row in roles.budget_ratios for r in row if r is not None]
     return sum(ratios) / len(ratios)
 
 
-def test_layouts(llama_profile):
+def test_roles(llama_profile):
     p = llama_profile
     total, profile_full = p.num_layers * p.num_kv_heads, p.num_full_heads()
-    full = {name: policy.layout(p).num_full_heads() for name, policy in POLICIES.items()}
+    full = {name: policy.roles(p).num_full_heads() for name, policy in POLICIES.items()}
     assert full == {"full": total, "streamingllm": 0, "snapkv": 0, "pyramidkv": 0, "duo": profile_full,
                     "heterocache": profile_full}
     for name in ("streamingllm", "snapkv", "pyramidkv", "duo", "heterocache"):
-        assert _mean_ratio(POLICIES[name].layout(p)) == pytest.approx(1.0), name  # the same total for a ratio
-    assert POLICIES["heterocache"].layout(p) is p
-    assert not any(POLICIES[n].layout(p).clusters for n in ("streamingllm", "snapkv", "pyramidkv", "duo"))
-    pyramid = [row[0] for row in POLICIES["pyramidkv"].layout(p).budget_ratios]
+        assert _mean_ratio(POLICIES[name].roles(p)) == pytest.approx(1.0), name  # the same total for a ratio
+    assert POLICIES["heterocache"].roles(p) is p
+    assert not any(POLICIES[n].roles(p).clusters for n in ("streamingllm", "snapkv", "pyramidkv", "duo"))
+    pyramid = [row[0] for row in POLICIES["pyramidkv"].roles(p).budget_ratios]
     assert pyramid == sorted(pyramid, reverse=True)  # falling with depth
     assert pyramid[0] == pytest.approx(2 - 1 / PYRAMID_BETA) and pyramid[-1] == pytest.approx(1 / PYRAMID_BETA)
 
 
 @pytest.mark.parametrize("policy", ["streamingllm", "snapkv", "pyramidkv"])
 def test_every_head_compressed_keeps_the_ratio(llama_profile, policy):
-    plan = BudgetPlanner(llama_profile, HeteroCacheConfig(policy=policy, compression_ratio=0.1, window=8)).plan(8192)
+    plan = Budgeter(llama_profile, HeteroCacheConfig(policy=policy, compression_ratio=0.1, window=8)).budgets(8192)
     assert not plan.full.any()
     assert plan.kept_fraction() == pytest.approx(0.1, abs=0.01)  # (floors: a budget never drops below the window)
 
@@ -42,7 +42,7 @@ def test_every_head_compressed_keeps_the_ratio(llama_profile, policy):
 def test_infeasible_budget_is_the_same_error_for_every_policy(llama_profile):
     for policy in ("duo", "heterocache"):
         with pytest.raises(BudgetError, match=f"infeasible for policy {policy}"):
-            BudgetPlanner(llama_profile, HeteroCacheConfig(policy=policy, compression_ratio=0.1))
+            Budgeter(llama_profile, HeteroCacheConfig(policy=policy, compression_ratio=0.1))
     with pytest.raises(ConfigError, match="heterocache.policy='h2o' is not a policy: choose one of full, streamingllm"):
         HeteroCacheConfig(policy="h2o")
 
@@ -90,12 +90,12 @@ def test_what_requests_may_ask_for(llama_profile):
 @pytest.mark.parametrize("server", ["heterocache", "snapkv", "duo"])
 def test_pool_capacities_bound_every_request_budget(llama_profile, server):
     """The scheduler's capacity of each pool class for a request (``budget.request_terms``, from
-    the class's spec) is the largest budget the worker's planner for the same terms gives that
+    the class's spec) is the largest budget the worker's budgeter for the same terms gives that
     request's heads in the class."""
     config = HeteroCacheConfig(policy=server, compression_ratio=0.5, window=16, budget_classes=3)
-    planner = BudgetPlanner(llama_profile, config)
-    server_terms = planner.server_terms()
-    _, class_of = planner.capacity_classes(config.budget_classes)
+    budgeter = Budgeter(llama_profile, config)
+    server_terms = budgeter.server_terms()
+    _, class_of = budgeter.capacity_classes(config.budget_classes)
     assert server_terms.rules == RequestRules.of(llama_profile, server, 0.5, compresses=True)
     for name, floor in server_terms.rules.floors:
         for ratio in (None, 1.0, round(floor + 0.05, 3), 0.9):
@@ -104,9 +104,9 @@ def test_pool_capacities_bound_every_request_budget(llama_profile, server):
             args = {"heterocache_policy": name, **({} if ratio is None else {"heterocache_ratio": ratio})}
             terms = request_terms(server_terms, args, strict=True)
             assert terms == request_terms(server_terms, args)  # the engine reads them alike
-            request = planner.for_choice(terms.choice)
+            request = budgeter.for_choice(terms.choice)
             for L in (100, 700, 4096):
-                budgets = request.plan(L).every_budgets
+                budgets = request.budgets(L).every_head
                 for c in range(len(server_terms.capacities)):
                     scheduler = request_terms(server_terms.of_class(c), args)  # as a pool's spec reads them
                     cap = scheduler.capacities[0].max_budget(L)

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import PROFILES
 from vllm_heterocache.errors import ProfileError, ProfileMismatchError
-from vllm_heterocache.profile.importer import KNOWN_MODELS
-from vllm_heterocache.profile.resolve import resolve_profile
+from vllm_heterocache.head_profile.importer import KNOWN_MODELS
+from vllm_heterocache.head_profile.resolve import resolve_profile
 
 SMOL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536,
         "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,

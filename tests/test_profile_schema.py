@@ -4,8 +4,8 @@ import json
 import pytest
 
 from vllm_heterocache.errors import ProfileError, ProfileMismatchError
-from vllm_heterocache.profile import HeadProfile, HeadType, ModelFingerprint, load_profile
-from vllm_heterocache.profile.fingerprint import canonical_config
+from vllm_heterocache.head_profile import HeadProfile, HeadType, ModelFingerprint, load_profile
+from vllm_heterocache.head_profile.fingerprint import canonical_config
 
 
 def test_roundtrip_is_byte_stable(llama_profile, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from conftest import PROFILES
 
 from vllm_heterocache.cli import main as cli_main
-from vllm_heterocache.profile import HeadType, load_profile
+from vllm_heterocache.head_profile import HeadType, load_profile
 from vllm_heterocache.profiler.__main__ import main as profiler_main
 
 ARGS = ["--num-docs", "2", "--prompt-tokens", "96", "--decode-steps", "6", "--no-progress"]
@@ -34,7 +34,7 @@ def profiled(tiny, tmp_path_factory):
 
 
 def test_profile_is_valid_and_matches_the_model(profiled, tiny):
-    from vllm_heterocache.profile import ModelFingerprint
+    from vllm_heterocache.head_profile import ModelFingerprint
 
     profile = load_profile(profiled[0])
     config = json.loads((tiny / "config.json").read_text())

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import PROFILES
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import Budgeter
 from vllm_heterocache.config import HeteroCacheConfig
-from vllm_heterocache.profile.schema import HeadProfile, load_profile
+from vllm_heterocache.head_profile.schema import HeadProfile, load_profile
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_kept_fraction_is_the_planners(roofline, llama, ratio):
     config = HeteroCacheConfig(compression_ratio=ratio)
     for context in (4096, 32768, 131072):
         row = _predict(roofline, llama, config, context, 1, generated=1)  # no generated token yet
-        assert row["kept_fraction"] == BudgetPlanner(llama, config).plan(context).kept_fraction()
+        assert row["kept_fraction"] == Budgeter(llama, config).budgets(context).kept_fraction()
         assert row["kept_fraction"] == pytest.approx(ratio, abs=0.01)
         assert row["hc_kv_read_bytes"] == pytest.approx(row["kept_fraction"] * row["stock_kv_read_bytes"])
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from vllm_heterocache import server_process
-from vllm_heterocache.profile.synthetic import save_synthetic_profile
+from vllm_heterocache.head_profile.synthetic import save_synthetic_profile
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ shipped profiles."""
 import pytest
 from conftest import ROOT
 
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import Budgeter
 from vllm_heterocache.cli import main
 from vllm_heterocache.config import HeteroCacheConfig
-from vllm_heterocache.profile import load_profile
+from vllm_heterocache.head_profile import load_profile
 from vllm_heterocache.sharding import FULL_POOL, layer_caches, local_kv_heads, model_caches
 
 F = FULL_POOL
@@ -40,7 +40,7 @@ def test_uneven_ranks_share_caches_with_room_for_each_mix():
 @pytest.mark.parametrize("classes", [1, 4])
 def test_shipped_profiles_get_one_layout_at_tp_2_4_8(name, classes):
     profile = load_profile(ROOT / "profiles" / f"{name}.json")
-    _, pool_of = BudgetPlanner(profile, HeteroCacheConfig(budget_classes=classes), block_size=16).pools()
+    _, pool_of = Budgeter(profile, HeteroCacheConfig(budget_classes=classes), block_size=16).pools()
     for tp in (2, 4, 8):
         if profile.num_kv_heads % tp and tp % profile.num_kv_heads:
             continue

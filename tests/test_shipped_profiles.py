@@ -12,8 +12,8 @@ import json
 import pytest
 
 from conftest import PROFILES
-from vllm_heterocache.profile import ModelFingerprint, load_profile
-from vllm_heterocache.profile.importer import KNOWN_MODELS
+from vllm_heterocache.head_profile import ModelFingerprint, load_profile
+from vllm_heterocache.head_profile.importer import KNOWN_MODELS
 
 SHIPPED = sorted(PROFILES.glob("*.json"))
 
@@ -190,14 +190,14 @@ def test_sparse_profile_keeps_at_most_a_fifth_of_the_heads_full():
 
 
 def test_ratio_one_quarter_is_feasible_with_the_sparse_profile_only():
-    from vllm_heterocache.budget import BudgetPlanner, min_feasible_ratio
+    from vllm_heterocache.budget import Budgeter, min_feasible_ratio
     from vllm_heterocache.config import HeteroCacheConfig
     from vllm_heterocache.errors import HeteroCacheError
 
     config = HeteroCacheConfig(compression_ratio=0.25)
     sparse = load_profile(SPARSE)
     assert min_feasible_ratio(sparse) == pytest.approx(17 / 90)
-    plan = BudgetPlanner(sparse, config).plan(4096)
+    plan = Budgeter(sparse, config).budgets(4096)
     assert plan.kept_fraction() == pytest.approx(0.25, abs=0.02)
     with pytest.raises(HeteroCacheError, match="infeasible.*The smallest feasible ratio is 0.389"):
-        BudgetPlanner(load_profile(PROFILES / "SmolLM2-135M-Instruct.json"), config)
+        Budgeter(load_profile(PROFILES / "SmolLM2-135M-Instruct.json"), config)

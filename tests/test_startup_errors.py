@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vllm_heterocache.profile.synthetic import save_synthetic_profile
+from vllm_heterocache.head_profile.synthetic import save_synthetic_profile
 from conftest import PROFILES, ROOT
 from vllm_heterocache.vllm_adapter.startup import check_layer
 from vllm_heterocache.errors import ConfigError

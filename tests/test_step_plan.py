@@ -17,13 +17,13 @@ def state(key: str, prompt_len: int, selection_len: int = 9, store=POOL) -> Requ
     """``selection_len`` 0: a request whose policy keeps every token (its pool keeps them in
     place); ``store``: the pool of each head's cache."""
     kept = torch.tensor([[5, 7, 9], [4, 6, 8]]) if selection_len else prompt_len
-    budgets = torch.where(FULL, prompt_len, kept)
-    plan = type("Plan", (), {"prompt_len": prompt_len, "budgets": budgets, "full": FULL,
-                             "keeps_all": not selection_len})()
+    per_head = torch.where(FULL, prompt_len, kept)
+    budgets = type("Budgets", (), {"prompt_len": prompt_len, "per_head": per_head, "full": FULL,
+                                   "keeps_all": not selection_len})()
     placements = (RowPlacement(prompt_len, BS, selection_len),)
-    template = work_template(plan, store, placements)
-    fronts = torch.full((2, 3, front_width(plan)), -1, dtype=torch.int32) if bool((template[..., 7] >= 0).any()) else None
-    return RequestState(key, plan, template, placements=placements, fronts=fronts)
+    template = work_template(budgets, store, placements)
+    fronts = torch.full((2, 3, front_width(budgets)), -1, dtype=torch.int32) if bool((template[..., 7] >= 0).any()) else None
+    return RequestState(key, budgets, template, placements=placements, fronts=fronts)
 
 
 def test_a_step_of_single_decode_tokens_is_fused_when_the_kernels_read_the_layout():

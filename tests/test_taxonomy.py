@@ -1,7 +1,7 @@
 import torch
 
 from vllm_heterocache import taxonomy
-from vllm_heterocache.profile import HeadType
+from vllm_heterocache.head_profile import HeadType
 
 
 def t(*rows):

@@ -1,4 +1,4 @@
-"""Budget planner: per-head prompt-token budgets (algorithm.md section 2). Pure function.
+"""Budgets: per-head prompt-token budgets (algorithm.md section 2). Pure functions.
 
 With H KV heads in the whole model (layers x KV heads), F of them full (volatile, pivot), a
 prompt of L tokens and compression ratio r (fraction of the KV cache KEPT), a compressed head
@@ -13,8 +13,8 @@ and a budget never drops below it). Prompts shorter than ``min_prompt_len`` keep
 multiple of the KV block size (capped at L). Full heads keep all L tokens; r = 1 keeps every
 token of every head. Pivots track a reference top-K of K = min(L, max(1, floor(base))) tokens.
 
-The planner applies ``config.policy`` first (``policies``): full heads, budget ratios and the
-formula are those of the policy's layout of the profile, the same formula for every policy.
+The budgeter applies ``config.policy`` first (``policies``): full heads, budget ratios and the
+formula are those of the policy's roles of the profile's heads, the same formula for every policy.
 
 Tensor parallelism: each rank plans the budgets of its own KV heads (``sharding``).
 """
@@ -33,12 +33,12 @@ from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import POLICIES, RequestChoice, RequestRules
-from vllm_heterocache.profile.schema import HeadProfile
+from vllm_heterocache.head_profile.schema import HeadProfile
 from vllm_heterocache.sharding import FULL_POOL, local_kv_heads, model_caches
 
 
 @dataclass(frozen=True)
-class BudgetPlan:
+class Budgets:
     """Budgets of one request's prompt on one tensor-parallel rank.
 
     Attributes:
@@ -47,7 +47,7 @@ class BudgetPlan:
         base: base budget of a compressed head (float; see the module docstring).
         reference_topk: K, size of a pivot's reference top-K set.
         global_heads: local KV head j -> global KV head index.
-        budgets: int64 ``[num_layers, num_local_kv_heads]``: prompt tokens each head keeps
+        per_head: int64 ``[num_layers, num_local_kv_heads]``: prompt tokens each head keeps
             (full heads: ``prompt_len``).
         full: bool ``[num_layers, num_local_kv_heads]``: the head keeps its full KV.
     """
@@ -57,10 +57,10 @@ class BudgetPlan:
     base: float
     reference_topk: int
     global_heads: tuple[int, ...]
-    budgets: torch.Tensor
+    per_head: torch.Tensor
     full: torch.Tensor
 
-    every_budgets: torch.Tensor  # int64 [num_layers, num_kv_heads]: the budgets of every rank's heads
+    every_head: torch.Tensor  # int64 [num_layers, num_kv_heads]: the budgets of every rank's heads
     keeps_all: bool  # every head of every rank keeps every prompt token (ratio 1, a prompt below
     # min_prompt_len): nothing is selected, mirrored to the host tier or refilled for this request
     # (decided for all ranks at once: they take part in the same drift checks)
@@ -69,7 +69,7 @@ class BudgetPlan:
         """Fraction of this rank's prompt KV entries kept."""
         if self.prompt_len == 0:
             return 1.0
-        return float(self.budgets.sum()) / (self.budgets.numel() * self.prompt_len)
+        return float(self.per_head.sum()) / (self.per_head.numel() * self.prompt_len)
 
 
 def min_feasible_ratio(profile: HeadProfile) -> float:
@@ -78,10 +78,10 @@ def min_feasible_ratio(profile: HeadProfile) -> float:
     return profile.num_full_heads() / total
 
 
-class BudgetPlanner:
-    """:func:`plan_budgets` with the per-profile work done once (the backend plans per request).
+class Budgeter:
+    """:func:`prompt_budgets` with the per-profile work done once (the backend asks it per request).
 
-    ``profile`` is the model's head profile; :attr:`layout` is the policy's layout of it, which
+    ``profile`` is the model's head profile; :attr:`roles` are the policy's roles of its heads, which
     everything here reads."""
 
     def __init__(
@@ -97,7 +97,7 @@ class BudgetPlanner:
             raise ValueError("round_to_block needs the KV block size (block_size)")
         self.profile, self.config, self.block_size = profile, config, block_size
         self.policy = POLICIES[config.policy]
-        self.layout = profile = self.policy.layout(profile)
+        self.roles = profile = self.policy.roles(profile)
         self.heads = local_kv_heads(profile.num_kv_heads, tp_rank, tp_size)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self._classes: dict[int, tuple] = {}  # capacity_classes(count), computed once
@@ -144,24 +144,24 @@ class BudgetPlanner:
         return not self.keep_all and self.n_full < self.total
 
     def request_rules(self) -> RequestRules:
-        """What a server planned by this planner takes per request (``vllm_xargs``)."""
+        """What a server of this budgeter takes per request (``vllm_xargs``)."""
         return RequestRules.of(self.profile, self.config.policy, self.config.compression_ratio, self.compresses)
 
     def server_terms(self) -> ServerTerms:
-        """What a server planned by this planner takes per request, with its pool classes
+        """What a server of this budgeter takes per request, with its pool classes
         (:meth:`pools`); :func:`request_terms` reads a request's arguments by them."""
         rules = self.request_rules()
         capacities, _ = self.pools()
         return ServerTerms(rules, capacities, self.class_rules(name for name, _ in rules.floors))
 
-    def for_choice(self, choice: RequestChoice) -> BudgetPlanner:
-        """The planner of a request's policy and ratio (``RequestTerms.choice``): its budgets per
+    def for_choice(self, choice: RequestChoice) -> Budgeter:
+        """The budgeter of a request's policy and ratio (``RequestTerms.choice``): its budgets per
         head, which the request's capacity in each class bounds (:meth:`PoolCapacity.for_request`
         applies the same rule to the class's largest budget ratio)."""
         options = {"policy": choice.policy}
         if choice.ratio is not None:
             options |= {"compression_ratio": choice.ratio, "token_budget": None}
-        return BudgetPlanner(self.profile, replace(self.config, **options), tp_rank=self.tp_rank,
+        return Budgeter(self.profile, replace(self.config, **options), tp_rank=self.tp_rank,
                              tp_size=self.tp_size, block_size=self.block_size)
 
     def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
@@ -179,7 +179,7 @@ class BudgetPlanner:
         least KV per token of a long prompt: padded slots included, each class's heads at its
         largest ratio, with 0.5% added per KV cache group (each is a block table in every step).
         """
-        profile = self.layout
+        profile = self.roles
         heads = sorted(
             (profile.budget_ratios[l][h] or 0.0, l, h)
             for l in range(profile.num_layers)
@@ -212,7 +212,7 @@ class BudgetPlanner:
 
     def group_slots(self, capacities, class_of) -> tuple[int, int, int]:
         """(KV cache groups, cache slots, caches) vLLM makes of this rank's caches for these classes."""
-        profile = self.layout
+        profile = self.roles
 
         def pool_of(layer: int, head: int) -> int:
             return class_of.get((layer, head), FULL_POOL)
@@ -241,7 +241,7 @@ class BudgetPlanner:
 
     def class_rules(self, policies) -> tuple[tuple[ClassRule, ...], ...]:
         """Per pool class (:meth:`pools`), how the requests of each of ``policies`` (names) use
-        it: their layout's full heads, the class's largest budget ratio under it, and whether it
+        it: their roles' full heads, the class's largest budget ratio under them, and whether they
         keeps a head of the class full (then the class keeps the whole prompt for them)."""
         _, class_of = self.capacity_classes(self.config.budget_classes)
         members: dict[int, list[tuple[int, int]]] = {}
@@ -249,32 +249,33 @@ class BudgetPlanner:
             members.setdefault(c, []).append(head)
         out: list[list[ClassRule]] = [[] for _ in members]
         for name in policies:
-            layout = POLICIES[name].layout(self.profile)
+            roles = POLICIES[name].roles(self.profile)
             for c, heads in members.items():
                 out[c].append(ClassRule(
                     policy=name,
-                    full_heads=layout.num_full_heads(),
-                    max_ratio=max(layout.budget_ratios[l][h] or 0.0 for l, h in heads),
-                    keeps_all=any(layout.head_types[l][h].is_full for l, h in heads),
-                    compresses=not all(layout.head_types[l][h].is_full for l, h in heads),
+                    full_heads=roles.num_full_heads(),
+                    max_ratio=max(roles.budget_ratios[l][h] or 0.0 for l, h in heads),
+                    keeps_all=any(roles.head_types[l][h].is_full for l, h in heads),
+                    compresses=not all(roles.head_types[l][h].is_full for l, h in heads),
                 ))
         return tuple(tuple(rules) for rules in out)
 
-    def plan(self, prompt_len: int) -> BudgetPlan:
+    def budgets(self, prompt_len: int) -> Budgets:
+        """The budgets of a prompt of ``prompt_len`` tokens."""
         if prompt_len < 0:
             raise ValueError(f"prompt_len must be >= 0, got {prompt_len}")
         L = prompt_len
         base = self.rule.base(L)
         every = torch.where(self._every_full, L, self.rule.budgets(L, self._every_ratios))  # [layers, all KV heads]
-        return BudgetPlan(
+        return Budgets(
             prompt_len=L,
             window=min(L, self.config.window),
             base=base,
             reference_topk=min(L, max(1, math.floor(base))),
             global_heads=self.heads,
-            budgets=every[:, list(self.heads)],
+            per_head=every[:, list(self.heads)],
             full=self.full,
-            every_budgets=every,
+            every_head=every,
             keeps_all=bool((every >= L).all()),
         )
 
@@ -316,7 +317,7 @@ class ClassRule:
     """How the requests of one policy use one pool class (:meth:`PoolCapacity.for_request`)."""
 
     policy: str
-    full_heads: int  # F of the policy's layout
+    full_heads: int  # F of the policy's roles
     max_ratio: float  # the class's largest budget ratio under the policy
     keeps_all: bool  # the policy keeps a head of the class full
     compresses: bool = True  # the policy compresses a head of the class
@@ -332,9 +333,9 @@ class PoolCapacity:
     budget ratio of a class of compressed heads (all TP ranks).
 
     Plain numbers, so it travels inside a KV cache spec to the scheduler process, whose block
-    manager keeps ``max_budget(L)`` prompt slots per request in the class's pool; the planner
+    manager keeps ``max_budget(L)`` prompt slots per request in the class's pool; the budgeter
     applies the same rule (``max_ratio`` 1) to every head, so ``max_budget(L)`` is exactly the
-    largest ``BudgetPlanner.plan(L).budgets`` of the class's heads.
+    largest ``Budgeter.budgets(L).per_head`` of the class's heads.
     """
 
     compression_ratio: float
@@ -370,7 +371,7 @@ class PoolCapacity:
     def for_request(self, rule: ClassRule, ratio: float | None) -> PoolCapacity:
         """This class's capacity for a request of ``rule.policy`` at compression ratio ``ratio``
         (None: the server's ratio or token budget): the bound of the budgets that
-        ``BudgetPlanner`` plans for it (the same rule, the same numbers)."""
+        ``Budgeter`` gives it (the same rule, the same numbers)."""
         capacity = replace(self, full_heads=rule.full_heads, max_ratio=rule.max_ratio,
                            keep_all=self.keep_all or rule.keeps_all,
                            selects=self.selects and not self.keep_all and rule.compresses)
@@ -461,7 +462,7 @@ def _max_budget(capacity: PoolCapacity, prompt_len: int) -> int:
     return int(capacity.budgets(prompt_len, torch.tensor(capacity.max_ratio, dtype=torch.float64)))
 
 
-def plan_budgets(
+def prompt_budgets(
     profile: HeadProfile,
     config: HeteroCacheConfig,
     prompt_len: int,
@@ -469,7 +470,7 @@ def plan_budgets(
     tp_rank: int = 0,
     tp_size: int = 1,
     block_size: int | None = None,
-) -> BudgetPlan:
+) -> Budgets:
     """Per-head token budgets for a prompt of ``prompt_len`` tokens on rank ``tp_rank``."""
-    planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
-    return planner.plan(prompt_len)
+    budgeter = Budgeter(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
+    return budgeter.budgets(prompt_len)

@@ -61,8 +61,8 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _import_reference(args: argparse.Namespace, argv: list[str]) -> int:
-    from vllm_heterocache.profile.importer import convert_reference
-    from vllm_heterocache.profile.report import summary_table
+    from vllm_heterocache.head_profile.importer import convert_reference
+    from vllm_heterocache.head_profile.report import summary_table
 
     config = None
     if args.model_config:
@@ -79,9 +79,9 @@ def _import_reference(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from vllm_heterocache.profile import ModelFingerprint, load_profile
-    from vllm_heterocache.profile.report import summary_table
-    from vllm_heterocache.profile.resolve import profile_file
+    from vllm_heterocache.head_profile import ModelFingerprint, load_profile
+    from vllm_heterocache.head_profile.report import summary_table
+    from vllm_heterocache.head_profile.resolve import profile_file
 
     args.profile = profile_file(args.profile)  # a path, or a shipped profile's name
     profile = load_profile(args.profile)
@@ -102,14 +102,14 @@ def _show(args: argparse.Namespace) -> int:
 
 def _sharding(profile, tp_size: int) -> str:
     """How ``tensor_parallel_size=tp_size`` ranks share one KV cache layout (default configuration)."""
-    from vllm_heterocache.budget import BudgetPlanner
+    from vllm_heterocache.budget import Budgeter
     from vllm_heterocache.config import HeteroCacheConfig
     from vllm_heterocache.sharding import crossing_clusters, local_kv_heads, model_caches, sharing_summary
 
     local_kv_heads(profile.num_kv_heads, 0, tp_size)  # a clear error for a TP size that does not split the heads
     lines = []
     for classes in sorted({1, HeteroCacheConfig().budget_classes}):
-        _, pool_of = BudgetPlanner(profile, HeteroCacheConfig(budget_classes=classes), block_size=16).pools()
+        _, pool_of = Budgeter(profile, HeteroCacheConfig(budget_classes=classes), block_size=16).pools()
         caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         lines.append(f"heterocache.budget_classes={classes}: "
                      + sharing_summary(pool_of, caches, profile.num_kv_heads, tp_size))

@@ -1,23 +1,26 @@
 """KV-compression policies: which heads keep their full KV, how many prompt tokens the others
 keep, and how they choose them. Pure layer: no vLLM import.
 
-A policy maps the model's head profile to a *layout*, a :class:`HeadProfile` whose head types
+A policy maps the model's head profile to its *roles*, a :class:`HeadProfile` whose head types
 say what each head does under the policy -- volatile: keeps every token; anchor: keeps a
 budget chosen at prefill; pivot and satellite (HeteroCache only): drift-tracked refills -- and
 whose budget ratios spread the compressed heads' budgets (they average 1, so every policy keeps
 the same total fraction of the KV cache for a ratio, ``budget``). Everything downstream (budget
-planner, pools, kernels, errors for infeasible budgets) reads the layout, the same for every
-policy. Compressed heads choose their tokens by one of two rules (:attr:`Policy.selection`):
+budgeter, pools, kernels, errors for infeasible budgets) reads the roles, the same for every
+policy. Each policy chooses its compressed heads' tokens itself (:meth:`Policy.select`); two
+rules are in use:
 
-- ``"scores"``: the last ``window`` prompt tokens plus the best-scored others, scored by the
+- by scores: the last ``window`` prompt tokens plus the best-scored others, scored by the
   window's queries and pooled over positions (SnapKV's rule, HeteroCache's prefill selection);
-- ``"recent"``: the first :data:`SINK_TOKENS` prompt tokens (attention sinks) plus the most
-  recent ones (StreamingLLM's rule).
+- :class:`SinksAndRecent`: the first :data:`SINK_TOKENS` prompt tokens (attention sinks) plus the
+  most recent ones (StreamingLLM's rule).
+
+A new policy is one class here (its roles and, if it differs, its selection) and its tests.
 
 Per request (``vllm_xargs`` ``heterocache_policy`` / ``heterocache_ratio``, :class:`RequestRules`):
-a request may take any policy whose layout the server's pools hold -- a head in the server's
+a request may take any policy whose roles the server's pools hold -- a head in the server's
 full pool cannot drop tokens, a head in a compressed pool may keep any number, and only the
-server's own layout tracks drift (:func:`fits`) -- at any feasible ratio.
+server's own roles track drift (:func:`fits`) -- at any feasible ratio.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from vllm_heterocache.profile.schema import HeadProfile, HeadType
+import torch
+
+from vllm_heterocache.ops import reference as ref
+from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
 
 #: Attention-sink tokens the "recent" selection keeps (StreamingLLM's default).
 SINK_TOKENS = 4
@@ -43,18 +49,27 @@ REQUEST_KEYS = (POLICY_KEY, RATIO_KEY)
 
 
 class Policy:
-    """A compression policy: :meth:`layout` of a profile and its :attr:`selection` rule."""
+    """A compression policy: the :meth:`roles` it gives a profile's heads, and how its compressed
+    heads choose their prompt tokens (:meth:`select`; by default the best-scored, SnapKV's rule)."""
 
     name: ClassVar[str]
     paper: ClassVar[str]  # the method it implements
-    selection: ClassVar[str] = "scores"  # "scores" | "recent" (module docstring)
+    scores_prompt: ClassVar[bool] = True  # :meth:`select` takes the window's scores of the prompt
 
-    def layout(self, profile: HeadProfile) -> HeadProfile:
+    def roles(self, profile: HeadProfile) -> HeadProfile:
         raise NotImplementedError
+
+    def select(self, budgets: torch.Tensor, prompt_len: int, window: int,
+               scores: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt positions that compressed heads keep, int64 ``[n, max(budgets)]``, ascending,
+        -1 padded. ``budgets``: int64 ``[n]``, tokens each keeps (its last ``window`` included);
+        ``scores``: float ``[n, prompt_len]``, the observation window's pooled scores
+        (``ops.reference.prefill_scores``), when :attr:`scores_prompt`."""
+        return ref.select_tokens(scores, budgets, window)
 
     @staticmethod
     def _uniform(profile: HeadProfile, full: list[list[bool]], ratios: list[list[float]] | None = None) -> HeadProfile:
-        """A layout without clusters: heads in ``full`` volatile, the others anchors with budget
+        """Roles without clusters: heads in ``full`` volatile, the others anchors with budget
         ratios ``ratios`` (default 1)."""
         L, H = profile.num_layers, profile.num_kv_heads
         types = tuple(tuple(HeadType.VOLATILE if full[l][h] else HeadType.ANCHOR for h in range(H)) for l in range(L))
@@ -68,24 +83,33 @@ class Policy:
         return cls._uniform(profile, [[False] * profile.num_kv_heads for _ in range(profile.num_layers)], ratios)
 
 
+class SinksAndRecent(Policy):
+    """Compressed heads keep the attention sinks and the most recent tokens (StreamingLLM's rule:
+    nothing is scored)."""
+
+    scores_prompt = False
+
+    def select(self, budgets, prompt_len, window, scores=None):
+        return ref.recent_tokens(budgets, prompt_len, SINK_TOKENS)
+
+
 class Full(Policy):
     """Every head keeps every token (vLLM's own attention)."""
 
     name = "full"
     paper = "no compression"
 
-    def layout(self, profile):
+    def roles(self, profile):
         return self._uniform(profile, [[True] * profile.num_kv_heads for _ in range(profile.num_layers)])
 
 
-class StreamingLLM(Policy):
+class StreamingLLM(SinksAndRecent):
     """Every head keeps the attention sinks and the most recent tokens."""
 
     name = "streamingllm"
     paper = "Xiao et al., Efficient Streaming Language Models with Attention Sinks, ICLR 2024"
-    selection = "recent"
 
-    def layout(self, profile):
+    def roles(self, profile):
         return self._all_compressed(profile)
 
 
@@ -95,7 +119,7 @@ class SnapKV(Policy):
     name = "snapkv"
     paper = "Li et al., SnapKV: LLM Knows What You are Looking for Before Generation, NeurIPS 2024"
 
-    def layout(self, profile):
+    def roles(self, profile):
         return self._all_compressed(profile)
 
 
@@ -106,22 +130,21 @@ class PyramidKV(Policy):
     name = "pyramidkv"
     paper = "Cai et al., PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling, 2024"
 
-    def layout(self, profile):
+    def roles(self, profile):
         L, H = profile.num_layers, profile.num_kv_heads
         bottom, top = 2.0 - 1.0 / PYRAMID_BETA, 1.0 / PYRAMID_BETA
         rows = [bottom - (bottom - top) * l / (L - 1) if L > 1 else 1.0 for l in range(L)]
         return self._all_compressed(profile, [[r] * H for r in rows])
 
 
-class Duo(Policy):
+class Duo(SinksAndRecent):
     """The profile's full heads (volatile, pivot) keep every token, the others sinks and recent
     tokens (DuoAttention's retrieval and streaming heads, with the profile choosing them)."""
 
     name = "duo"
     paper = "Xiao et al., DuoAttention: Efficient Long-Context LLM Inference with Retrieval and Streaming Heads, ICLR 2025"
-    selection = "recent"
 
-    def layout(self, profile):
+    def roles(self, profile):
         return self._uniform(profile, [[t.is_full for t in row] for row in profile.head_types])
 
 
@@ -132,7 +155,7 @@ class HeteroCache(Policy):
     name = "heterocache"
     paper = "HeteroCache, arXiv 2601.13684 (ACL 2026)"
 
-    def layout(self, profile):
+    def roles(self, profile):
         return profile
 
 
@@ -140,17 +163,17 @@ POLICIES: dict[str, Policy] = {p.name: p for p in (Full(), StreamingLLM(), SnapK
 DEFAULT_POLICY = HeteroCache.name
 
 
-def full_mask(layout: HeadProfile) -> list[list[bool]]:
-    return [[t.is_full for t in row] for row in layout.head_types]
+def full_mask(roles: HeadProfile) -> list[list[bool]]:
+    return [[t.is_full for t in row] for row in roles.head_types]
 
 
-def full_share(layout: HeadProfile) -> float:
-    """F / H: the fraction of the KV cache the layout's full heads keep on their own."""
-    return layout.num_full_heads() / (layout.num_layers * layout.num_kv_heads)
+def full_share(roles: HeadProfile) -> float:
+    """F / H: the fraction of the KV cache the full heads of the roles keep on their own."""
+    return roles.num_full_heads() / (roles.num_layers * roles.num_kv_heads)
 
 
 def fits(server: HeadProfile, request: HeadProfile) -> bool:
-    """The server's pools (laid out for ``server``) can serve a request laid out as ``request``:
+    """The server's pools (made for the roles ``server``) can serve a request of the roles ``request``:
     every head of the server's full pool stays full, and drift tracking is the server's own."""
     stays_full = all(r or not s for srow, rrow in zip(full_mask(server), full_mask(request)) for s, r in zip(srow, rrow))
     return stays_full and (not request.clusters or request == server)
@@ -194,14 +217,14 @@ class RequestRules:
         every head is in the full pool, and requests can only be full."""
         if not compresses:
             return cls(server_policy, server_ratio, ((Full.name, 0.0),))
-        server = POLICIES[server_policy].layout(profile)
+        server = POLICIES[server_policy].roles(profile)
         floors = []
         for name, policy in POLICIES.items():
-            layout = policy.layout(profile)
+            roles = policy.roles(profile)
             if name == Full.name:
                 floors.append((name, 0.0))
-            elif fits(server, layout):
-                floors.append((name, full_share(layout)))
+            elif fits(server, roles):
+                floors.append((name, full_share(roles)))
         return cls(server_policy, server_ratio, tuple(floors))
 
     def parse(self, extra_args: Mapping[str, Any] | None) -> RequestChoice:

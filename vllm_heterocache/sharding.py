@@ -4,7 +4,7 @@ Heads. Each rank holds a contiguous slice of the KV heads (or, when there are mo
 heads, one replicated head), as vLLM's ``QKVParallelLinear`` splits them.
 
 Caches. HeteroCache gives every KV head a cache of its own, in the pool of its type: the full
-pool or a budget class (``runtime.model``). vLLM lays out one set of KV caches, with the same
+pool or a budget class (``runtime.core``). vLLM lays out one set of KV caches, with the same
 names and specs, on every rank, but a profile's head types are not spread evenly: with
 Llama-3.1-8B at TP=2, rank 0 may hold three full heads of a layer where rank 1 holds one. A
 cache can hold a head that keeps less than its pool (a full cache any head, a budget class the
@@ -58,7 +58,7 @@ def _room(pool: int) -> float:
 
 
 @dataclass(frozen=True)
-class LayerCaches:
+class CacheAssignment:
     """The KV caches of one attention layer, the same on every rank.
 
     ``pools[c]`` is the pool of cache ``c``; ``cache_of[r][j]`` the cache of local KV head ``j``
@@ -80,7 +80,7 @@ class LayerCaches:
         return to_full, to_class
 
 
-def layer_caches(pools_by_rank: Sequence[tuple[int, ...]]) -> LayerCaches:
+def layer_caches(pools_by_rank: Sequence[tuple[int, ...]]) -> CacheAssignment:
     """The caches of a layer whose rank ``r`` holds local heads of pools ``pools_by_rank[r]``
     (each rank as many).
 
@@ -92,7 +92,7 @@ def layer_caches(pools_by_rank: Sequence[tuple[int, ...]]) -> LayerCaches:
     """
     first = tuple(pools_by_rank[0])
     if all(tuple(p) == first for p in pools_by_rank):
-        return LayerCaches(first, tuple(tuple(range(len(first))) for _ in pools_by_rank))
+        return CacheAssignment(first, tuple(tuple(range(len(first))) for _ in pools_by_rank))
     kinds = sorted({p for pools in pools_by_rank for p in pools}, key=_room, reverse=True)
     layout: list[int] = []
     for kind in kinds:
@@ -105,17 +105,17 @@ def layer_caches(pools_by_rank: Sequence[tuple[int, ...]]) -> LayerCaches:
         for c, j in enumerate(order):
             slots[j] = c
         cache_of.append(tuple(slots))
-    return LayerCaches(tuple(layout), tuple(cache_of))
+    return CacheAssignment(tuple(layout), tuple(cache_of))
 
 
 def model_caches(pool_of: Callable[[int, int], int], num_layers: int, num_kv_heads: int,
-                 tp_size: int) -> list[LayerCaches]:
+                 tp_size: int) -> list[CacheAssignment]:
     """:func:`layer_caches` of every layer; ``pool_of(layer, global_head)`` names a head's pool."""
     ranks = [local_kv_heads(num_kv_heads, r, tp_size) for r in range(tp_size)]
     return [layer_caches([tuple(pool_of(layer, h) for h in heads) for heads in ranks]) for layer in range(num_layers)]
 
 
-def sharing_summary(pool_of: Callable[[int, int], int], caches: Sequence[LayerCaches], num_kv_heads: int,
+def sharing_summary(pool_of: Callable[[int, int], int], caches: Sequence[CacheAssignment], num_kv_heads: int,
                     tp_size: int) -> str:
     """One line: how many compressed heads (over all ranks and layers) are served from a cache
     with more room than their own pool, the price of one cache layout for all ranks."""

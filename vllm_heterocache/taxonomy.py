@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_heterocache.profile.schema import Cluster, HeadType
+from vllm_heterocache.head_profile.schema import Cluster, HeadType
 
 #: eps of the inverse-stability weight 1 / (S + eps). Keeps a head with S = 0 finite: its weight
 #: is then at most 1 / eps = 100 times that of a perfectly stable head.

@@ -8,7 +8,7 @@ whose last two dims hold, per (block, head), a K region then a V region of ``blo
 elements each. Inside a region the kernels pick their own order, which depends on the ISA: the
 AVX2 ``vec`` kernels store K transposed, ``[D, block_size]``, and V as ``[block_size, D]``.
 A :class:`BlockLayout` holds that order as index maps: measured by writing a probe with vLLM's
-own cache-write op (``vllm_adapter.layout``), or one of the two orders the compiled kernels read
+own cache-write op (``vllm_adapter.block_layout``), or one of the two orders the compiled kernels read
 (:meth:`BlockLayout.for_kernels`). Blocks may be further apart than their size (vLLM pads the
 pages of layers whose pages do not divide the largest one): every view honours the block stride.
 

@@ -3,6 +3,6 @@
     python -m vllm_heterocache.profiler --model DIR --output profile.json [--heatmap map.png]
 
 Layers: ``collect`` (model forward passes -> per-head top-k sets), ``build`` (top-k sets ->
-validated :class:`~vllm_heterocache.profile.HeadProfile` via :mod:`vllm_heterocache.taxonomy`),
+validated :class:`~vllm_heterocache.head_profile.HeadProfile` via :mod:`vllm_heterocache.taxonomy`),
 ``heatmap`` (PNG), ``__main__`` (command line).
 """

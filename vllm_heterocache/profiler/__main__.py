@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from vllm_heterocache.errors import HeteroCacheError
-from vllm_heterocache.profile.provenance import provenance
+from vllm_heterocache.head_profile.provenance import provenance
 
 log = logging.getLogger("vllm_heterocache.profiler")
 
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_heterocache.data.texts import SOURCES
-    from vllm_heterocache.profile.fingerprint import ModelFingerprint
-    from vllm_heterocache.profile.report import summary_table
+    from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
+    from vllm_heterocache.head_profile.report import summary_table
     from vllm_heterocache.profiler.build import build_profile
     from vllm_heterocache.profiler.collect import collect
     from vllm_heterocache.profiler.heatmap import render_heatmap

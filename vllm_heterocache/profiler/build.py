@@ -19,8 +19,8 @@ import torch
 
 from vllm_heterocache import taxonomy
 from vllm_heterocache.sharding import rank_of_heads
-from vllm_heterocache.profile.fingerprint import ModelFingerprint
-from vllm_heterocache.profile.schema import SCHEMA_VERSION, HeadProfile
+from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
+from vllm_heterocache.head_profile.schema import SCHEMA_VERSION, HeadProfile
 from vllm_heterocache.profiler.collect import PromptTopK
 
 _DIGITS = 6  # stored scores are rounded so that files are stable across tiny float noise

@@ -10,7 +10,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vllm_heterocache.profile.schema import HeadProfile, HeadType
+from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
 
 COLORS = {
     HeadType.VOLATILE: (214, 69, 65),

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vllm_heterocache.profile.schema import HeadProfile, HeadType
-from vllm_heterocache.sharding import FULL_POOL, LayerCaches, clusters_across, rank_of_heads
+from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
+from vllm_heterocache.sharding import FULL_POOL, CacheAssignment, clusters_across, rank_of_heads
 
 
 @dataclass(frozen=True)
@@ -50,15 +50,15 @@ class LayerHeads:
 
 
 
-def layer_heads(layout: HeadProfile, heads: tuple[int, ...], pool_of: Callable[[int, int], int],
-                caches: list[LayerCaches], tp_rank: int, tp_size: int, *, host_rows: bool,
+def layer_heads(roles: HeadProfile, heads: tuple[int, ...], pool_of: Callable[[int, int], int],
+                caches: list[CacheAssignment], tp_rank: int, tp_size: int, *, host_rows: bool,
                 ) -> tuple[list[LayerHeads], int, list[tuple[tuple[int, ...], ...]]]:
     """Every layer's :class:`LayerHeads` on rank ``tp_rank``.
 
     Args:
-        layout: the policy's layout of the profile (``policies``).
+        roles: the policy's roles of the profile's heads (``policies``).
         heads: the global KV heads this rank holds (``sharding.local_kv_heads``).
-        pool_of: ``(layer, global KV head)`` -> its pool (``BudgetPlanner.pools``).
+        pool_of: ``(layer, global KV head)`` -> its pool (``Budgeter.pools``).
         caches: per layer, its KV caches on every rank (``sharding.model_caches``).
         host_rows: refills are on: satellites get host-tier rows (only refills read them).
 
@@ -67,14 +67,14 @@ def layer_heads(layout: HeadProfile, heads: tuple[int, ...], pool_of: Callable[[
         ranks (by pivot), its satellites (global KV heads).
     """
     local = {g: j for j, g in enumerate(heads)}
-    holders = rank_of_heads(layout.num_kv_heads, tp_size)
+    holders = rank_of_heads(roles.num_kv_heads, tp_size)
     layers: list[LayerHeads] = []
     across_satellites = []
     rows = 0
-    for layer, types in enumerate(layout.head_types):
+    for layer, types in enumerate(roles.head_types):
         pool = tuple(pool_of(layer, g) for g in heads)
         pivots = tuple(j for j, g in enumerate(heads) if types[g] is HeadType.PIVOT)
-        inside, across = clusters_across(layout.clusters_of_layer(layer), holders)
+        inside, across = clusters_across(roles.clusters_of_layer(layer), holders)
         sats = {local[c.pivot]: tuple(local[s] for s in c.satellites) for c in inside if c.pivot in local}
         shared_sats = tuple(tuple(local[s] for s in c.satellites if s in local) for c in across)
         across_satellites.append(tuple(c.satellites for c in across))

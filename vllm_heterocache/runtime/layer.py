@@ -1,6 +1,6 @@
 """The per-layer steps of HeteroCache (algorithm.md sections 3 and 4), executing a step's plan.
 
-Every KV head of a layer has a single-head paged cache of its own (``LayerPools``), in one of
+Every KV head of a layer has a single-head paged cache of its own (``LayerCaches``), in one of
 several pools: the full pool (volatile and pivot heads: every token at its position) or a
 compressed pool of a budget class (anchor and satellite heads), whose block manager frees a
 request's prompt blocks beyond the class's largest budget once the prompt is done
@@ -28,7 +28,6 @@ import torch
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, read_prefix_k, write_positions
-from vllm_heterocache.policies import SINK_TOKENS
 from vllm_heterocache.runtime.heads import LayerHeads
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue, degrade
@@ -39,30 +38,30 @@ from vllm_heterocache.runtime.timing import section
 
 
 @dataclass(frozen=True)
-class LayerPools:
+class LayerCaches:
     """One layer's caches, one per local KV head (``[num_blocks, 1, block_size, 2 * D]`` each),
     their block layout, and this step's block tables (int32 ``[rows, max_blocks]``, shared by
     the heads of a pool)."""
 
-    caches: tuple[torch.Tensor, ...]
+    per_head: tuple[torch.Tensor, ...]
     tables: tuple[torch.Tensor, ...]
     layout: BlockLayout
 
     def prefix(self, heads, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]`` each."""
-        kv = [read_prefix(self.caches[h], self.layout, self.tables[h][row], length) for h in heads]
+        kv = [read_prefix(self.per_head[h], self.layout, self.tables[h][row], length) for h in heads]
         return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)
 
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
-        return torch.cat([read_prefix_k(self.caches[h], self.layout, self.tables[h][row], length) for h in heads],
+        return torch.cat([read_prefix_k(self.per_head[h], self.layout, self.tables[h][row], length) for h in heads],
                          dim=1)
 
     def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_positions(self.caches[head], self.layout, self.tables[head][row], positions)
+        return read_positions(self.per_head[head], self.layout, self.tables[head][row], positions)
 
     def write(self, head: int, row: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_positions(self.caches[head], self.layout, self.tables[head][row], positions, k, v)
+        write_positions(self.per_head[head], self.layout, self.tables[head][row], positions, k, v)
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,7 @@ class LayerStep:
     parts: LayerParts
     layer: int  # model layer index
     heads: LayerHeads
-    pools: LayerPools
+    caches: LayerCaches
     plan: StepPlan
     scale: float
 
@@ -147,7 +146,7 @@ def mirror_to_host(ls: LayerStep, key: torch.Tensor, value: torch.Tensor) -> Non
         if not state.host or row.first >= end:
             continue
         if row.first == state.hit and any(_store(state, ls.heads, s)[0] < state.hit for s in sats):
-            host.write(state.key, rows[sats[0]], 0, *ls.pools.prefix(sats, row.index, state.hit))
+            host.write(state.key, rows[sats[0]], 0, *ls.caches.prefix(sats, row.index, state.hit))
         tokens = slice(row.start, row.start + end - row.first)
         host.write(state.key, rows[sats[0]], row.first, key[tokens][:, sats], value[tokens][:, sats])
 
@@ -188,18 +187,18 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
     are the step's own ``key``/``value`` (the values just written to the caches), else they are
     read from the caches.
     """
-    heads, pools, layer = ls.heads, ls.pools, ls.layer
+    heads, caches, layer = ls.heads, ls.caches, ls.layer
     state = row.state
-    plan = state.plan
-    L, W = plan.prompt_len, plan.window
+    budgets = state.budgets
+    L, W = budgets.prompt_len, budgets.window
     kept_queries = state.window_queries.pop(layer, None)
-    c = tuple(h for h in heads.compressed if int(plan.budgets[layer, h]) < L)  # heads that select
+    c = tuple(h for h in heads.compressed if int(budgets.per_head[layer, h]) < L)  # heads that select
     stores = {h: _store(state, heads, h) for h in heads.compressed}
     handled = tuple(h for h in heads.compressed if h in c or stores[h][2])  # (the others are in place)
     pivots = heads.pivots if state.ring is not None else ()
     if not handled and not pivots:  # (nothing to select: this rank's heads of the layer keep everything)
         return
-    scored = (c if state.policy.selection == "scores" else ()) + pivots
+    scored = (c if state.policy.scores_prompt else ()) + pivots
     whole = row.first == 0
     if whole:
         k_prompt, v_prompt = key[row.start : row.start + L], value[row.start : row.start + L]
@@ -208,14 +207,11 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
         q = query[row.start + lo - row.first : row.start + L - row.first]
         if kept_queries is not None and kept_queries[0] + kept_queries[1].shape[0] == lo:
             q = torch.cat([kept_queries[1], q])  # the window's queries of earlier chunks
-        k = k_prompt[:, list(scored)] if whole else pools.keys(scored, row.index, L)
+        k = k_prompt[:, list(scored)] if whole else caches.keys(scored, row.index, L)
         scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, ls.parts.pool_kernel)
     if c:
-        budgets = plan.budgets[layer, list(c)]
-        if state.policy.selection == "scores":
-            chosen = ref.select_tokens(scores[: len(c)], budgets, W)
-        else:
-            chosen = ref.recent_tokens(budgets, L, SINK_TOKENS)
+        chosen = state.policy.select(budgets.per_head[layer, list(c)], L, W,
+                                     scores[: len(c)] if state.policy.scores_prompt else None)
         state.kept[layer] = _every_compressed(heads.compressed, c, chosen, L)
     everything = torch.arange(L)
     for h in handled:
@@ -226,14 +222,14 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
         copied = keep[shared.numel():]
         slots = torch.arange(copied.numel()) + start
         if copied.numel():
-            kept_kv = (k_prompt[copied, h], v_prompt[copied, h]) if whole else pools.read(h, row.index, copied)
-            pools.write(h, row.index, slots, *kept_kv)
+            kept_kv = (k_prompt[copied, h], v_prompt[copied, h]) if whole else caches.read(h, row.index, copied)
+            caches.write(h, row.index, slots, *kept_kv)
         if state.work_template[layer, h, 7] >= 0:  # its front is a list of row positions
             state.fronts[layer, h, : keep.numel()] = torch.cat([shared, slots]).to(torch.int32)
     if pivots:
         n = len(pivots)
         state.references[layer] = ref.topk_positions(
-            scores[len(scored) - n :], torch.full((n,), plan.reference_topk), torch.full((n,), L - W)
+            scores[len(scored) - n :], torch.full((n,), budgets.reference_topk), torch.full((n,), L - W)
         )
     if c or pivots:
         ls.parts.counters.prefill_selections += 1
@@ -274,10 +270,10 @@ def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> N
     if not work.numel():
         return
     d = query.shape[-1]
-    pools = ls.pools
+    caches = ls.caches
     fronts = torch.cat([r.state.fronts[ls.layer].view(-1) for r in ls.plan.fronts]) if ls.plan.fronts else None
     kernels.gather_attention(query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
-                             list(pools.caches), list(pools.tables), work, pools.layout, ls.scale, fronts)
+                             list(caches.per_head), list(caches.tables), work, caches.layout, ls.scale, fronts)
 
 
 def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
@@ -292,25 +288,25 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
     step (a sum over the ranks) gives every rank the messages of all; each refills its own
     satellites from them, exactly as if the pivot were local.
     """
-    parts, heads, layer, pools = ls.parts, ls.heads, ls.layer, ls.pools
+    parts, heads, layer, caches = ls.parts, ls.heads, ls.layer, ls.caches
     t, _, d = query.shape
     p = list(heads.pivots)
     per_head = query.view(t, ls.num_kv_heads, -1, d)  # [T, H_kv, G, D]
     rings = parts.rings.of_layer(layer, per_head.shape[2], d)
-    caches, tables = [pools.caches[h] for h in p], [pools.tables[h] for h in p]
+    pivot_caches, tables = [caches.per_head[h] for h in p], [caches.tables[h] for h in p]
     sent: list[tuple[Row, torch.Tensor]] = []  # clusters across ranks: per check, its message (_message)
     for phase in ls.plan.drift:  # the phase's tokens first: a mixed step's prefill tokens are not copied
         if p:
             rings[phase.slots, :, phase.places] = per_head[phase.tokens][:, p].float()
         for check in phase.checks:
             row, state = check.row, check.row.state
-            plan = state.plan
-            cut = plan.prompt_len - plan.window
+            budgets = state.budgets
+            cut = budgets.prompt_len - budgets.window
             result = None
             if p:
                 result = kernels.drift_check(
-                    rings[state.ring], caches, tables, row.index, check.key_len, cut, state.references[layer],
-                    plan.reference_topk, parts.threshold, parts.pool_kernel, pools.layout,
+                    rings[state.ring], pivot_caches, tables, row.index, check.key_len, cut, state.references[layer],
+                    budgets.reference_topk, parts.threshold, parts.pool_kernel, caches.layout,
                 )
                 parts.counters.drift_checks += 1
                 for i in torch.nonzero(result.drift)[:, 0].tolist():
@@ -359,14 +355,14 @@ def _ranked(scores: torch.Tensor, top: torch.Tensor, width: int, cut: int) -> to
 
 def _refill_counts(ls: LayerStep, row: Row, sats) -> list[int]:
     """The refillable slots of each satellite: its budget minus the window."""
-    plan = row.state.plan
-    return [int(plan.budgets[ls.layer, s]) - plan.window for s in sats]
+    budgets = row.state.budgets
+    return [int(budgets.per_head[ls.layer, s]) - budgets.window for s in sats]
 
 
 def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     """Queue the copies of the satellites' new selection (each the best of its pivot's ``ranked``
     positions its budget holds, ``ref.refill_indices``) from the host tier into their slots."""
-    parts, heads, layer, pools = ls.parts, ls.heads, ls.layer, ls.pools
+    parts, heads, layer, caches = ls.parts, ls.heads, ls.layer, ls.caches
     state = row.state
     ranked = ranked[ranked >= 0]
     counts = torch.tensor(_refill_counts(ls, row, sats)).clamp(0, ranked.numel())
@@ -379,11 +375,11 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     kept, compressed = state.kept[layer], [heads.compressed.index(s) for s in sats]
     host, key = parts.host, state.key
     host_rows = [heads.host_rows[s] for s in sats]
-    caches = [pools.caches[s] for s in sats]
+    sat_caches = [caches.per_head[s] for s in sats]
     stores = [_store(state, heads, s) for s in sats]
     # this step's rows from each satellite's selection region (slot i: column i // bs of it); the copy runs later
-    bs = pools.layout.block_size
-    tables = [pools.tables[s][row.index][start // bs :].clone() for s, (_, start, _) in zip(sats, stores)]
+    bs = caches.layout.block_size
+    tables = [caches.tables[s][row.index][start // bs :].clone() for s, (_, start, _) in zip(sats, stores)]
     fronts = state.fronts[layer] if state.fronts is not None else None
     listed = [bool(state.work_template[layer, s, 7] >= 0) for s in sats]  # fronts given as position lists
 
@@ -408,7 +404,7 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
             copies = torch.full((len(sats), max(1, *(c.numel() for c in out))), -1, dtype=torch.int64)
             for n, c in enumerate(out):
                 copies[n, : c.numel()] = c
-            host.copy_out(key, host_rows, copies, caches, tables, pools.layout)
+            host.copy_out(key, host_rows, copies, sat_caches, tables, caches.layout)
             kept[compressed, :width] = torch.where(moves >= 0, moves, held)
 
     parts.refills.submit(key, layer, copy)

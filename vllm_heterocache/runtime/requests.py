@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlan
+from vllm_heterocache.budget import Budgets
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import DEFAULT_POLICY, POLICIES, Policy
 
@@ -21,7 +21,7 @@ from vllm_heterocache.policies import DEFAULT_POLICY, POLICIES, Policy
 @dataclass
 class RequestState:
     key: str  # vLLM request id
-    plan: BudgetPlan  # budgets of the prompt (prompt_len = the request's prompt length)
+    budgets: Budgets  # of its prompt (prompt_len = the request's prompt length)
     work_template: torch.Tensor  # int64 [layers, H, 8]: its gather-kernel items (runtime.step.work_template)
     policy: Policy = POLICIES[DEFAULT_POLICY]  # its policy (the server's, or its vllm_xargs'): how it selects
     placements: tuple[RowPlacement, ...] = ()  # per compressed pool class: where its tokens live there
@@ -44,7 +44,7 @@ class RequestState:
 
     @property
     def prompt_len(self) -> int:
-        return self.plan.prompt_len
+        return self.budgets.prompt_len
 
     @functools.cached_property
     def shifts(self) -> torch.Tensor:
@@ -60,7 +60,7 @@ class RequestState:
     @property
     def selects(self) -> bool:
         """Its compressed heads keep a selection (else every head keeps every token in place)."""
-        return not (self.positional and self.plan.keeps_all)
+        return not (self.positional and self.budgets.keeps_all)
 
     def placement(self, store: int) -> RowPlacement | None:
         """Where this request's tokens are in the caches of pool ``store`` (None: the full pool,
@@ -82,11 +82,11 @@ class RequestTable:
     def __contains__(self, key: str) -> bool:
         return key in self._states
 
-    def begin(self, key: str, plan: BudgetPlan, work_template: torch.Tensor,
+    def begin(self, key: str, budgets: Budgets, work_template: torch.Tensor,
               policy: Policy = POLICIES[DEFAULT_POLICY], placements: tuple[RowPlacement, ...] = (),
               hit: int = 0, fronts: torch.Tensor | None = None) -> RequestState:
         """A request starts (its first prefill chunk): a fresh state replaces any old one."""
-        state = RequestState(key, plan, work_template, policy, placements, hit, fronts)
+        state = RequestState(key, budgets, work_template, policy, placements, hit, fronts)
         self._states[key] = state
         return state
 

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlan
+from vllm_heterocache.budget import Budgets
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.runtime.requests import RequestState
 
@@ -212,7 +212,7 @@ def plan_step(rows: tuple[Row, ...], full: torch.Tensor, kernels_read_layout: bo
     Args:
         rows: the step's rows, in batch order.
         full: bool ``[num_layers, H_kv]``, the local heads that keep their full KV (every
-            request's ``BudgetPlan.full``).
+            request's ``Budgets.full``).
         kernels_read_layout: the compiled gather kernel reads this engine's cache layout (else
             its PyTorch reference runs the work items, and full heads stay with vLLM's kernel).
         drift_interval: N, the queries a ring holds (``runtime.rings``).
@@ -283,7 +283,7 @@ def _drift_phases(decoding: tuple[Row, ...], interval: int) -> tuple[DriftPhase,
     return tuple(phases)
 
 
-def work_template(plan: BudgetPlan, store_of: torch.Tensor, placements: tuple[RowPlacement, ...]) -> torch.Tensor:
+def work_template(budgets: Budgets, store_of: torch.Tensor, placements: tuple[RowPlacement, ...]) -> torch.Tensor:
     """A request's gather-kernel items, int64 ``[layers, H, 8]``, without the per-token columns
     (token, row, and ``p + 1`` added to ``gen_end``, which holds the shift).
 
@@ -297,25 +297,25 @@ def work_template(plan: BudgetPlan, store_of: torch.Tensor, placements: tuple[Ro
 
     ``store_of``: int64 ``[layers, H]``, each local head's store (``LayerHeads.store``;
     ``FULL_POOL``, -1, for full caches); ``placements``: the request's placement in each pool class."""
-    num_layers, hkv = plan.budgets.shape
+    num_layers, hkv = budgets.per_head.shape
     items = torch.zeros(num_layers, hkv, WORK_COLUMNS, dtype=torch.int64)
     items[..., 1] = torch.arange(hkv)
-    L = plan.prompt_len
+    L = budgets.prompt_len
     selecting = torch.tensor([False] + [not p.positional for p in placements])[store_of + 1]  # [layers, H]
-    in_place = ~selecting & (plan.budgets < L)  # kept tokens read where they are, in a positional store
+    in_place = ~selecting & (budgets.per_head < L)  # kept tokens read where they are, in a positional store
     pointing = torch.tensor([False] + [p.shared_blocks > 0 for p in placements])[store_of + 1] | in_place
     shift = torch.tensor([0] + [p.shift for p in placements], dtype=torch.int64)[store_of + 1]
     start = placements[0].selection_start if placements else 0  # (the same in every pool: after the prompt)
-    items[..., 3] = torch.where(selecting | in_place, plan.budgets, 0)
+    items[..., 3] = torch.where(selecting | in_place, budgets.per_head, 0)
     items[..., 4] = torch.where(selecting | in_place, L + shift, 0)
     items[..., 5] = torch.where(selecting, shift, 0)
     items[..., 6] = torch.where(selecting, start, 0)
     # a pointing head's row of its request's fronts (RequestState.fronts), within the layer's
-    items[..., 7] = torch.where(pointing, torch.arange(hkv) * front_width(plan), -1)
+    items[..., 7] = torch.where(pointing, torch.arange(hkv) * front_width(budgets), -1)
     return items
 
 
-def front_width(plan: BudgetPlan) -> int:
+def front_width(budgets: Budgets) -> int:
     """The width of a request's ``RequestState.fronts``: its largest compressed head's budget."""
-    compressed = plan.budgets[~plan.full]
+    compressed = budgets.per_head[~budgets.full]
     return int(compressed.max()) if compressed.numel() else 0

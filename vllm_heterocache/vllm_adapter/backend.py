@@ -36,13 +36,13 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_heterocache.runtime.layer import LayerPools, LayerStep, attend, mirror_to_host
+from vllm_heterocache.runtime.layer import LayerCaches, LayerStep, attend, mirror_to_host
 from vllm_heterocache.runtime.heads import LayerHeads
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.step import RowSubset, StepPlan
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
-from vllm_heterocache.vllm_adapter.layout import probe_layout
+from vllm_heterocache.vllm_adapter.block_layout import probe_layout
 from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, head_cache_name
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
@@ -194,8 +194,8 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
 
     def _step(self, bound: _Layer, metas: tuple[HeteroCacheMetadata, ...]) -> LayerStep:
         rt = self.runtime
-        pools = LayerPools(bound.caches, tuple(m.block_table for m in metas), rt.layout)
-        return LayerStep(rt.parts, bound.index, bound.heads, pools, metas[0].plan, self.scale)
+        caches = LayerCaches(bound.caches, tuple(m.block_table for m in metas), rt.layout)
+        return LayerStep(rt.parts, bound.index, bound.heads, caches, metas[0].plan, self.scale)
 
     # -- 1. cache write ------------------------------------------------------------------------
 

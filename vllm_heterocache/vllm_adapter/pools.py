@@ -29,7 +29,7 @@ pools do not hash blocks that mix prompt and generated tokens.)
 
 One head per cache makes every page the same size (no padding when vLLM unifies pages), and
 vLLM groups the caches by spec into KV cache groups (block tables) of one size: the full pool's
-caches in some, each budget class's in others (``budget.BudgetPlanner.capacity_classes`` sizes
+caches in some, each budget class's in others (``budget.Budgeter.capacity_classes`` sizes
 the classes so that few slots are padded). It sizes one block pool for all groups from
 ``VLLM_CPU_KVCACHE_SPACE`` (or
 ``gpu_memory_utilization``), so its scheduler admits requests against the real footprint and its
@@ -48,7 +48,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCache
 
 from vllm_heterocache.budget import PoolCapacity, ServerTerms, request_terms
 from vllm_heterocache.placement import RowPlacement
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.sharding import FULL_POOL
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
 

@@ -20,7 +20,7 @@ def register() -> None:
     from vllm_heterocache.vllm_adapter.pools import register_pool_spec
 
     register_pool_spec()
-    from vllm_heterocache.vllm_adapter.requests import RefuseBooleanArguments, validator
+    from vllm_heterocache.vllm_adapter.request_args import RefuseBooleanArguments, validator
 
     compat.validate_requests(validator)
     compat.add_api_middleware(RefuseBooleanArguments)

@@ -16,7 +16,7 @@ import torch
 from vllm_heterocache.errors import ConfigError
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.memory import available_memory
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.stats import snapshot
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import compat

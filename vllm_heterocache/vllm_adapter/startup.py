@@ -14,12 +14,12 @@ import weakref
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner
+from vllm_heterocache.budget import Budgeter
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import ConfigError
-from vllm_heterocache.profile.resolve import resolve_profile
-from vllm_heterocache.profile.schema import HeadProfile
-from vllm_heterocache.runtime.model import HeteroCacheRuntime
+from vllm_heterocache.head_profile.resolve import resolve_profile
+from vllm_heterocache.head_profile.schema import HeadProfile
+from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat, runner_hooks
 
 # A child of vLLM's logger, so the line shows with vLLM's own logging setup in every process.
@@ -99,7 +99,7 @@ def check_config(vllm_config) -> tuple[HeteroCacheConfig, HeadProfile]:
     if refused:
         raise ConfigError("heterocache does not support " + "; ".join(refused))
     profile = resolve_profile(model_config.hf_config, model_config.model, config.profile)
-    BudgetPlanner(profile, config)  # an infeasible budget names the smallest feasible ratio
+    Budgeter(profile, config)  # an infeasible budget names the smallest feasible ratio
     return config, profile
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from vllm_heterocache.budget import BudgetPlanner, ServerTerms, request_terms
+from vllm_heterocache.budget import Budgeter, ServerTerms, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import HeteroCacheError
 from vllm_heterocache.policies import RATIO_KEY, REQUEST_KEY_PREFIX, REQUEST_KEYS, RequestError
-from vllm_heterocache.profile.resolve import resolve_profile
+from vllm_heterocache.head_profile.resolve import resolve_profile
 from vllm_heterocache.vllm_adapter import BACKEND_NAME
 
 
@@ -24,10 +24,10 @@ def server_terms(vllm_config) -> ServerTerms:
     (``HeteroCacheRuntime.terms``: the same profile, config, tensor-parallel size and block size)."""
     config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
     model = vllm_config.model_config
-    planner = BudgetPlanner(resolve_profile(model.hf_config, model.model, config.profile), config,
+    budgeter = Budgeter(resolve_profile(model.hf_config, model.model, config.profile), config,
                             tp_size=vllm_config.parallel_config.tensor_parallel_size,
                             block_size=vllm_config.cache_config.block_size)
-    return planner.server_terms()
+    return budgeter.server_terms()
 
 
 def validator(vllm_config) -> Callable | None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_heterocache.errors import ProfileError
-from vllm_heterocache.profile.fingerprint import ModelFingerprint
+from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
 
 SCHEMA_VERSION = 1
 _RATIO_MEAN_TOLERANCE = 1e-3

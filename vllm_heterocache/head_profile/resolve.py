@@ -20,8 +20,8 @@ from typing import Any
 
 from vllm_heterocache import env
 from vllm_heterocache.errors import ProfileError
-from vllm_heterocache.profile.fingerprint import ModelFingerprint
-from vllm_heterocache.profile.schema import HeadProfile, load_profile
+from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
+from vllm_heterocache.head_profile.schema import HeadProfile, load_profile
 
 PROFILE_DIR_ENV = "HETEROCACHE_PROFILE_DIR"
 

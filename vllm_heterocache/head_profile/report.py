@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_heterocache.profile.schema import HeadProfile, HeadType
+from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
 
 _LETTER = {HeadType.VOLATILE: "V", HeadType.PIVOT: "P", HeadType.ANCHOR: "A", HeadType.SATELLITE: "s"}
 

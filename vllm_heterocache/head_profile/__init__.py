@@ -3,8 +3,8 @@
 Pure layer: imports neither vLLM nor CUDA.
 """
 
-from vllm_heterocache.profile.fingerprint import ModelFingerprint
-from vllm_heterocache.profile.schema import (
+from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
+from vllm_heterocache.head_profile.schema import (
     COMPRESSED_TYPES,
     FULL_TYPES,
     SCHEMA_VERSION,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vllm_heterocache.profile.fingerprint import ModelFingerprint
-from vllm_heterocache.profile.schema import HeadProfile
+from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
+from vllm_heterocache.head_profile.schema import HeadProfile
 
 _NAMES = {"P": "pivot", "S": "satellite", "A": "anchor", "V": "volatile"}
 
@@ -41,7 +41,7 @@ def synthetic_profile(config: dict, pattern: list[str], name: str = "synthetic")
         "stability": None,
         "similarity": None,
         "calibration": {"topk": 8, "tau_stable": 0.5, "tau_sim": 0.5},
-        "provenance": {"tool": "vllm_heterocache.profile.synthetic", "tool_version": "0",
+        "provenance": {"tool": "vllm_heterocache.head_profile.synthetic", "tool_version": "0",
                        "command": f"synthetic_profile({pattern})", "created": ""},
     }
     return HeadProfile.from_json(data, source=f"<synthetic {','.join(pattern)}>")

@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from vllm_heterocache.budget import BudgetPlanner, request_terms
+from vllm_heterocache.budget import Budgeter, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
-from vllm_heterocache.profile.schema import HeadProfile, HeadType
+from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.heads import layer_heads
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.layer import LayerParts
@@ -51,14 +51,14 @@ class HeteroCacheRuntime:
         self.profile = profile
         self.config = config
         self.tp_rank, self.tp_size, self.block_size = tp_rank, tp_size, block_size
-        self.planner = BudgetPlanner(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
-        self.heads_layout = layout = self.planner.layout  # the policy's layout of the profile (``policies``)
-        self.planner_for = functools.lru_cache(maxsize=64)(self.planner.for_choice)  # RequestChoice -> its planner
-        self.capacities, pool_of = self.planner.pools()
+        self.budgeter = Budgeter(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
+        self.roles = roles = self.budgeter.roles  # the policy's roles of the profile's heads (``policies``)
+        self.budgeter_for = functools.lru_cache(maxsize=64)(self.budgeter.for_choice)  # RequestChoice -> its budgeter
+        self.capacities, pool_of = self.budgeter.pools()
         self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
-        self._compresses = self.planner.compresses
+        self._compresses = self.budgeter.compresses
         # What requests may ask for (``vllm_xargs``), and how each policy uses each pool class.
-        self.terms = self.planner.server_terms()
+        self.terms = self.budgeter.server_terms()
         self.sharing = sharing_summary(pool_of, self.caches, profile.num_kv_heads, tp_size) if tp_size > 1 else ""
         self.threshold = (
             config.stability_threshold
@@ -75,11 +75,11 @@ class HeteroCacheRuntime:
         # the metadata builders, which put it in the step's metadata; the layers read it there.
         self.planned: StepPlan = empty_plan(profile.num_layers)
         self.layers, self.num_host_rows, across_satellites = layer_heads(
-            layout, self.planner.heads, pool_of, self.caches, tp_rank, tp_size, host_rows=config.refill)
+            roles, self.budgeter.heads, pool_of, self.caches, tp_rank, tp_size, host_rows=config.refill)
         self.store_of = torch.tensor([lh.store for lh in self.layers], dtype=torch.int64)  # [layers, H] (LayerHeads.store)
         self.rings = QueryRings([len(lh.pivots) for lh in self.layers], config.drift_interval)
         # Every rank plans the same drift checks (clusters across ranks exchange their results).
-        self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in layout.head_types for t in row)
+        self._tracks_drift = config.refill and any(t is HeadType.PIVOT for row in roles.head_types for t in row)
         self.exchange = exchange
         self._across = across_satellites if any(lh.shared for lh in self.layers) else []
         if self._across and exchange is None:
@@ -148,7 +148,7 @@ class HeteroCacheRuntime:
                 start, q_len = start + L - first, seq_len - L
             rows.append(Row(start, q_len, seq_len, i, state))
         kernels_read = self.layout is not None and kernels.compiled(self.layout)
-        plan = plan_step(tuple(rows), self.planner.full, kernels_read, self.config.drift_interval,
+        plan = plan_step(tuple(rows), self.budgeter.full, kernels_read, self.config.drift_interval,
                          len(self.capacities))
         for row in plan.decoding:  # the next step's queries go to the places after these
             row.state.buffered = (row.state.buffered + row.q_len) % self.config.drift_interval
@@ -180,27 +180,27 @@ class HeteroCacheRuntime:
         choice = terms.choice
         if terms.error is not None:  # the API server checks these: a client of the engine itself sent them
             log.warning("heterocache: request %s: %s; it keeps its full KV (policy full)", key, terms.error)
-        planner = self.planner_for(choice)
-        plan = planner.plan(prompt_len)
+        budgeter = self.budgeter_for(choice)
+        budgets = budgeter.budgets(prompt_len)
         placements = tuple(terms.placement(c, prompt_len, self.block_size, hit) for c in range(len(self.capacities)))
-        template = work_template(plan, self.store_of, placements)
+        template = work_template(budgets, self.store_of, placements)
         pointing = bool((template[..., 7] >= 0).any())
-        fronts = torch.full((*plan.budgets.shape, front_width(plan)), -1, dtype=torch.int32) if pointing else None
-        state = self.requests.begin(key, plan, template,
-                                    policy=planner.policy, placements=placements, hit=hit, fronts=fronts)
+        fronts = torch.full((*budgets.per_head.shape, front_width(budgets)), -1, dtype=torch.int32) if pointing else None
+        state = self.requests.begin(key, budgets, template,
+                                    policy=budgeter.policy, placements=placements, hit=hit, fronts=fronts)
         if hit and state.selects:
             self.counters.prefix_cache_hit_tokens += hit
-        self.kept[choice.policy].observe(plan.kept_fraction())
-        tracks = choice.policy == self.config.policy  # drift tracking is the server layout's
-        if self._tracks_drift and tracks and not plan.keeps_all:
+        self.kept[choice.policy].observe(budgets.kept_fraction())
+        tracks = choice.policy == self.config.policy  # drift tracking is the server's roles'
+        if self._tracks_drift and tracks and not budgets.keeps_all:
             state.ring = self.rings.acquire(key)
             if self._across:  # the most refill positions a cluster across ranks needs
-                every = plan.every_budgets
+                every = budgets.every_head
                 state.shared_width = [
-                    max((int(every[layer, s]) - plan.window for sats in across for s in sats), default=0)
+                    max((int(every[layer, s]) - budgets.window for sats in across for s in sats), default=0)
                     for layer, across in enumerate(self._across)
                 ]
-        if self.host is not None and self.num_host_rows and tracks and not plan.keeps_all:
+        if self.host is not None and self.num_host_rows and tracks and not budgets.keeps_all:
             state.host = self.host.allocate(key, prompt_len)
             if not state.host:
                 log.warning(
@@ -213,22 +213,22 @@ class HeteroCacheRuntime:
 
     def describe(self, example_prompt: int = 4096) -> str:
         """The startup log line: profile, head counts, budgets, drift settings."""
-        counts = self.heads_layout.counts()
+        counts = self.roles.counts()
         cfg = self.config
         budget = (
             f"compression_ratio={cfg.compression_ratio} (fraction kept)"
             if cfg.token_budget is None
             else f"token_budget={cfg.token_budget}"
         )
-        plan = self.planner.plan(example_prompt)
-        compressed = plan.budgets[~plan.full]
+        budgets = self.budgeter.budgets(example_prompt)
+        compressed = budgets.per_head[~budgets.full]
         span = f"{int(compressed.min())}-{int(compressed.max())}" if compressed.numel() else "all"
         return (
-            f"HeteroCache attention backend: policy {cfg.policy} ({self.planner.policy.paper}); profile "
+            f"HeteroCache attention backend: policy {cfg.policy} ({self.budgeter.policy.paper}); profile "
             f"{self.profile.source} ({self.profile.model.name}); heads: {counts['volatile']} volatile, "
             f"{counts['pivot']} pivot, {counts['anchor']} anchor, {counts['satellite']} satellite; {budget}, window={cfg.window}, min_prompt_len={cfg.min_prompt_len}; "
             f"a {example_prompt}-token prompt keeps {span} tokens per compressed head (fraction kept "
-            f"{plan.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
+            f"{budgets.kept_fraction():.3f}); drift check every {cfg.drift_interval} steps, threshold "
             f"{self.threshold}, refill {'on' if cfg.refill else 'OFF'}; decode attention: {kernels.describe()}"
             + f"; requests may choose (vllm_xargs heterocache_policy): {', '.join(n for n, _ in self.terms.rules.floors)}"
             + (f"; {self.sharing}" if self.sharing else "")

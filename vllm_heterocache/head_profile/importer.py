@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from vllm_heterocache.errors import ProfileError
-from vllm_heterocache.profile.fingerprint import ModelFingerprint
-from vllm_heterocache.profile.provenance import provenance
-from vllm_heterocache.profile.schema import SCHEMA_VERSION, HeadProfile
+from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
+from vllm_heterocache.head_profile.provenance import provenance
+from vllm_heterocache.head_profile.schema import SCHEMA_VERSION, HeadProfile
 
 # Both naming variants seen in the published files, mapped to this project's type names.
 TYPE_NAMES = {
