@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from vllm_heterocache.budget import Budgeter, min_feasible_ratio, prompt_budgets
-from vllm_heterocache.sharding import crossing_clusters, local_kv_heads
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError, ProfileError
 from vllm_heterocache.head_profile import HeadProfile
+from vllm_heterocache.sharding import crossing_clusters, local_kv_heads
 
 from conftest import ROOT
 

@@ -31,9 +31,9 @@ import torch
 
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import BudgetError
+from vllm_heterocache.head_profile.schema import HeadProfile
 from vllm_heterocache.placement import RowPlacement
 from vllm_heterocache.policies import POLICIES, RequestChoice, RequestRules
-from vllm_heterocache.head_profile.schema import HeadProfile
 from vllm_heterocache.sharding import FULL_POOL, local_kv_heads, model_caches
 
 

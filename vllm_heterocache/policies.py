@@ -33,8 +33,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
+from vllm_heterocache.ops import reference as ref
 
 #: Attention-sink tokens the "recent" selection keeps (StreamingLLM's default).
 SINK_TOKENS = 4

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from vllm_heterocache import taxonomy
-from vllm_heterocache.sharding import rank_of_heads
 from vllm_heterocache.head_profile.fingerprint import ModelFingerprint
 from vllm_heterocache.head_profile.schema import SCHEMA_VERSION, HeadProfile
 from vllm_heterocache.profiler.collect import PromptTopK
+from vllm_heterocache.sharding import rank_of_heads
 
 _DIGITS = 6  # stored scores are rounded so that files are stable across tiny float noise
 

@@ -2,7 +2,7 @@
 
 One object per engine process (per tensor-parallel rank), shared by the model-runner hooks,
 the metadata builders and the attention impl of every layer. Built once from the validated
-config; the cache layout is attached when vLLM builds the attention metadata builders, the host
+config; the cache block layout is attached when vLLM builds the attention metadata builders, the host
 tier when vLLM has sized its KV cache. Per step, the runner's step hook calls
 :meth:`HeteroCacheRuntime.begin_step`, which admits the step's requests (the side effects) and
 plans the step once (``runtime.step``); the metadata builders put the plan in the step's
@@ -19,9 +19,9 @@ import torch
 
 from vllm_heterocache.budget import Budgeter, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
+from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
-from vllm_heterocache.head_profile.schema import HeadProfile, HeadType
 from vllm_heterocache.runtime.heads import layer_heads
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.layer import LayerParts

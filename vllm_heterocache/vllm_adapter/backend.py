@@ -36,9 +36,9 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_heterocache.runtime.layer import LayerCaches, LayerStep, attend, mirror_to_host
-from vllm_heterocache.runtime.heads import LayerHeads
 from vllm_heterocache.runtime.core import HeteroCacheRuntime
+from vllm_heterocache.runtime.heads import LayerHeads
+from vllm_heterocache.runtime.layer import LayerCaches, LayerStep, attend, mirror_to_host
 from vllm_heterocache.runtime.step import RowSubset, StepPlan
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
@@ -83,7 +83,7 @@ class HeteroCacheMetadata(CPUAttentionMetadata):
 
 class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
     """The metadata of one pool's KV cache group (its query heads are those of the pool's KV
-    heads) for the step that the step hook planned (``HeteroCacheRuntime.take_plan``). In a
+    heads) for the step that the step hook planned (``HeteroCacheRuntime.planned``). In a
     fused step no layer runs vLLM's kernel, so vLLM's kernel plan (scheduler metadata) is not
     built."""
 

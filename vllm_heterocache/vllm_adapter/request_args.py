@@ -14,8 +14,8 @@ from collections.abc import Callable
 from vllm_heterocache.budget import Budgeter, ServerTerms, request_terms
 from vllm_heterocache.config import HeteroCacheConfig
 from vllm_heterocache.errors import HeteroCacheError
-from vllm_heterocache.policies import RATIO_KEY, REQUEST_KEY_PREFIX, REQUEST_KEYS, RequestError
 from vllm_heterocache.head_profile.resolve import resolve_profile
+from vllm_heterocache.policies import RATIO_KEY, REQUEST_KEY_PREFIX, REQUEST_KEYS, RequestError
 from vllm_heterocache.vllm_adapter import BACKEND_NAME
 
 

@@ -14,9 +14,9 @@ import time
 import torch
 
 from vllm_heterocache.errors import ConfigError
+from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.memory import available_memory
-from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.stats import snapshot
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import compat
