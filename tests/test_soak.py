@@ -7,6 +7,8 @@ import argparse
 
 import pytest
 
+from vllm_heterocache.serve import vllm_executable
+
 pytestmark = pytest.mark.slow
 
 
@@ -18,7 +20,7 @@ def test_short_soak_under_64_streams_with_disconnects(tmp_path):
     a = argparse.Namespace(requests=200, warmup=64, concurrency=64, disconnect=0.15, max_model_len=2048,
                            kv_gib=0.25, ready_timeout=600, malloc="glibc", replay=False)
     model, options = bench_soak.model_and_options("tiny", 0.5, tmp_path)
-    r = bench_soak.run_setting("heterocache", 0, model, options, a, tmp_path, bench_soak.vllm_binary())
+    r = bench_soak.run_setting("heterocache", 0, model, options, a, tmp_path, vllm_executable())
     assert r["failed"] == 0, r["failures"]
     assert r["disconnected"] >= 10 and r["completed"] == a.requests - a.warmup - r["disconnected"]
     assert r["baseline_after_warmup"] == {} and r["off_baseline"] == {}, (r["baseline_after_warmup"], r["off_baseline"])
