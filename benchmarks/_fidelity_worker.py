@@ -72,7 +72,7 @@ def _kept_fractions(llm, server, settings, cases) -> list[list[float]]:
     for s in settings:
         ratio = 1.0 if s["policy"] == "full" else s["ratio"]
         budgeter = Budgeter(profile, dataclasses.replace(config, policy=s["policy"], compression_ratio=ratio,
-                                                             token_budget=None))
+                                                         token_budget=None))
         out.append([budgeter.budgets(len(c["prompt_ids"])).kept_fraction() for c in cases])
     return out
 

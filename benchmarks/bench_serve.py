@@ -187,7 +187,7 @@ def run_one(*, vllm: str, model: str, served: str, case: dict, setting: str, rep
     server = server_process.start(cmd, env=env, log=server_log)
     try:
         record["ready_s"] = server_process.wait_ready(server, base, timeout=a.ready_timeout, model=served,
-                                                       log=server_log)
+                                                      log=server_log)
         info = parse_server_log(server_log)
         if heterocache and not info["backend_line"]:
             raise RuntimeError(f"no 'HeteroCache attention backend' line in {server_log}")

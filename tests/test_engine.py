@@ -246,7 +246,7 @@ def test_prefix_caching_on_smollm2():
     from vllm_heterocache.head_profile import load_profile
 
     budgeter = Budgeter(load_profile(PROFILES / "SmolLM2-135M-Instruct.json"),
-                            HeteroCacheConfig(compression_ratio=0.6), block_size=128)
+                        HeteroCacheConfig(compression_ratio=0.6), block_size=128)
     groups, slots, caches = budgeter.group_slots(*budgeter.capacity_classes(4))
     layers = results["hc_pc"]["group_layers"]
     assert (len(layers), max(layers) * len(layers)) == (groups, slots) and slots <= 1.02 * caches == 1.02 * 90

@@ -162,7 +162,7 @@ class Budgeter:
         if choice.ratio is not None:
             options |= {"compression_ratio": choice.ratio, "token_budget": None}
         return Budgeter(self.profile, replace(self.config, **options), tp_rank=self.tp_rank,
-                             tp_size=self.tp_size, block_size=self.block_size)
+                        tp_size=self.tp_size, block_size=self.block_size)
 
     def capacity_classes(self, count: int) -> tuple[tuple[PoolCapacity, ...], dict[tuple[int, int], int]]:
         """Compressed heads (all ranks) in at most ``count`` classes, contiguous by budget ratio.

@@ -25,8 +25,8 @@ def server_terms(vllm_config) -> ServerTerms:
     config = HeteroCacheConfig.from_additional_config(vllm_config.additional_config)
     model = vllm_config.model_config
     budgeter = Budgeter(resolve_profile(model.hf_config, model.model, config.profile), config,
-                            tp_size=vllm_config.parallel_config.tensor_parallel_size,
-                            block_size=vllm_config.cache_config.block_size)
+                        tp_size=vllm_config.parallel_config.tensor_parallel_size,
+                        block_size=vllm_config.cache_config.block_size)
     return budgeter.server_terms()
 
 
