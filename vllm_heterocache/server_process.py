@@ -98,17 +98,13 @@ def stop(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> bool:
         deadline = time.monotonic() + grace
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=grace)
-        while group_alive(proc.pid) and time.monotonic() < deadline:  # engine processes still exiting
-            time.sleep(0.2)
-        in_grace = not group_alive(proc.pid)
+        in_grace = _gone_by(proc.pid, deadline)  # (engine processes may still be exiting)
         if not in_grace:
             print(f"the server (process group {proc.pid}) did not stop within {grace:.0f} s of SIGTERM: killing it",
                   file=sys.stderr, flush=True)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while group_alive(proc.pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
+            _gone_by(proc.pid, time.monotonic() + 10.0)
         proc.wait()
         if group_alive(proc.pid):
             print(f"warning: process group {proc.pid} still has processes after SIGKILL", file=sys.stderr, flush=True)
@@ -125,12 +121,17 @@ def stop_all(grace: float = 15.0) -> None:
                 os.killpg(pgid, sig)
             except ProcessLookupError:
                 break
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and group_alive(pgid):
-                time.sleep(0.2)
-            if not group_alive(pgid):
+            if _gone_by(pgid, time.monotonic() + wait):
                 break
         _RUNNING.discard(pgid)
+
+
+def _gone_by(pgid: int, deadline: float) -> bool:
+    """Wait until process group ``pgid`` is gone or ``time.monotonic()`` reaches ``deadline``;
+    whether it is gone."""
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not group_alive(pgid)
 
 
 def group_alive(pgid: int) -> bool:

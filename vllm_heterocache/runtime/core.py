@@ -54,11 +54,12 @@ class HeteroCacheRuntime:
         self.budgeter = Budgeter(profile, config, tp_rank=tp_rank, tp_size=tp_size, block_size=block_size)
         self.roles = roles = self.budgeter.roles  # the policy's roles of the profile's heads (``policies``)
         self.budgeter_for = functools.lru_cache(maxsize=64)(self.budgeter.for_choice)  # RequestChoice -> its budgeter
-        self.capacities, pool_of = self.budgeter.pools()
+        _, pool_of = self.budgeter.pools()
         self.caches = model_caches(pool_of, profile.num_layers, profile.num_kv_heads, tp_size)
         self._compresses = self.budgeter.compresses
         # What requests may ask for (``vllm_xargs``), and how each policy uses each pool class.
         self.terms = self.budgeter.server_terms()
+        self.capacities = self.terms.capacities  # per compressed pool class
         self.sharing = sharing_summary(pool_of, self.caches, profile.num_kv_heads, tp_size) if tp_size > 1 else ""
         self.threshold = (
             config.stability_threshold

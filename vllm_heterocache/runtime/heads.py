@@ -49,7 +49,6 @@ class LayerHeads:
         return tuple(self.cache_pools[c] for c in self.cache_of)
 
 
-
 def layer_heads(roles: HeadProfile, heads: tuple[int, ...], pool_of: Callable[[int, int], int],
                 caches: list[CacheAssignment], tp_rank: int, tp_size: int, *, host_rows: bool,
                 ) -> tuple[list[LayerHeads], int, list[tuple[tuple[int, ...], ...]]]:
