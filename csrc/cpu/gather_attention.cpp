@@ -112,34 +112,53 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     out.l[g] = 0.f;
   }
   thread_local std::vector<float> scores_buf, kbuf;
+  thread_local std::vector<T> vbuf;  // a segment's gathered V rows (token-major lists)
   if (scores_buf.size() < static_cast<size_t>(G * bs)) scores_buf.resize(G * bs);
   if (kbuf.size() < static_cast<size_t>(D * bs)) kbuf.resize(D * bs);
+  if (vbuf.size() < static_cast<size_t>(D * bs)) vbuf.resize(D * bs);
   float* scores = scores_buf.data();
 
   // the task's positions as segments of consecutive positions inside one block: its front (a
-  // range, or the positions of a list) and its generated range. A list's positions are read in
-  // tiles of kTile aligned positions (a K row's cache line when K is transposed): a segment is a
-  // run of touched tiles of one block, whose positions not in the list are masked (keep 0).
+  // range, or the positions of a list) and its generated range. With K transposed, a list's
+  // positions are read in tiles of kTile aligned positions (a K row's cache line): a segment is a
+  // run of touched tiles of one block, whose positions not in the list are masked (keep 0). With
+  // K token-major, a segment of a list holds exactly its positions in one block (`rows`: their
+  // offsets in the block), whose K and V rows are gathered: only the listed tokens are read.
   struct Segment {
     const T* kregion;
     int64_t off, n;
     int64_t keep;  // offset of the segment's keep flags in `keeps` (per position, 1 or 0), -1: all kept
+    int64_t rows;  // offset of the segment's n in-block offsets in `listed`, -1: off .. off + n - 1
   };
   constexpr int64_t kTile = 16;
   thread_local std::vector<Segment> segments;
   thread_local std::vector<float> keeps;
+  thread_local std::vector<int32_t> listed;
   segments.clear();
   keeps.clear();
+  listed.clear();
   const auto add_range = [&](int64_t p, int64_t end) {
     while (p < end) {
       const int64_t off = p % bs, n = std::min(bs - off, end - p);
-      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n, -1});
+      segments.push_back({cache + static_cast<int64_t>(table[p / bs]) * a.block_strides[h], off, n, -1, -1});
       p += n;
     }
   };
   const int64_t f0 = std::min(task.v0, n_front), f1 = std::min(task.v1, n_front);
   if (front_list < 0) {
     add_range(front_start + f0, front_start + f1);
+  } else if (!a.k_transposed) {
+    const int32_t* list = a.fronts + front_list;
+    for (int64_t i = f0; i < f1;) {
+      const int64_t block = list[i] / bs;  // the entries in a row of the same block
+      int64_t j = i;
+      for (; j < f1 && list[j] / bs == block; ++j) listed.push_back(static_cast<int32_t>(list[j] % bs));
+      const int64_t first = list[i] % bs;
+      const bool consecutive = list[j - 1] - list[i] == j - i - 1;
+      segments.push_back({cache + static_cast<int64_t>(table[block]) * a.block_strides[h], first, j - i, -1,
+                          consecutive ? -1 : static_cast<int64_t>(listed.size()) - (j - i)});
+      i = j;
+    }
   } else {
     const int32_t* list = a.fronts + front_list;
     const int64_t tile = bs % kTile == 0 ? kTile : 1;
@@ -157,7 +176,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
         int64_t t1 = t0 + tile;
         while (t1 < bs && touched(t1)) t1 += tile;
         segments.push_back({cache + static_cast<int64_t>(table[block]) * a.block_strides[h], t0, t1 - t0,
-                            static_cast<int64_t>(keeps.size())});
+                            static_cast<int64_t>(keeps.size()), -1});
         keeps.insert(keeps.end(), flags.begin() + t0, flags.begin() + t1);
         t0 = t1 - tile;
       }
@@ -175,16 +194,40 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     Prefetcher pf;  // the next segment's K and V, while this one is computed
     if (si + 1 < num_segments) {
       const Segment& nx = segments[si + 1];
-      // K: the whole region when transposed (rows of bs), else the segment's tokens
-      pf.ranges[0] = a.k_transposed ? Range{nx.kregion, nx.kregion + D * bs}
-                                    : Range{nx.kregion + nx.off * D, nx.kregion + (nx.off + nx.n) * D};
-      pf.ranges[1] = Range{nx.kregion + bs * D + nx.off * D, nx.kregion + bs * D + (nx.off + nx.n) * D};
-      pf.start();
+      if (nx.rows >= 0) {  // gathered rows: each listed token's K and V lines, now
+        for (int64_t i = 0; i < nx.n; ++i) {
+          const int64_t r = listed[nx.rows + i];
+          prefetch_lines(nx.kregion + r * D, D * sizeof(T));
+          prefetch_lines(nx.kregion + bs * D + r * D, D * sizeof(T));
+        }
+      } else {
+        // K: the whole region when transposed (rows of bs), else the segment's tokens
+        pf.ranges[0] = a.k_transposed ? Range{nx.kregion, nx.kregion + D * bs}
+                                      : Range{nx.kregion + nx.off * D, nx.kregion + (nx.off + nx.n) * D};
+        pf.ranges[1] = Range{nx.kregion + bs * D + nx.off * D, nx.kregion + bs * D + (nx.off + nx.n) * D};
+        pf.start();
+      }
     }
+    const T* values = vregion + off * D;  // V is [bs, D]: the segment's n rows
     if (a.k_transposed) {  // K is [D, bs]
       scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs, pf);
     } else {
-      const float* kf = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
+      // token-major K: the segment's rows, consecutive or gathered (with their V rows)
+      const int32_t* rows = seg.rows >= 0 ? listed.data() + seg.rows : nullptr;
+      const float* kf;
+      if (rows) {
+        T* vg = vbuf.data();
+        for (int64_t i = 0; i < n; ++i) {
+          float* kr = kbuf.data() + i * D;
+          const float* got = as_float(kregion + rows[i] * D, D, a.dtype, kr);
+          if (got != kr) std::copy_n(got, D, kr);
+          std::copy_n(vregion + rows[i] * D, D, vg + i * D);
+        }
+        kf = kbuf.data();
+        values = vg;
+      } else {
+        kf = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
+      }
       scores_token_major(&q[0][0], kMaxHeadSize, G, D, kf, n, scores, bs, pf);
     }
     // online softmax: rescale what was accumulated, then add this block's values
@@ -203,7 +246,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
       }
       out.l[g] += keep ? exp_shifted_kept(s, keep, n, out.m[g]) : exp_shifted(s, n, out.m[g]);
     }
-    accumulate_any<E>(scores, bs, vregion + off * D, n, G, D, out.acc, pf);  // V is [bs, D]
+    accumulate_any<E>(scores, bs, values, n, G, D, out.acc, pf);
     pf.finish();
   }
 }

@@ -56,6 +56,12 @@ struct Prefetcher {
   }
 };
 
+// Prefetch the cache lines of bytes [p, p + n).
+inline void prefetch_lines(const void* p, int64_t n) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+
 // out[i * out_stride + 8 * v + j] = q[i * q_stride .. +D] . k[.. 8 * v + j], i < NQ, v < NV,
 // j < 8, for K transposed ([D, k_stride] elements E::T: element d of token t at
 // k[d * k_stride + t]), q float32. The NQ x NV accumulators stay in registers over d; each d
