@@ -12,7 +12,8 @@ SmolLM2's prefill selections at ratio 0.5 of an 8K prompt look like): each head 
 selection of F of the positions, in runs of R consecutive positions on average, given as a
 position list, as a selection that points into shared prompt blocks after a prefix-cache hit is
 read (``vllm_heterocache/placement.py``), against the same number of positions read as one
-contiguous range (a selection copied into a request's own blocks).
+contiguous range (a selection copied into a request's own blocks); in vLLM's layout and in the
+compressed pools' (K token-major, ``vllm_adapter.block_layout``).
 """
 
 from __future__ import annotations
@@ -88,22 +89,24 @@ def main() -> None:
             line += f"; PyTorch reference {tr * 1e3:.1f} ms"
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
         print(line, flush=True)
-        # the same heads attending a selection: read in place by a position list, or copied (one range)
+        # the same heads attending a selection: read in place by a position list, or copied (one
+        # range), in vLLM's layout (K transposed) and in the compressed pools' (K token-major)
         k = max(1, int(a.selected * n))
         fronts = torch.cat([selection(n, k, a.run_length, seed=h) for h in range(a.heads)]).int().to(dev)
         listed = torch.tensor([[0, h, 0, k, n, n, 0, h * k] for h in range(a.heads)], dtype=torch.int64, device=dev)
         ranged = torch.tensor([[0, h, 0, k, n, n, 0, -1] for h in range(a.heads)], dtype=torch.int64, device=dev)
         sel_bytes = a.heads * k * 2 * d * caches[0].element_size()
-        t_list = best_time(lambda: kernels.gather_attention(q, out, caches, tables, listed, layout, d**-0.5, fronts),
-                           a.repeats, dev)
-        t_range = best_time(lambda: kernels.gather_attention(q, out, caches, tables, ranged, layout, d**-0.5),
-                            a.repeats, dev)
         runs = float((torch.diff(fronts.long()) != 1).sum() + 1) / a.heads
-        print(f"{'':<15} {a.selected:.2f} selected ({k} positions, runs of {k / runs:.1f} on average): in place "
-              f"{t_list * 1e3:7.2f} ms ({sel_bytes / t_list / 1e9:5.1f} GB/s of selected K and V), copied "
-              f"{t_range * 1e3:7.2f} ms ({sel_bytes / t_range / 1e9:5.1f} GB/s); in place / copied "
-              f"{t_list / t_range:.2f}x; whole cache / in place {t / t_list:.2f}x", flush=True)
-
+        for name, order in (("vLLM's layout (K transposed)", True), ("compressed pools' (K token-major)", False)):
+            lay = BlockLayout.for_kernels(bs, d, order)
+            t_list = best_time(lambda: kernels.gather_attention(q, out, caches, tables, listed, lay, d**-0.5, fronts),
+                               a.repeats, dev)
+            t_range = best_time(lambda: kernels.gather_attention(q, out, caches, tables, ranged, lay, d**-0.5),
+                                a.repeats, dev)
+            print(f"{'':<15} {a.selected:.2f} selected ({k} positions, runs of {k / runs:.1f} on average), {name}: "
+                  f"in place {t_list * 1e3:7.2f} ms ({sel_bytes / t_list / 1e9:5.1f} GB/s of selected K and V), "
+                  f"copied {t_range * 1e3:7.2f} ms ({sel_bytes / t_range / 1e9:5.1f} GB/s); in place / copied "
+                  f"{t_list / t_range:.2f}x; whole cache (K transposed) / in place {t / t_list:.2f}x", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from vllm_heterocache.runtime.layer import (
 )
 from vllm_heterocache.head_profile.synthetic import synthetic_profile
 from vllm_heterocache.runtime.core import HeteroCacheRuntime
+from vllm_heterocache.sharding import FULL_POOL
 
 HQ, HKV, D, BS, NB = 6, 2, 64, 16, 48
 CONFIG = {"model_type": "llama", "hidden_size": HQ * D, "num_hidden_layers": 1, "num_attention_heads": HQ,
@@ -41,7 +42,7 @@ class Setup:
 
     def __init__(self, isa, pattern="PS", ratio=0.75, window=4, interval=3, length=53, seed=0, hit=0,
                  shared_prefixes="point"):
-        from vllm_heterocache.vllm_adapter.block_layout import probe_layout
+        from vllm_heterocache.vllm_adapter.block_layout import compressed_pool_layout, probe_layout
 
         g = torch.Generator().manual_seed(seed)
         cfg = HeteroCacheConfig(compression_ratio=ratio, window=window, drift_interval=interval, pool_kernel=3,
@@ -49,16 +50,18 @@ class Setup:
         self.rt = rt = HeteroCacheRuntime(synthetic_profile(CONFIG, [pattern]), cfg, tp_rank=0, tp_size=1,
                                           block_size=BS)
         self.heads = heads = rt.layers[0]
-        layout = probe_layout(isa, torch.float32, BS, D)
-        rt.attach_layout(layout)
-        self.isa = isa
+        vllm_layout = probe_layout(isa, torch.float32, BS, D)  # each pool's layout, as the adapter's
+        layouts = {p: vllm_layout if p == FULL_POOL else compressed_pool_layout(vllm_layout) for p in set(heads.store)}
+        for p, layout in layouts.items():
+            rt.attach_layout(p, layout)
+        self.isa, self.vllm_layout = isa, vllm_layout
         perm = torch.randperm(NB, generator=g)  # scrambled block order, one table per pool kind
         n = 2 * ((length + 40) // BS + 1)  # the prompt, the selection region and generated tokens
         tables = {-1: perm[:n].int()[None], 0: perm[n : 2 * n].int()[None]}
         self.caches = LayerCaches(
             tuple(torch.zeros(NB, 1, BS, 2 * D) for _ in range(HKV)),
             tuple(tables[min(p, 0)] for p in heads.pool),
-            layout,
+            tuple(layouts[p] for p in heads.store),
         )
         if rt.num_host_rows:
             rt.attach_host_tier(HostTier(rows=rt.num_host_rows, head_size=D, dtype=torch.float32, block_size=8,
@@ -94,7 +97,11 @@ class Setup:
         for j in range(HKV):
             placement = self.placement(j) if hasattr(self, "state") else None
             at = start if placement is None else placement.row_position(start)
-            write_tokens(self.caches.per_head[j], self.isa, self.caches.tables[j][0], at, k[:, j : j + 1], v[:, j : j + 1])
+            cache, table, layout = self.caches.per_head[j], self.caches.tables[j][0], self.caches.layouts[j]
+            if layout is self.vllm_layout:
+                write_tokens(cache, self.isa, table, at, k[:, j : j + 1], v[:, j : j + 1])
+            else:  # a compressed pool's own layout, written as the adapter does
+                write_positions(cache, layout, table, torch.arange(at, at + k.shape[0]), k[:, j], v[:, j])
 
     def append(self, n, seed):
         """K, V and queries of ``n`` generated tokens after the prompt, K/V written to the pools."""
@@ -207,7 +214,7 @@ def test_fused_decode_step_runs_every_head_in_one_call(isa, pattern, hit):
     s.prefill()
     kn, vn, qn = s.append(1, seed=6)
     step = s.step(1, 46)
-    if not kernels.compiled(s.caches.layout):
+    if not all(kernels.compiled(layout) for layout in s.caches.layouts):
         assert not step.plan.fused  # the reference runs compressed heads; vLLM's kernel full heads
         pytest.skip("compiled kernels not built: decode steps are not fused")
     assert step.plan.fused and step.plan.work[0].shape[0] == HKV

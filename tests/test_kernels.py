@@ -129,6 +129,9 @@ CASES = {
     "gqa4-front-lists": (4, 2, 64, 16, [[0, 0, 0, 9, 100, 104, 0, 0], [0, 1, 1, 6, 60, 61, 0, 1],
                                         [1, 0, 0, 4, 20, 25, 0, -1]],
                          [[0, 1, 2, 14, 15, 16, 17, 40, 80], [3, 31, 32, 33, 34, 50]]),
+    # refills rewrite a list's entries in place: not sorted, and a block's entries that span
+    # exactly their count (10 .. 13 for 4 entries) without being consecutive
+    "gqa4-front-list-unsorted": (4, 1, 64, 16, [[0, 0, 0, 6, 60, 62, 0, 0]], [[10, 14, 12, 13, 40, 3]]),
     "gqa1-bs128-front-list-long": (1, 1, 64, 128, [[0, 0, 0, 700, 2000, 2100, 0, 0]],
                                    [sorted(set(range(0, 1800, 2)) - set(range(200, 700, 2)) | set(range(300, 420)))
                                     [:700]]),

@@ -81,7 +81,7 @@ class HeteroCacheConfig:
             that they hold the prefix once; ``copy`` copies them into the request's own blocks,
             as for a prompt without a hit: each request holds its own selection of the prefix,
             and decodes faster where reading scattered tokens costs more than reading a copy
-            (vLLM's CPU layout stores K transposed: several times as much per token).
+            (``benchmarks/bench_kernels.py``).
     """
 
     policy: str = "heterocache"

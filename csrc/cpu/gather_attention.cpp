@@ -152,9 +152,12 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     for (int64_t i = f0; i < f1;) {
       const int64_t block = list[i] / bs;  // the entries in a row of the same block
       int64_t j = i;
-      for (; j < f1 && list[j] / bs == block; ++j) listed.push_back(static_cast<int32_t>(list[j] % bs));
+      bool consecutive = true;  // (a list need not be sorted: refills rewrite its entries in place)
+      for (; j < f1 && list[j] / bs == block; ++j) {
+        listed.push_back(static_cast<int32_t>(list[j] % bs));
+        consecutive = consecutive && (j == i || list[j] == list[j - 1] + 1);
+      }
       const int64_t first = list[i] % bs;
-      const bool consecutive = list[j - 1] - list[i] == j - i - 1;
       segments.push_back({cache + static_cast<int64_t>(table[block]) * a.block_strides[h], first, j - i, -1,
                           consecutive ? -1 : static_cast<int64_t>(listed.size()) - (j - i)});
       i = j;

@@ -8,9 +8,10 @@ whose last two dims hold, per (block, head), a K region then a V region of ``blo
 elements each. Inside a region the kernels pick their own order, which depends on the ISA: the
 AVX2 ``vec`` kernels store K transposed, ``[D, block_size]``, and V as ``[block_size, D]``.
 A :class:`BlockLayout` holds that order as index maps: measured by writing a probe with vLLM's
-own cache-write op (``vllm_adapter.block_layout``), or one of the two orders the compiled kernels read
-(:meth:`BlockLayout.for_kernels`). Blocks may be further apart than their size (vLLM pads the
-pages of layers whose pages do not divide the largest one): every view honours the block stride.
+own cache-write op (``vllm_adapter.block_layout``), or one of the two orders the compiled kernels
+read (:meth:`BlockLayout.for_kernels`; the compressed pools keep K token-major, as V). Blocks may
+be further apart than their size (vLLM pads the pages of layers whose pages do not divide the
+largest one): every view honours the block stride.
 
 A request's token at (pool) position ``p`` lives in block ``block_row[p // block_size]`` at
 offset ``p % block_size``. Used by the PyTorch reference ops (``ops.kernels``), the PyTorch
@@ -102,6 +103,49 @@ def write_positions(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torc
     flat = _flat(kv_cache)
     flat[k_at] = k.to(flat.dtype)
     flat[v_at] = v.to(flat.dtype)
+
+
+def write_slots(kv_cache: torch.Tensor, layout: BlockLayout, slots: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """Write K and V ``[n, D]`` of the cache's one head at int64 ``slots`` ``[n]`` (``block *
+    block_size + offset``, vLLM's slot mapping; a negative slot is skipped, as vLLM's write does)."""
+    nb, h, bs, d2 = kv_cache.shape
+    if h != 1:
+        raise ValueError(f"write_slots writes single-head caches, got {h} heads")
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        slots, k, v = slots[keep], k[keep], v[keep]
+    if layout.kernel_order is False:  # token-major K and V: [bs, D] rows
+        regions = _regions(kv_cache)  # [nb, 2, bs, D]
+        blocks, offsets = slots // bs, slots % bs
+        regions[blocks, 0, offsets] = k.to(kv_cache.dtype)
+        regions[blocks, 1, offsets] = v.to(kv_cache.dtype)
+        return
+    write_positions(kv_cache, layout, torch.arange(nb), slots, k, v)  # (slot = position in block order)
+
+
+def copy_blocks(src: torch.Tensor, src_layout: BlockLayout, blocks: torch.Tensor, dst: torch.Tensor,
+                dst_layout: BlockLayout) -> None:
+    """``dst[i] = src[blocks[i]]``, re-laid out from ``src_layout`` to ``dst_layout`` (single-head
+    caches of one block size and head size; ``dst`` holds at least ``len(blocks)`` blocks)."""
+    n = blocks.numel()
+    bs, d = src_layout.block_size, src_layout.head_size
+    got = _regions(src)[blocks.long()].view(n, 2, bs * d)  # [n, K|V, bs * D], src order
+    out = _regions(dst)[:n].view(n, 2, bs * d)
+    for which, (si, di) in enumerate(((src_layout.k_index, dst_layout.k_index), (src_layout.v_index, dst_layout.v_index))):
+        if torch.equal(si, di):
+            out[:, which] = got[:, which]
+        else:
+            out[:, which, di] = got[:, which, si]
+
+
+def _regions(kv_cache: torch.Tensor) -> torch.Tensor:
+    """A single-head cache as ``[num_blocks, 2, block_size, D]`` (each block's K region, then its V
+    region, read as token-major rows whatever their order; block stride honoured)."""
+    nb, h, bs, d2 = kv_cache.shape
+    d = d2 // 2
+    _flat(kv_cache)  # (checks the strides)
+    return kv_cache.as_strided((nb, 2, bs, d), (kv_cache.stride(0), bs * d, d, 1))
 
 
 def read_prefix(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor,

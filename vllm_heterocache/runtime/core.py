@@ -71,7 +71,7 @@ class HeteroCacheRuntime:
         self.kept = {name: Histogram(KEPT_FRACTION_BUCKETS) for name, _ in self.terms.rules.floors}  # by policy
         self.refills = RefillQueue()
         self.host: HostTier | None = None
-        self.layout: BlockLayout | None = None  # the KV caches' block layout (attach_layout)
+        self.layouts: dict[int, BlockLayout] = {}  # store (FULL_POOL or a pool class) -> its caches' block layout
         # The plan of the step whose attention metadata vLLM builds now (begin_step): a hand-off to
         # the metadata builders, which put it in the step's metadata; the layers read it there.
         self.planned: StepPlan = empty_plan(profile.num_layers)
@@ -106,13 +106,14 @@ class HeteroCacheRuntime:
         self.host = host
         self.parts = self._parts()
 
-    def attach_layout(self, layout: BlockLayout) -> None:
-        """The block layout of every KV cache of this engine (one ISA, dtype and block size)."""
-        if self.layout is not None and not (
-            torch.equal(layout.k_index, self.layout.k_index) and torch.equal(layout.v_index, self.layout.v_index)
+    def attach_layout(self, store: int, layout: BlockLayout) -> None:
+        """The block layout of the caches of ``store`` (``FULL_POOL`` or a compressed pool class)."""
+        known = self.layouts.get(store)
+        if known is not None and not (
+            torch.equal(layout.k_index, known.k_index) and torch.equal(layout.v_index, known.v_index)
         ):
-            raise RuntimeError("heterocache: the KV caches of one engine have different block layouts")
-        self.layout = layout
+            raise RuntimeError(f"heterocache: the KV caches of pool {store} have different block layouts")
+        self.layouts[store] = layout
 
     def begin_step(self, req_ids: list[str], prompt_lens: list[int], query_start_loc: list[int],
                    seq_lens: list[int], args_of: Callable[[str], Mapping | None] = lambda key: None) -> StepPlan:
@@ -148,7 +149,7 @@ class HeteroCacheRuntime:
                 rows.append(Row(start, L - first, L, i, state))
                 start, q_len = start + L - first, seq_len - L
             rows.append(Row(start, q_len, seq_len, i, state))
-        kernels_read = self.layout is not None and kernels.compiled(self.layout)
+        kernels_read = bool(self.layouts) and all(kernels.compiled(layout) for layout in self.layouts.values())
         plan = plan_step(tuple(rows), self.budgeter.full, kernels_read, self.config.drift_interval,
                          len(self.capacities))
         for row in plan.decoding:  # the next step's queries go to the places after these

@@ -40,28 +40,37 @@ from vllm_heterocache.runtime.timing import section
 @dataclass(frozen=True)
 class LayerCaches:
     """One layer's caches, one per local KV head (``[num_blocks, 1, block_size, 2 * D]`` each),
-    their block layout, and this step's block tables (int32 ``[rows, max_blocks]``, shared by
-    the heads of a pool)."""
+    their block layouts (a pool's caches share one: vLLM's in the full pool, K token-major in the
+    compressed pools, ``vllm_adapter.block_layout``), and this step's block tables (int32
+    ``[rows, max_blocks]``, shared by the heads of a pool)."""
 
     per_head: tuple[torch.Tensor, ...]
     tables: tuple[torch.Tensor, ...]
-    layout: BlockLayout
+    layouts: tuple[BlockLayout, ...]
 
     def prefix(self, heads, row: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]`` each."""
-        kv = [read_prefix(self.per_head[h], self.layout, self.tables[h][row], length) for h in heads]
+        kv = [read_prefix(self.per_head[h], self.layouts[h], self.tables[h][row], length) for h in heads]
         return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)
 
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
-        return torch.cat([read_prefix_k(self.per_head[h], self.layout, self.tables[h][row], length) for h in heads],
-                         dim=1)
+        return torch.cat([read_prefix_k(self.per_head[h], self.layouts[h], self.tables[h][row], length)
+                          for h in heads], dim=1)
 
     def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return read_positions(self.per_head[head], self.layout, self.tables[head][row], positions)
+        return read_positions(self.per_head[head], self.layouts[head], self.tables[head][row], positions)
 
     def write(self, head: int, row: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        write_positions(self.per_head[head], self.layout, self.tables[head][row], positions, k, v)
+        write_positions(self.per_head[head], self.layouts[head], self.tables[head][row], positions, k, v)
+
+    def by_layout(self, heads) -> list[tuple[BlockLayout, tuple[int, ...]]]:
+        """The given heads grouped by their caches' layout (a kernel call reads one layout; a
+        pool's caches share one layout object)."""
+        groups: dict[int, tuple[BlockLayout, list[int]]] = {}
+        for h in heads:
+            groups.setdefault(id(self.layouts[h]), (self.layouts[h], []))[1].append(h)
+        return [(layout, tuple(hs)) for layout, hs in groups.values()]
 
 
 @dataclass(frozen=True)
@@ -265,15 +274,24 @@ def _every_compressed(compressed: tuple[int, ...], selected: tuple[int, ...], ch
 
 def gather_decode(ls: LayerStep, query: torch.Tensor, output: torch.Tensor) -> None:
     """Run the plan's gather-kernel work items of this layer (decoding tokens' compressed heads,
-    and every head in a fused step) in one call, writing their slices of ``output``."""
+    and every head in a fused step), one call per cache layout (``LayerCaches``: a fused step's
+    full and compressed heads are two), writing their slices of ``output``."""
     work = ls.plan.work[ls.layer]
     if not work.numel():
         return
     d = query.shape[-1]
     caches = ls.caches
     fronts = torch.cat([r.state.fronts[ls.layer].view(-1) for r in ls.plan.fronts]) if ls.plan.fronts else None
-    kernels.gather_attention(query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
-                             list(caches.per_head), list(caches.tables), work, caches.layout, ls.scale, fronts)
+    groups = caches.by_layout(range(ls.num_kv_heads))
+    for layout, heads in groups:
+        mine = work
+        if len(groups) > 1:
+            ours = torch.zeros(ls.num_kv_heads, dtype=torch.bool)
+            ours[list(heads)] = True
+            mine = work[ours[work[:, 1]]]
+        if mine.numel():
+            kernels.gather_attention(query.view(query.shape[0], -1, d), output.view(output.shape[0], -1, d),
+                                     list(caches.per_head), list(caches.tables), mine, layout, ls.scale, fronts)
 
 
 def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
@@ -294,6 +312,7 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
     per_head = query.view(t, ls.num_kv_heads, -1, d)  # [T, H_kv, G, D]
     rings = parts.rings.of_layer(layer, per_head.shape[2], d)
     pivot_caches, tables = [caches.per_head[h] for h in p], [caches.tables[h] for h in p]
+    pivot_layout = caches.layouts[p[0]] if p else None  # (pivots keep full KV: all in the full pool)
     sent: list[tuple[Row, torch.Tensor]] = []  # clusters across ranks: per check, its message (_message)
     for phase in ls.plan.drift:  # the phase's tokens first: a mixed step's prefill tokens are not copied
         if p:
@@ -306,7 +325,7 @@ def track_drift(ls: LayerStep, query: torch.Tensor) -> None:
             if p:
                 result = kernels.drift_check(
                     rings[state.ring], pivot_caches, tables, row.index, check.key_len, cut, state.references[layer],
-                    budgets.reference_topk, parts.threshold, parts.pool_kernel, caches.layout,
+                    budgets.reference_topk, parts.threshold, parts.pool_kernel, pivot_layout,
                 )
                 parts.counters.drift_checks += 1
                 for i in torch.nonzero(result.drift)[:, 0].tolist():
@@ -378,10 +397,11 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
     sat_caches = [caches.per_head[s] for s in sats]
     stores = [_store(state, heads, s) for s in sats]
     # this step's rows from each satellite's selection region (slot i: column i // bs of it); the copy runs later
-    bs = caches.layout.block_size
+    bs = caches.layouts[sats[0]].block_size
     tables = [caches.tables[s][row.index][start // bs :].clone() for s, (_, start, _) in zip(sats, stores)]
     fronts = state.fronts[layer] if state.fronts is not None else None
     listed = [bool(state.work_template[layer, s, 7] >= 0) for s in sats]  # fronts given as position lists
+    groups = [(layout, [sats.index(s) for s in heads]) for layout, heads in caches.by_layout(sats)]  # one copy each
 
     def copy() -> None:
         """On the refill thread, after this request's and layer's earlier refills: only the
@@ -404,7 +424,9 @@ def _refill(ls: LayerStep, row: Row, sats, ranked: torch.Tensor) -> None:
             copies = torch.full((len(sats), max(1, *(c.numel() for c in out))), -1, dtype=torch.int64)
             for n, c in enumerate(out):
                 copies[n, : c.numel()] = c
-            host.copy_out(key, host_rows, copies, sat_caches, tables, caches.layout)
+            for layout, group in groups:
+                host.copy_out(key, [host_rows[n] for n in group], copies[group], [sat_caches[n] for n in group],
+                              [tables[n] for n in group], layout)
             kept[compressed, :width] = torch.where(moves >= 0, moves, held)
 
     parts.refills.submit(key, layer, copy)

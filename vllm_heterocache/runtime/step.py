@@ -24,7 +24,7 @@ Attention of a step (``runtime.layer.attend``):
   step also has decoding rows (a *mixed* step), vLLM's kernel runs compressed heads over
   :attr:`StepPlan.prefilling` only, with metadata of its own.
 - A *fused* step -- every row decoding one token, and the compiled kernels read the cache
-  layout -- runs one gather-kernel call per layer for every head (full heads over all their
+  layouts -- runs the gather kernel per layer for every head (full heads over all their
   positions) and no vLLM kernel at all; vLLM's per-pool attention metadata is not built.
 - Otherwise (multi-token decoding rows, or a layout the kernels do not read), full heads run
   vLLM's kernel and compressed heads the gather kernel (or its PyTorch reference).
@@ -172,8 +172,8 @@ class StepPlan:
         prefill: some row is prefilling: vLLM's kernel runs every head (full heads over every
             row, compressed heads over ``prefilling`` when it is set, else over every row).
         prefilling: in a mixed step (prefilling and decoding rows), the prefilling rows; else None.
-        fused: every row decodes one token and the kernels read the layout: one gather call per
-            layer runs every head, vLLM's kernel none.
+        fused: every row decodes one token and the kernels read the layouts: the gather kernel
+            runs every head (one call per layer and cache layout), vLLM's kernel none.
         work: per layer, int64 ``[n, 8]`` gather-kernel work items (``n`` may be 0).
         drift: the drift tracking of the decoding rows of requests that hold a query ring, in
             phases (the same in every layer with pivots).

@@ -12,11 +12,14 @@ others companion cache layers; full heads' caches are in the full pool's KV cach
 compressed heads' in their budget class's. Per step and layer:
 
 1. cache write: each head's cache gets its new K/V at its group's slot mapping (vLLM's, with the
-   generated tokens of a compressed pool moved to their row positions, ``placement``);
-   satellites' prompt K/V is mirrored to the host tier;
-2. attention as planned: vLLM's CPU kernel per head where the plan says so, prefill selection
-   and compaction at the end of a prompt, the compiled gather kernel for decoding tokens, drift
-   checks and refills.
+   generated tokens of a compressed pool moved to their row positions, ``placement``), in its
+   pool's layout (``block_layout``: vLLM's write for the full pool, ``ops.paged.write_slots``
+   for compressed pools, which keep K token-major); satellites' prompt K/V is mirrored to the
+   host tier;
+2. attention as planned: vLLM's CPU kernel per head where the plan says so (over a compressed
+   pool's prefilling rows, staged into vLLM's layout first), prefill selection and compaction at
+   the end of a prompt, the compiled gather kernel for decoding tokens, drift checks and
+   refills.
 
 When nothing is compressed (ratio 1 or an all-full profile) the layer's cache is not split and
 the backend is vLLM's CPU backend, unchanged.
@@ -24,7 +27,7 @@ the backend is vLLM's CPU backend, unchanged.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -36,13 +39,15 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_heterocache.ops.paged import BlockLayout, copy_blocks, write_slots
 from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.heads import LayerHeads
 from vllm_heterocache.runtime.layer import LayerCaches, LayerStep, attend, mirror_to_host
 from vllm_heterocache.runtime.step import RowSubset, StepPlan
 from vllm_heterocache.runtime.timing import section
 from vllm_heterocache.vllm_adapter import BACKEND_NAME, compat
-from vllm_heterocache.vllm_adapter.block_layout import probe_layout
+from vllm_heterocache.sharding import FULL_POOL
+from vllm_heterocache.vllm_adapter.block_layout import compressed_pool_layout, probe_layout
 from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, head_cache_name
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
 
@@ -73,12 +78,15 @@ class HeteroCacheBackend(CPUAttentionBackend):
 class HeteroCacheMetadata(CPUAttentionMetadata):
     """vLLM's CPU metadata of one KV cache group in one step (block table, slot mapping, and
     vLLM's kernel plan of the step's rows unless the step is fused), and what a layer reads of the
-    step: its plan (the same object in the metadata of every group of the step) and, in a mixed
-    step, the group's metadata of the plan's prefilling rows."""
+    step: its plan (the same object in the metadata of every group of the step), in a mixed
+    step the group's metadata of the plan's prefilling rows, and the layout of the group's
+    caches."""
 
     isa: str = ""  # the CPU kernels' ISA for this pool's block size
     plan: StepPlan | None = None
     prefilling: CPUAttentionMetadata | None = None
+    layout: BlockLayout | None = None  # the block layout of this group's caches
+    vllm_layout: BlockLayout | None = None  # vLLM's (its kernel's and cache write's) for them
 
 
 class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -97,8 +105,10 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         spec = next(iter(inner.values())) if inner else kv_cache_spec
         self.pool = spec.pool if isinstance(spec, CompressedPoolSpec) else None  # None: the full pool
         if self.runtime.compresses:
-            self.runtime.attach_layout(probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
-                                                    kv_cache_spec.head_size))
+            self.vllm_layout = probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
+                                            kv_cache_spec.head_size)
+            self.layout = self.vllm_layout if self.pool is None else compressed_pool_layout(self.vllm_layout)
+            self.runtime.attach_layout(FULL_POOL if self.pool is None else self.pool, self.layout)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         if not self.runtime.compresses:
@@ -111,10 +121,10 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
                 num_actual_tokens=cm.num_actual_tokens, max_query_len=cm.max_query_len,
                 query_start_loc=cm.query_start_loc, max_seq_len=cm.max_seq_len, seq_lens=cm.seq_lens,
                 block_table=cm.block_table_tensor, slot_mapping=slot_mapping, scheduler_metadata=None,
-                isa=self.isa, plan=plan,
+                isa=self.isa, plan=plan, layout=self.layout, vllm_layout=self.vllm_layout,
             )
         meta = HeteroCacheMetadata(**vars(super().build(common_prefix_len, common_attn_metadata, fast_build)),
-                                   isa=self.isa, plan=plan)
+                                   isa=self.isa, plan=plan, layout=self.layout, vllm_layout=self.vllm_layout)
         meta.slot_mapping = slot_mapping
         if plan.prefilling is not None:
             meta.prefilling = self._prefilling(plan.prefilling, meta)
@@ -194,7 +204,7 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
 
     def _step(self, bound: _Layer, metas: tuple[HeteroCacheMetadata, ...]) -> LayerStep:
         rt = self.runtime
-        caches = LayerCaches(bound.caches, tuple(m.block_table for m in metas), rt.layout)
+        caches = LayerCaches(bound.caches, tuple(m.block_table for m in metas), tuple(m.layout for m in metas))
         return LayerStep(rt.parts, bound.index, bound.heads, caches, metas[0].plan, self.scale)
 
     # -- 1. cache write ------------------------------------------------------------------------
@@ -209,8 +219,12 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         bound = self._layer(layer, kv_cache)
         metas = self._metadata(bound)
         for j, (cache, meta) in enumerate(zip(bound.caches, metas)):
-            compat.write_kv(key[:, j : j + 1], value[:, j : j + 1], cache, meta.slot_mapping, meta.isa, bound.scales,
-                            self.kv_cache_dtype)
+            if meta.layout is meta.vllm_layout:
+                compat.write_kv(key[:, j : j + 1], value[:, j : j + 1], cache, meta.slot_mapping, meta.isa,
+                                bound.scales, self.kv_cache_dtype)
+            else:  # a compressed pool's own layout (block_layout.compressed_pool_layout)
+                n = meta.slot_mapping.numel()
+                write_slots(cache, meta.layout, meta.slot_mapping, key[:n, j], value[:n, j])
         if metas[0].plan.rows and bound.heads.host_rows:
             mirror_to_host(self._step(bound, metas), key, value)
 
@@ -239,15 +253,41 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
     def _stock(self, bound: _Layer, meta: HeteroCacheMetadata, step: LayerStep, query, head: int, output,
                prefilling: bool) -> None:
         """vLLM's CPU kernel for the query heads of KV head ``head`` over its cache (``meta``: its
-        group's metadata), for every row of the step or for the plan's prefilling rows only."""
+        group's metadata), for every row of the step or for the plan's prefilling rows only. A
+        cache in a layout of its own (a compressed pool's) is staged into vLLM's first."""
+        cache, group = bound.caches[head], meta
         if prefilling:
             meta, tokens = meta.prefilling, step.plan.prefilling.tokens
         else:
             tokens = slice(0, meta.num_actual_tokens)
+        if group.layout is not group.vllm_layout:
+            cache, meta = self._staged(cache, meta, group.layout, group.vllm_layout)
         hkv, d = self.num_kv_heads, self.head_size
         g = self.num_heads // hkv
         out = torch.empty(meta.num_actual_tokens, g, d, dtype=output.dtype)
         q = query.view(query.shape[0], hkv, g, d)[tokens, head].contiguous()
-        compat.cpu_attention(q, bound.caches[head], out, meta, self.scale, self.sliding_window, self.logits_soft_cap,
+        compat.cpu_attention(q, cache, out, meta, self.scale, self.sliding_window, self.logits_soft_cap,
                              bound.scales, self.kv_cache_dtype)
         output.view(output.shape[0], hkv, g, d)[tokens, head] = out
+
+    _scratch: torch.Tensor | None = None  # staging blocks, shared by the layers (they run one at a time)
+
+    @classmethod
+    def _staged(cls, cache: torch.Tensor, meta: CPUAttentionMetadata, layout: BlockLayout,
+                vllm_layout: BlockLayout) -> tuple[torch.Tensor, CPUAttentionMetadata]:
+        """The blocks of ``meta``'s rows (up to each row's length) copied from ``cache`` into a
+        scratch cache in vLLM's layout, and ``meta`` with the scratch's block table: what vLLM's
+        kernel reads for a cache whose layout is not its own. A prefill reads every position of
+        its rows anyway; the copy is a fraction of that work (``benchmarks/bench_serve.py``)."""
+        bs = layout.block_size
+        counts = (meta.seq_lens.long() + bs - 1) // bs  # [rows] blocks per row
+        used = torch.arange(int(counts.max()))[None, :] < counts[:, None]  # [rows, width]
+        blocks = meta.block_table[:, : used.shape[1]][used]  # row 0's blocks, then row 1's, ...
+        table = torch.zeros(used.shape, dtype=meta.block_table.dtype)
+        table[used] = torch.arange(blocks.numel(), dtype=table.dtype)
+        scratch = cls._scratch
+        if scratch is None or scratch.shape[0] < blocks.numel() or scratch.shape[1:] != cache.shape[1:] \
+                or scratch.dtype != cache.dtype:
+            scratch = cls._scratch = torch.empty((max(blocks.numel(), 64), *cache.shape[1:]), dtype=cache.dtype)
+        copy_blocks(cache, layout, blocks, scratch, vllm_layout)
+        return scratch, replace(meta, block_table=table)

@@ -1,4 +1,5 @@
-"""Measure the CPU kernels' in-block KV layout with vLLM's own cache-write op (see ops.paged)."""
+"""The caches' in-block KV layouts (see ops.paged): vLLM's CPU kernels', measured with vLLM's own
+cache-write op, and the compressed pools' own."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import functools
 
 import torch
 
+from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops.paged import BlockLayout
 from vllm_heterocache.vllm_adapter import compat
 
@@ -36,3 +38,21 @@ def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
             raise RuntimeError(f"heterocache: cannot read the {isa} KV cache layout ({dtype}, block {bs}, head {d})")
         maps.append(index)
     return BlockLayout(bs, d, maps[0], maps[1])
+
+
+def compressed_pool_layout(vllm_layout: BlockLayout) -> BlockLayout:
+    """The layout of a compressed pool's caches: K token-major (``[block_size, D]``, as V), when
+    the compiled kernels are built; else vLLM's.
+
+    A compressed head reads a few scattered positions of its prompt in every step -- its
+    selection, in place in shared prompt blocks after a prefix-cache hit (``placement``) -- and
+    vLLM's AVX2 layout stores K transposed, where one position's K touches a cache line per head
+    dimension. Token-major, a position's K is its own rows, and the gather kernel reads only the
+    listed positions. vLLM's CPU kernel reads its own layout only: the adapter writes these caches
+    itself (``ops.paged.write_slots``) and stages a prefill's context into vLLM's layout for it
+    (``backend``). The full pool keeps vLLM's layout (its heads read every position, which the
+    transposed order reads fastest).
+    """
+    if not kernels.HAVE_KERNELS:
+        return vllm_layout
+    return BlockLayout.for_kernels(vllm_layout.block_size, vllm_layout.head_size, k_transposed=False)
