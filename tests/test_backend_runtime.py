@@ -51,7 +51,8 @@ class Setup:
                                           block_size=BS)
         self.heads = heads = rt.layers[0]
         vllm_layout = probe_layout(isa, torch.float32, BS, D)  # each pool's layout, as the adapter's
-        layouts = {p: vllm_layout if p == FULL_POOL else compressed_pool_layout(vllm_layout) for p in set(heads.store)}
+        layouts = {p: vllm_layout if p == FULL_POOL else compressed_pool_layout(vllm_layout, shared_prefixes == "point")
+                   for p in set(heads.store)}
         for p, layout in layouts.items():
             rt.attach_layout(p, layout)
         self.isa, self.vllm_layout = isa, vllm_layout

@@ -106,14 +106,16 @@ class HeteroCacheRuntime:
         self.host = host
         self.parts = self._parts()
 
-    def attach_layout(self, store: int, layout: BlockLayout) -> None:
-        """The block layout of the caches of ``store`` (``FULL_POOL`` or a compressed pool class)."""
+    def attach_layout(self, store: int, layout: BlockLayout) -> bool:
+        """The block layout of the caches of ``store`` (``FULL_POOL`` or a compressed pool class);
+        True if it was not known yet."""
         known = self.layouts.get(store)
         if known is not None and not (
             torch.equal(layout.k_index, known.k_index) and torch.equal(layout.v_index, known.v_index)
         ):
             raise RuntimeError(f"heterocache: the KV caches of pool {store} have different block layouts")
         self.layouts[store] = layout
+        return known is None
 
     def begin_step(self, req_ids: list[str], prompt_lens: list[int], query_start_loc: list[int],
                    seq_lens: list[int], args_of: Callable[[str], Mapping | None] = lambda key: None) -> StepPlan:

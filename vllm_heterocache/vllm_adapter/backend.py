@@ -27,6 +27,7 @@ the backend is vLLM's CPU backend, unchanged.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import torch
@@ -50,6 +51,8 @@ from vllm_heterocache.sharding import FULL_POOL
 from vllm_heterocache.vllm_adapter.block_layout import compressed_pool_layout, probe_layout
 from vllm_heterocache.vllm_adapter.pools import CompressedPoolSpec, head_cache_name
 from vllm_heterocache.vllm_adapter.startup import check_layer, runtime_for
+
+log = logging.getLogger("vllm.heterocache")
 
 
 class HeteroCacheBackend(CPUAttentionBackend):
@@ -107,8 +110,13 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         if self.runtime.compresses:
             self.vllm_layout = probe_layout(self.isa, kv_cache_spec.dtype, kv_cache_spec.block_size,
                                             kv_cache_spec.head_size)
-            self.layout = self.vllm_layout if self.pool is None else compressed_pool_layout(self.vllm_layout)
-            self.runtime.attach_layout(FULL_POOL if self.pool is None else self.pool, self.layout)
+            in_place = vllm_config.cache_config.enable_prefix_caching and self.runtime.config.shared_prefixes == "point"
+            self.layout = (self.vllm_layout if self.pool is None
+                           else compressed_pool_layout(self.vllm_layout, reads_in_place=in_place))
+            if self.runtime.attach_layout(FULL_POOL if self.pool is None else self.pool, self.layout) \
+                    and self.layout is not self.vllm_layout:
+                log.info("heterocache: compressed pool %d keeps K token-major (selections read in place in shared "
+                         "prompt blocks; prefill stages its rows into vLLM's layout)", self.pool)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False):
         if not self.runtime.compresses:

@@ -40,19 +40,26 @@ def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
     return BlockLayout(bs, d, maps[0], maps[1])
 
 
-def compressed_pool_layout(vllm_layout: BlockLayout) -> BlockLayout:
-    """The layout of a compressed pool's caches: K token-major (``[block_size, D]``, as V), when
-    the compiled kernels are built; else vLLM's.
+def compressed_pool_layout(vllm_layout: BlockLayout, reads_in_place: bool) -> BlockLayout:
+    """The layout of a compressed pool's caches: K token-major (``[block_size, D]``, as V) when
+    its heads may read selections in place and the compiled kernels are built; else vLLM's.
 
-    A compressed head reads a few scattered positions of its prompt in every step -- its
-    selection, in place in shared prompt blocks after a prefix-cache hit (``placement``) -- and
-    vLLM's AVX2 layout stores K transposed, where one position's K touches a cache line per head
-    dimension. Token-major, a position's K is its own rows, and the gather kernel reads only the
-    listed positions. vLLM's CPU kernel reads its own layout only: the adapter writes these caches
-    itself (``ops.paged.write_slots``) and stages a prefill's context into vLLM's layout for it
-    (``backend``). The full pool keeps vLLM's layout (its heads read every position, which the
-    transposed order reads fastest).
+    ``reads_in_place``: prefix caching is on and selections point into a hit's shared prompt
+    blocks (``HeteroCacheConfig.shared_prefixes`` ``point``, ``placement``). Such a selection is
+    a few scattered positions of the prompt, read every step, and vLLM's AVX2 layout stores K
+    transposed, where one position's K touches a cache line per head dimension. Token-major, a
+    position's K is its own rows, and the gather kernel reads only the listed positions (4.8x
+    faster for a seventh of 32K positions, ``benchmarks/bench_kernels.py``). The price: a
+    selection copied into a request's own blocks (every request without a hit) scores its keys
+    from rows, which costs more compute than from K transposed; it shows where the selections
+    stay in the CPU's caches (a single request at 32K: attention 1.64 against 1.20 ms a step,
+    README "Prefix caching"), not where decoding streams from memory. Without in-place reads
+    every selection is copied, and vLLM's layout is the faster one.
+
+    vLLM's CPU kernel reads its own layout only: the adapter writes token-major caches itself
+    (``ops.paged.write_slots``) and stages a prefill's rows into vLLM's layout for it
+    (``backend``). The full pool keeps vLLM's layout (its heads read every position).
     """
-    if not kernels.HAVE_KERNELS:
+    if not (kernels.HAVE_KERNELS and reads_in_place):
         return vllm_layout
     return BlockLayout.for_kernels(vllm_layout.block_size, vllm_layout.head_size, k_transposed=False)
