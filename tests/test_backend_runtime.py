@@ -410,3 +410,34 @@ def test_reading_a_prompt_back_equals_reading_its_positions(order):
     for head in range(2):
         want_k, want_v = read_positions(cache, layout, table, torch.arange(70), head)
         assert torch.equal(k[:, head], want_k) and torch.equal(v[:, head], want_v)
+
+
+@pytest.mark.parametrize("order", ["k-transposed", "token-major", "other"])
+def test_slot_writes_and_block_copies_between_layouts(order):
+    """write_slots (the compressed pools' cache write: vLLM's slot mapping, negative slots skipped)
+    writes what write_positions does; copy_blocks into another layout (the staging for vLLM's
+    kernel) keeps every position's K and V."""
+    from vllm_heterocache.ops.paged import BlockLayout, copy_blocks, write_slots
+
+    bs, d, nb = 16, 8, 12
+    g = torch.Generator().manual_seed(2)
+    if order == "other":
+        layout = BlockLayout(bs, d, torch.randperm(bs * d, generator=g), torch.randperm(bs * d, generator=g))
+    else:
+        layout = BlockLayout.for_kernels(bs, d, order == "k-transposed")
+    slots = torch.tensor([3, 17, -1, 40, 191, 100])
+    k, v = torch.randn(6, d, generator=g), torch.randn(6, d, generator=g)
+    by_slot, by_position = torch.zeros(nb, 1, bs, 2 * d), torch.zeros(nb, 1, bs, 2 * d)
+    write_slots(by_slot, layout, slots, k, v)
+    kept = slots >= 0
+    write_positions(by_position, layout, torch.arange(nb).int(), slots[kept], k[kept], v[kept])
+    assert torch.equal(by_slot, by_position)
+    src = torch.randn(nb, 1, bs, 2 * d, generator=g)
+    blocks = torch.tensor([7, 2, 11, 5])
+    for dst_layout in (BlockLayout.for_kernels(bs, d, True), BlockLayout.for_kernels(bs, d, False), layout):
+        dst = torch.zeros(6, 1, bs, 2 * d)
+        copy_blocks(src, layout, blocks, dst, dst_layout)
+        everything = torch.arange(4 * bs)
+        want = read_positions(src, layout, blocks.int(), everything)
+        got = read_positions(dst, dst_layout, torch.arange(4).int(), everything)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

@@ -132,7 +132,8 @@ def copy_blocks(src: torch.Tensor, src_layout: BlockLayout, blocks: torch.Tensor
     bs, d = src_layout.block_size, src_layout.head_size
     got = _regions(src)[blocks.long()].view(n, 2, bs * d)  # [n, K|V, bs * D], src order
     out = _regions(dst)[:n].view(n, 2, bs * d)
-    for which, (si, di) in enumerate(((src_layout.k_index, dst_layout.k_index), (src_layout.v_index, dst_layout.v_index))):
+    orders = ((src_layout.k_index, dst_layout.k_index), (src_layout.v_index, dst_layout.v_index))
+    for which, (si, di) in enumerate(orders):  # region offsets of the same (token, dim) elements
         if torch.equal(si, di):
             out[:, which] = got[:, which]
         else:
