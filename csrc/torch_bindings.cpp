@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "bindings.h"
+#include "stage_blocks.h"
 
 namespace {
 
@@ -44,6 +45,26 @@ void refill_copy(const at::Tensor& storage, const at::Tensor& host_blocks, const
   heterocache::refill_copy_cpu(packed.args);
 }
 
+void stage_blocks(const at::Tensor& src, const at::Tensor& blocks, at::Tensor& dst, bool src_k_transposed,
+                  bool dst_k_transposed) {
+  TORCH_CHECK(src.dim() == 4 && src.size(1) == 1 && src.stride(3) == 1 && src.stride(2) == src.size(3) &&
+              src.size(3) % 2 == 0, "src must be a single-head cache [num_blocks, 1, block_size, 2 * D], "
+              "contiguous inside a block");
+  TORCH_CHECK(dst.dim() == 4 && dst.sizes().slice(1) == src.sizes().slice(1) && dst.stride(3) == 1 &&
+              dst.stride(2) == dst.size(3), "dst must be a cache of src's block shape, contiguous inside a block");
+  TORCH_CHECK(dst.scalar_type() == src.scalar_type() && (src.element_size() == 2 || src.element_size() == 4),
+              "src and dst: one dtype of 16- or 32-bit elements");
+  TORCH_CHECK(src.device().is_cpu() && dst.device().is_cpu() && blocks.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(blocks.scalar_type() == at::kLong && blocks.dim() == 1 && blocks.is_contiguous(),
+              "blocks must be contiguous int64 [n]");
+  TORCH_CHECK(blocks.numel() <= dst.size(0), "dst must hold one block per entry of blocks");
+  TORCH_CHECK(blocks.numel() == 0 || (blocks.min().item<int64_t>() >= 0 &&
+              blocks.max().item<int64_t>() < src.size(0)), "blocks out of range");
+  heterocache::stage_blocks_cpu(heterocache::StageBlocksArgs{
+      static_cast<int64_t>(src.element_size()), src.data_ptr(), src.stride(0), src_k_transposed, dst.data_ptr(),
+      dst.stride(0), dst_k_transposed, blocks.data_ptr<int64_t>(), blocks.numel(), src.size(2), src.size(3) / 2});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heterocache, m) {
@@ -57,12 +78,14 @@ TORCH_LIBRARY(heterocache, m) {
   m.def(
       "refill_copy(Tensor storage, Tensor host_blocks, Tensor host_rows, Tensor positions, Tensor(a!)[] caches, "
       "Tensor[] tables, bool k_transposed) -> ()");
+  m.def("stage_blocks(Tensor src, Tensor blocks, Tensor(a!) dst, bool src_k_transposed, bool dst_k_transposed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
   m.impl("gather_attention", &gather_attention);
   m.impl("drift_check", &drift_check);
   m.impl("refill_copy", &refill_copy);
+  m.impl("stage_blocks", &stage_blocks);
 }
 
 // `import vllm_heterocache._C` loads this library (and so the registrations above).

@@ -414,3 +414,27 @@ def test_opcheck(qualname, device):
     asserted by test_extension_registers_exactly_its_ops_each_with_cpu_kernel_and_fake."""
     op = getattr(torch.ops.heterocache, qualname.split("::")[1]).default
     torch.library.opcheck(op, op_args(qualname, device))
+
+
+@needs_kernels
+@IN_DTYPES
+@pytest.mark.parametrize("src_transposed", [True, False], ids=["from-k-transposed", "from-k-token-major"])
+@pytest.mark.parametrize("dst_transposed", [True, False], ids=["to-k-transposed", "to-k-token-major"])
+@pytest.mark.parametrize("bs,d", [(16, 64), (128, 64), (32, 80)])
+def test_stage_blocks_kernel_matches_reference(bs, d, dst_transposed, src_transposed, dtype):
+    """Block staging (a compressed pool's blocks into vLLM's layout for its kernel): the kernel's
+    blocks equal ops.paged.copy_blocks', bit for bit, from caches whose blocks are padded apart,
+    and dst's blocks past the staged ones and its padding are untouched."""
+    from vllm_heterocache.ops.paged import copy_blocks
+
+    g = torch.Generator().manual_seed(bs + d)
+    page, pad = bs * 2 * d, 24
+    src = torch.randn(20, page + pad, generator=g).to(dtype).as_strided((20, 1, bs, 2 * d), (page + pad, page, 2 * d, 1))
+    blocks = torch.tensor([13, 2, 19, 2, 7])
+    dst_flat = torch.randn(8, page + pad, generator=g).to(dtype)
+    want_flat = dst_flat.clone()
+    view = lambda flat: flat.as_strided((8, 1, bs, 2 * d), (page + pad, page, 2 * d, 1))  # noqa: E731
+    src_layout, dst_layout = layout_of(src_transposed, bs, d), layout_of(dst_transposed, bs, d)
+    kernels.stage_blocks(src, src_layout, blocks, view(dst_flat), dst_layout)
+    copy_blocks(src, src_layout, blocks, view(want_flat), dst_layout)
+    assert torch.equal(dst_flat, want_flat)

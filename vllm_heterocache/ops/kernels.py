@@ -1,9 +1,10 @@
 """The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallbacks.
 
-``torch.ops.heterocache.{gather_attention, drift_check, refill_copy}`` when the extension is
-built (``setup.py``) and the cache layout is one they read, else :func:`gather_attention_reference`
-/ :func:`drift_check_reference` / :func:`refill_copy_reference`, the same contracts in PyTorch
-over any :class:`~vllm_heterocache.ops.paged.BlockLayout`. The functions below are the one place
+``torch.ops.heterocache.{gather_attention, drift_check, refill_copy, stage_blocks}`` when the
+extension is built (``setup.py``) and the cache layout is one they read, else
+:func:`gather_attention_reference` / :func:`drift_check_reference` / :func:`refill_copy_reference`
+/ :func:`~vllm_heterocache.ops.paged.copy_blocks`, the same contracts in PyTorch over any
+:class:`~vllm_heterocache.ops.paged.BlockLayout`. The functions below are the one place
 that chooses; :func:`describe` is the startup line that says which runs.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vllm_heterocache.ops import reference as ref
-from vllm_heterocache.ops.paged import BlockLayout, read_positions, write_positions
+from vllm_heterocache.ops.paged import BlockLayout, copy_blocks, read_positions, write_positions
 
 try:
     from vllm_heterocache import _C  # noqa: F401  (registers torch.ops.heterocache.*)
@@ -36,6 +37,10 @@ if HAVE_KERNELS:
 
     @torch.library.register_fake("heterocache::refill_copy")
     def _(storage, host_blocks, host_rows, positions, caches, tables, k_transposed):
+        return None
+
+    @torch.library.register_fake("heterocache::stage_blocks")
+    def _(src, blocks, dst, src_k_transposed, dst_k_transposed):
         return None
 
 
@@ -184,3 +189,19 @@ def drift_check_reference(queries, caches, tables, row, key_len, candidates, ref
     keys = torch.stack([read_positions(c, layout, t[row], positions)[0] for c, t in zip(caches, tables)])
     return ref.drift_check(queries, keys, torch.full((p,), key_len), torch.full((p,), candidates), reference,
                            torch.full((p,), topk), threshold, pool_kernel)
+
+
+def stage_blocks(src: torch.Tensor, src_layout: BlockLayout, blocks: torch.Tensor, dst: torch.Tensor,
+                 dst_layout: BlockLayout) -> None:
+    """``dst[i] = src[blocks[i]]`` in ``dst_layout`` (contract: csrc/stage_blocks.h; reference
+    :func:`~vllm_heterocache.ops.paged.copy_blocks`): a compressed pool's blocks staged into vLLM's
+    layout for vLLM's kernel (``vllm_adapter.backend``).
+
+    Args:
+        src, dst: single-head caches ``[num_blocks, 1, block_size, 2 * D]`` of one dtype (CPU).
+        blocks: int64 ``[n]``, blocks of ``src``; ``dst`` holds at least ``n``.
+    """
+    if compiled(src_layout) and compiled(dst_layout) and src.device.type == "cpu":
+        torch.ops.heterocache.stage_blocks(src, blocks, dst, src_layout.kernel_order, dst_layout.kernel_order)
+    else:
+        copy_blocks(src, src_layout, blocks, dst, dst_layout)

@@ -40,7 +40,8 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_heterocache.ops.paged import BlockLayout, copy_blocks, write_slots
+from vllm_heterocache.ops import kernels
+from vllm_heterocache.ops.paged import BlockLayout, write_slots
 from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.heads import LayerHeads
 from vllm_heterocache.runtime.layer import LayerCaches, LayerStep, attend, mirror_to_host
@@ -297,5 +298,5 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         if scratch is None or scratch.shape[0] < blocks.numel() or scratch.shape[1:] != cache.shape[1:] \
                 or scratch.dtype != cache.dtype:
             scratch = cls._scratch = torch.empty((max(blocks.numel(), 64), *cache.shape[1:]), dtype=cache.dtype)
-        copy_blocks(cache, layout, blocks, scratch, vllm_layout)
+        kernels.stage_blocks(cache, layout, blocks.long(), scratch, vllm_layout)
         return scratch, replace(meta, block_table=table)
