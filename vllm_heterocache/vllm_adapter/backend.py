@@ -285,15 +285,16 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
     def _staged(cls, cache: torch.Tensor, meta: CPUAttentionMetadata, layout: BlockLayout,
                 vllm_layout: BlockLayout) -> tuple[torch.Tensor, CPUAttentionMetadata]:
         """The blocks of ``meta``'s rows (up to each row's length) copied from ``cache`` into a
-        scratch cache in vLLM's layout, and ``meta`` with the scratch's block table: what vLLM's
-        kernel reads for a cache whose layout is not its own. A prefill reads every position of
-        its rows anyway; the copy is a fraction of that work (``benchmarks/bench_serve.py``)."""
+        scratch cache in vLLM's layout, each once however many rows share it (a prefix-cache
+        hit), and ``meta`` with the scratch's block table: what vLLM's kernel reads for a cache
+        whose layout is not its own. A prefill reads every position of its rows anyway; the copy
+        (``heterocache::stage_blocks``, at memory speed) is a small part of that work."""
         bs = layout.block_size
         counts = (meta.seq_lens.long() + bs - 1) // bs  # [rows] blocks per row
         used = torch.arange(int(counts.max()))[None, :] < counts[:, None]  # [rows, width]
-        blocks = meta.block_table[:, : used.shape[1]][used]  # row 0's blocks, then row 1's, ...
+        blocks, where = torch.unique(meta.block_table[:, : used.shape[1]][used], return_inverse=True)
         table = torch.zeros(used.shape, dtype=meta.block_table.dtype)
-        table[used] = torch.arange(blocks.numel(), dtype=table.dtype)
+        table[used] = where.to(table.dtype)
         scratch = cls._scratch
         if scratch is None or scratch.shape[0] < blocks.numel() or scratch.shape[1:] != cache.shape[1:] \
                 or scratch.dtype != cache.dtype:
