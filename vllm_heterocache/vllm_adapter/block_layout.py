@@ -42,13 +42,14 @@ def probe_layout(isa: str, dtype: torch.dtype, block_size: int, head_size: int) 
 
 def compressed_pool_layout(vllm_layout: BlockLayout, reads_in_place: bool) -> BlockLayout:
     """The layout of a compressed pool's caches: K token-major (``[block_size, D]``, as V) when
-    its heads may read selections in place and the compiled kernels are built; else vLLM's.
+    its heads may read selections in place and the compiled kernels read vLLM's layout (they
+    stage blocks between the two); else vLLM's.
 
     ``reads_in_place``: prefix caching is on and selections point into a hit's shared prompt
     blocks (``HeteroCacheConfig.shared_prefixes`` ``point``, ``placement``). Such a selection is
     a few scattered positions of the prompt, read every step, and vLLM's AVX2 layout stores K
     transposed, where one position's K touches a cache line per head dimension. Token-major, a
-    position's K is its own rows, and the gather kernel reads only the listed positions (4.8x
+    position's K is its own rows, and the gather kernel reads only the listed positions (4.7x
     faster for a seventh of 32K positions, ``benchmarks/bench_kernels.py``). The price: a
     selection copied into a request's own blocks (every request without a hit) scores its keys
     from rows, which costs more compute than from K transposed; it shows where the selections
@@ -60,6 +61,6 @@ def compressed_pool_layout(vllm_layout: BlockLayout, reads_in_place: bool) -> Bl
     (``ops.paged.write_slots``) and stages a prefill's rows into vLLM's layout for it
     (``backend``). The full pool keeps vLLM's layout (its heads read every position).
     """
-    if not (kernels.HAVE_KERNELS and reads_in_place):
+    if not (kernels.compiled(vllm_layout) and reads_in_place):
         return vllm_layout
     return BlockLayout.for_kernels(vllm_layout.block_size, vllm_layout.head_size, k_transposed=False)
