@@ -355,7 +355,9 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
 
 # --- registration of the extension's ops (torch.library) -----------------------------------------
 
-OPS = ("heterocache::gather_attention", "heterocache::drift_check", "heterocache::refill_copy")
+OPS = ("heterocache::gather_attention", "heterocache::drift_check", "heterocache::refill_copy",
+       "heterocache::stage_blocks")
+CPU_ONLY_OPS = ("heterocache::stage_blocks",)  # (it stages blocks for vLLM's CPU kernel)
 needs_extension = pytest.mark.skipif(
     not kernels.HAVE_KERNELS,
     reason=f"extension vllm_heterocache._C not built, so no torch.ops.heterocache ops are registered: "
@@ -364,6 +366,10 @@ needs_extension = pytest.mark.skipif(
 
 def op_args(qualname, device):
     """Small real arguments of each op, built as in the kernel tests above (outputs included)."""
+    if qualname == "heterocache::stage_blocks":
+        g = torch.Generator().manual_seed(0)
+        src, dst = torch.randn(6, 1, 16, 128, generator=g), torch.zeros(3, 1, 16, 128)
+        return src, torch.tensor([4, 1, 4]), dst, False, True
     if qualname == "heterocache::gather_attention":
         g, hkv, d, bs, items = CASES["gqa4-d64-scrambled"]
         q, _, _, caches, tables, work, fronts = make_case(g, hkv, d, bs, items, torch.float32, True, pad=8)
@@ -412,6 +418,8 @@ def test_opcheck(qualname, device):
     Ops that mutate and return nothing would also pass test_faketensor with the trivial fake PyTorch
     generates (torch._library.utils.can_generate_trivial_fake_impl), so that ours is registered is
     asserted by test_extension_registers_exactly_its_ops_each_with_cpu_kernel_and_fake."""
+    if device != "cpu" and qualname in CPU_ONLY_OPS:
+        pytest.skip(f"{qualname} has a CPU kernel only")
     op = getattr(torch.ops.heterocache, qualname.split("::")[1]).default
     torch.library.opcheck(op, op_args(qualname, device))
 
