@@ -91,6 +91,28 @@ class HeteroCacheMetadata(CPUAttentionMetadata):
     prefilling: CPUAttentionMetadata | None = None
     layout: BlockLayout | None = None  # the block layout of this group's caches
     vllm_layout: BlockLayout | None = None  # vLLM's (its kernel's and cache write's) for them
+    staging: Staging | None = None  # caches in a layout of their own: what vLLM's kernel reads in prefill
+
+
+@dataclass(frozen=True)
+class Staging:
+    """How a prefill step's rows of a group whose caches are not in vLLM's layout are staged for
+    vLLM's kernel (``HeteroCacheImpl._stock``), the same for every cache of the group: ``blocks``
+    (int64 ``[n]``, each block the rows read, once however many rows share it, a prefix-cache
+    hit) are copied to scratch blocks ``0 .. n - 1``, and ``meta`` is the rows' metadata with
+    that scratch's block table."""
+
+    blocks: torch.Tensor
+    meta: CPUAttentionMetadata
+
+    @classmethod
+    def of(cls, meta: CPUAttentionMetadata, block_size: int) -> Staging:
+        counts = (meta.seq_lens.long() + block_size - 1) // block_size  # [rows] blocks per row
+        used = torch.arange(int(counts.max()))[None, :] < counts[:, None]  # [rows, width]
+        blocks, where = torch.unique(meta.block_table[:, : used.shape[1]][used], return_inverse=True)
+        table = torch.zeros(used.shape, dtype=meta.block_table.dtype)
+        table[used] = where.to(table.dtype)
+        return cls(blocks.long(), replace(meta, block_table=table))
 
 
 class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -137,6 +159,8 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         meta.slot_mapping = slot_mapping
         if plan.prefilling is not None:
             meta.prefilling = self._prefilling(plan.prefilling, meta)
+        if self.layout is not self.vllm_layout:  # (a compressed pool: vLLM's kernel reads its prefilling rows)
+            meta.staging = Staging.of(meta.prefilling or meta, self.kv_cache_spec.block_size)
         return meta
 
     def _slot_mapping(self, plan: StepPlan, cm: CommonAttentionMetadata) -> torch.Tensor:
@@ -270,7 +294,8 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
         else:
             tokens = slice(0, meta.num_actual_tokens)
         if group.layout is not group.vllm_layout:
-            cache, meta = self._staged(cache, meta, group.layout, group.vllm_layout)
+            assert meta is (group.prefilling or group), "a compressed pool's prefilling rows are staged"
+            cache, meta = self._staged(cache, group.layout, group.vllm_layout, group.staging), group.staging.meta
         hkv, d = self.num_kv_heads, self.head_size
         g = self.num_heads // hkv
         out = torch.empty(meta.num_actual_tokens, g, d, dtype=output.dtype)
@@ -282,22 +307,16 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
     _scratch: torch.Tensor | None = None  # staging blocks, shared by the layers (they run one at a time)
 
     @classmethod
-    def _staged(cls, cache: torch.Tensor, meta: CPUAttentionMetadata, layout: BlockLayout,
-                vllm_layout: BlockLayout) -> tuple[torch.Tensor, CPUAttentionMetadata]:
-        """The blocks of ``meta``'s rows (up to each row's length) copied from ``cache`` into a
-        scratch cache in vLLM's layout, each once however many rows share it (a prefix-cache
-        hit), and ``meta`` with the scratch's block table: what vLLM's kernel reads for a cache
-        whose layout is not its own. A prefill reads every position of its rows anyway; the copy
-        (``heterocache::stage_blocks``, at memory speed) is a small part of that work."""
-        bs = layout.block_size
-        counts = (meta.seq_lens.long() + bs - 1) // bs  # [rows] blocks per row
-        used = torch.arange(int(counts.max()))[None, :] < counts[:, None]  # [rows, width]
-        blocks, where = torch.unique(meta.block_table[:, : used.shape[1]][used], return_inverse=True)
-        table = torch.zeros(used.shape, dtype=meta.block_table.dtype)
-        table[used] = where.to(table.dtype)
+    def _staged(cls, cache: torch.Tensor, layout: BlockLayout, vllm_layout: BlockLayout,
+                staging: Staging) -> torch.Tensor:
+        """A scratch cache in vLLM's layout holding ``staging.blocks`` of ``cache`` (a cache whose
+        layout is not vLLM's), for vLLM's kernel with ``staging.meta``. A prefill reads every
+        position of its rows anyway; the copy (``heterocache::stage_blocks``, at memory speed) is
+        a small part of that work."""
+        n = staging.blocks.numel()
         scratch = cls._scratch
-        if scratch is None or scratch.shape[0] < blocks.numel() or scratch.shape[1:] != cache.shape[1:] \
+        if scratch is None or scratch.shape[0] < n or scratch.shape[1:] != cache.shape[1:] \
                 or scratch.dtype != cache.dtype:
-            scratch = cls._scratch = torch.empty((max(blocks.numel(), 64), *cache.shape[1:]), dtype=cache.dtype)
-        kernels.stage_blocks(cache, layout, blocks.long(), scratch, vllm_layout)
-        return scratch, replace(meta, block_table=table)
+            scratch = cls._scratch = torch.empty((max(n, 64), *cache.shape[1:]), dtype=cache.dtype)
+        kernels.stage_blocks(cache, layout, staging.blocks, scratch, vllm_layout)
+        return scratch
