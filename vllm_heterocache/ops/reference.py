@@ -53,11 +53,16 @@ def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5)
     w, hq, d = query.shape
     length, hkv, _ = key.shape
     g = hq // hkv
-    q = query.float().view(w, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * w, d)  # [Hkv, G*W, D]
-    logits = torch.bmm(q, key.float().permute(1, 2, 0)).view(hkv, g, w, length) / d**0.5  # [Hkv, G, W, L]
+    q = (query.float() / d**0.5).view(w, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * w, d)  # [Hkv, G*W, D]
+    logits = torch.bmm(q, key.float().permute(1, 2, 0)).view(hq, w, length)  # [Hq, W, L]
     # query i (position L-W+i) sees keys <= L-W+i: only the last W columns are masked
     logits[..., length - w :].masked_fill_(torch.ones(w, w, dtype=torch.bool).triu(1), float("-inf"))
-    probs = logits.softmax(dim=-1).mean(dim=2).reshape(hq, length)  # [Hq, L]
+    # The logits are the largest tensor of a long prompt's selection (W x L per query head): the
+    # softmax's exponentials are taken in place, and its normalization and the mean over the W
+    # queries are one weighted sum over them.
+    exp = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    weights = (exp.sum(dim=-1, keepdim=True) * w).reciprocal_().transpose(1, 2)  # [Hq, 1, W]: 1 / (W * sum)
+    probs = torch.bmm(weights, exp).view(hq, length)  # [Hq, L]: the mean over the W queries of each softmax
     return gqa_max(pool_scores(probs, pool_kernel), hkv)
 
 
