@@ -311,10 +311,22 @@ void run(const GatherAttentionArgs& a) {
   if (partials.size() < tasks.size()) partials.resize(tasks.size());
   Partial* parts = partials.data();
   const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  // Run order: by KV head, then by position in the item (the tasks of one item stay in order). The
+  // items of one head that read the same blocks (requests reading a shared prefix in place) then
+  // run one after another, while those blocks are still in the last-level cache; in item order
+  // (each request's heads in turn) the next request would find them evicted by the other heads'.
+  thread_local std::vector<int64_t> order;
+  order.resize(num_tasks);
+  for (int64_t k = 0; k < num_tasks; ++k) order[k] = k;
+  const auto head = [&](int64_t k) { return a.work[kWorkColumns * tasks[k].item + 1]; };
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return head(x) != head(y) ? head(x) < head(y) : tasks[x].v0 < tasks[y].v0;
+  });
+  const int64_t* ord = order.data();
 #pragma omp parallel
   {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < num_tasks; ++k) run_task<DT>(a, tasks[k], parts[k]);
+    for (int64_t k = 0; k < num_tasks; ++k) run_task<DT>(a, tasks[ord[k]], parts[ord[k]]);
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < a.num_items; ++i) merge_item<T>(a, i, parts + first[i], first[i + 1] - first[i]);
   }
