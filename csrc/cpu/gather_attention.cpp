@@ -29,11 +29,11 @@ namespace {
 constexpr int kMaxGroup = 16;
 constexpr int kMaxHeadSize = 256;
 
-// acc[g * kMaxHeadSize + d] += sum_i p[g * bs + i] * v[i * D + d] for d in [d0, d0 + 8R) (V
-// token-major, elements E::T converted as loaded).
+// acc[g * kMaxHeadSize + d] += sum_i p[g * bs + i] * v(i)[d] for d in [d0, d0 + 8R) (V token-major,
+// elements E::T converted as loaded).
 template <class E, int G, int R, class Hook>
-inline void accumulate_slice(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, int64_t d0,
-                             float* acc, Hook& hook) {
+inline void accumulate_slice(const float* p, int64_t bs, const Rows<typename E::T>& v, int64_t n, int64_t D,
+                             int64_t d0, float* acc, Hook& hook) {
   Hook h = hook;  // a local copy: its state stays in registers over the loop
   __m256 a[G][R];
   for (int g = 0; g < G; ++g)
@@ -41,7 +41,8 @@ inline void accumulate_slice(const float* p, int64_t bs, const typename E::T* v,
   for (int64_t i = 0; i < n; ++i) {
     h();
     __m256 vv[R];
-    for (int r = 0; r < R; ++r) vv[r] = E::load8(v + i * D + d0 + 8 * r);
+    const typename E::T* row = v(i);
+    for (int r = 0; r < R; ++r) vv[r] = E::load8(row + d0 + 8 * r);
     for (int g = 0; g < G; ++g) {
       const __m256 s = _mm256_set1_ps(p[g * bs + i]);
       for (int r = 0; r < R; ++r) a[g][r] = _mm256_fmadd_ps(s, vv[r], a[g][r]);
@@ -53,7 +54,7 @@ inline void accumulate_slice(const float* p, int64_t bs, const typename E::T* v,
 }
 
 template <class E, int G, class Hook>
-inline void accumulate(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t D, float* acc,
+inline void accumulate(const float* p, int64_t bs, const Rows<typename E::T>& v, int64_t n, int64_t D, float* acc,
                        Hook& hook) {
   constexpr int R = G <= 2 ? 4 : (G <= 4 ? 2 : 1);  // at most 8 accumulator registers
   int64_t d0 = 0;
@@ -62,7 +63,7 @@ inline void accumulate(const float* p, int64_t bs, const typename E::T* v, int64
 }
 
 template <class E, class Hook>
-void accumulate_any(const float* p, int64_t bs, const typename E::T* v, int64_t n, int64_t G, int64_t D,
+void accumulate_any(const float* p, int64_t bs, const Rows<typename E::T>& v, int64_t n, int64_t G, int64_t D,
                     float* acc, Hook& hook) {
   switch (G) {
     case 1: return accumulate<E, 1>(p, bs, v, n, D, acc, hook);
@@ -112,10 +113,8 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     out.l[g] = 0.f;
   }
   thread_local std::vector<float> scores_buf, kbuf;
-  thread_local std::vector<T> vbuf;  // a segment's gathered V rows (token-major lists)
   if (scores_buf.size() < static_cast<size_t>(G * bs)) scores_buf.resize(G * bs);
   if (kbuf.size() < static_cast<size_t>(D * bs)) kbuf.resize(D * bs);
-  if (vbuf.size() < static_cast<size_t>(D * bs)) vbuf.resize(D * bs);
   float* scores = scores_buf.data();
 
   // the task's positions as segments of consecutive positions inside one block: its front (a
@@ -211,27 +210,26 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
         pf.start();
       }
     }
-    const T* values = vregion + off * D;  // V is [bs, D]: the segment's n rows
+    Rows<T> values{vregion + off * D, D};  // V is [bs, D]: the segment's n rows
     if (a.k_transposed) {  // K is [D, bs]
       scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs, pf);
     } else {
-      // token-major K: the segment's rows, consecutive or gathered (with their V rows)
+      // token-major K: the segment's rows, consecutive or gathered; a gathered segment's K (float32)
+      // and V rows are read where they are, other K dtypes converted to float32 first
       const int32_t* rows = seg.rows >= 0 ? listed.data() + seg.rows : nullptr;
-      const float* kf;
+      Rows<float> keys{nullptr, D};
       if (rows) {
-        T* vg = vbuf.data();
-        for (int64_t i = 0; i < n; ++i) {
-          float* kr = kbuf.data() + i * D;
-          const float* got = as_float(kregion + rows[i] * D, D, a.dtype, kr);
-          if (got != kr) std::copy_n(got, D, kr);
-          std::copy_n(vregion + rows[i] * D, D, vg + i * D);
+        values = Rows<T>{vregion, D, rows};
+        if constexpr (sizeof(T) == 4) {
+          keys = Rows<float>{reinterpret_cast<const float*>(kregion), D, rows};
+        } else {
+          for (int64_t i = 0; i < n; ++i) as_float(kregion + rows[i] * D, D, a.dtype, kbuf.data() + i * D);
+          keys.base = kbuf.data();
         }
-        kf = kbuf.data();
-        values = vg;
       } else {
-        kf = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
+        keys.base = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
       }
-      scores_token_major(&q[0][0], kMaxHeadSize, G, D, kf, n, scores, bs, pf);
+      scores_token_major(&q[0][0], kMaxHeadSize, G, D, keys, n, scores, bs, pf);
     }
     // online softmax: rescale what was accumulated, then add this block's values
     const float* keep = seg.keep < 0 ? nullptr : keeps.data() + seg.keep;

@@ -157,20 +157,32 @@ inline __m256 sum_lanes8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(s0, s1, 0x20), _mm256_permute2f128_ps(s0, s1, 0x31));
 }
 
-// out[i * out_stride + t] = q_i . k_t, i < NQ, t < NT (NQ * NT = 8), token-major float K: eight
-// accumulators over 8-wide chunks of d, reduced together at the end.
+// Where the rows (one token's D elements) of a token-major K or V region are: row i at base + i * D,
+// or, for a segment gathered from a list, at base + index[i] * D (read where they are: no copy).
+template <typename T>
+struct Rows {
+  const T* base;
+  int64_t D;
+  const int32_t* index = nullptr;
+  const T* operator()(int64_t i) const { return base + (index ? index[i] : i) * D; }
+};
+
+// out[i * out_stride + t] = q_i . k_(j0 + t), i < NQ, t < NT (NQ * NT = 8), token-major float K:
+// eight accumulators over 8-wide chunks of d, reduced together at the end.
 template <int NQ, int NT, class Hook>
-inline void scores_tile_token_major(const float* q, int64_t q_stride, int64_t D, const float* k, float* out,
-                                    int64_t out_stride, Hook& hook) {
+inline void scores_tile_token_major(const float* q, int64_t q_stride, int64_t D, const Rows<float>& k, int64_t j0,
+                                    float* out, int64_t out_stride, Hook& hook) {
   static_assert(NQ * NT == 8, "eight accumulators");
   Hook h = hook;
+  const float* kr[NT];
+  for (int t = 0; t < NT; ++t) kr[t] = k(j0 + t);
   __m256 acc[8];
   for (int c = 0; c < 8; ++c) acc[c] = _mm256_setzero_ps();
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     h();
     __m256 kv[NT];
-    for (int t = 0; t < NT; ++t) kv[t] = _mm256_loadu_ps(k + t * D + d);
+    for (int t = 0; t < NT; ++t) kv[t] = _mm256_loadu_ps(kr[t] + d);
     for (int i = 0; i < NQ; ++i) {
       const __m256 qv = _mm256_loadu_ps(q + i * q_stride + d);
       for (int t = 0; t < NT; ++t) acc[i * NT + t] = _mm256_fmadd_ps(qv, kv[t], acc[i * NT + t]);
@@ -182,36 +194,41 @@ inline void scores_tile_token_major(const float* q, int64_t q_stride, int64_t D,
   for (int i = 0; i < NQ; ++i) {
     for (int t = 0; t < NT; ++t) {
       float x = sums[i * NT + t];
-      for (int64_t e = d; e < D; ++e) x += q[i * q_stride + e] * k[t * D + e];  // D % 8 elements
+      for (int64_t e = d; e < D; ++e) x += q[i * q_stride + e] * kr[t][e];  // D % 8 elements
       out[i * out_stride + t] = x;
     }
   }
 }
 
-// The same for token-major K (token j's D elements at k + j * D, float): tiles of 2 queries x 4
-// tokens (then 1 x 8), the last tokens one at a time.
+// The same for token-major K (token j's D elements at k(j), float): tiles of 2 queries x 4 tokens
+// (then 1 x 8), the last tokens one at a time.
 template <class Hook = NoHook>
-inline void scores_token_major(const float* q, int64_t q_stride, int64_t nq, int64_t D, const float* k, int64_t n,
-                               float* out, int64_t out_stride, Hook&& hook = {}) {
+inline void scores_token_major(const float* q, int64_t q_stride, int64_t nq, int64_t D, const Rows<float>& k,
+                               int64_t n, float* out, int64_t out_stride, Hook&& hook = {}) {
   int64_t i = 0;
   for (; i + 2 <= nq; i += 2) {
     int64_t j = 0;
     for (; j + 4 <= n; j += 4) {
-      scores_tile_token_major<2, 4>(q + i * q_stride, q_stride, D, k + j * D, out + i * out_stride + j, out_stride,
-                                    hook);
+      scores_tile_token_major<2, 4>(q + i * q_stride, q_stride, D, k, j, out + i * out_stride + j, out_stride, hook);
     }
     for (; j < n; ++j) {
-      for (int64_t ii = i; ii < i + 2; ++ii) out[ii * out_stride + j] = dot(q + ii * q_stride, k + j * D, D);
+      for (int64_t ii = i; ii < i + 2; ++ii) out[ii * out_stride + j] = dot(q + ii * q_stride, k(j), D);
     }
   }
   for (; i < nq; ++i) {
     int64_t j = 0;
     for (; j + 8 <= n; j += 8) {
-      scores_tile_token_major<1, 8>(q + i * q_stride, q_stride, D, k + j * D, out + i * out_stride + j, out_stride,
-                                    hook);
+      scores_tile_token_major<1, 8>(q + i * q_stride, q_stride, D, k, j, out + i * out_stride + j, out_stride, hook);
     }
-    for (; j < n; ++j) out[i * out_stride + j] = dot(q + i * q_stride, k + j * D, D);
+    for (; j < n; ++j) out[i * out_stride + j] = dot(q + i * q_stride, k(j), D);
   }
+}
+
+// K's rows consecutive from k.
+template <class Hook = NoHook>
+inline void scores_token_major(const float* q, int64_t q_stride, int64_t nq, int64_t D, const float* k, int64_t n,
+                               float* out, int64_t out_stride, Hook&& hook = {}) {
+  scores_token_major(q, q_stride, nq, D, Rows<float>{k, D}, n, out, out_stride, hook);
 }
 
 }  // namespace heterocache
