@@ -14,6 +14,10 @@ position list, as a selection that points into shared prompt blocks after a pref
 read (``vllm_heterocache/placement.py``), against the same number of positions read as one
 contiguous range (a selection copied into a request's own blocks); in vLLM's layout and in the
 compressed pools' (K token-major, ``vllm_adapter.block_layout``).
+
+Shared document (``--requests N``, default 16): N requests whose heads each read their own
+selection of one document in place, in one call, as the decode steps of ``bench_serve.py
+--preset document`` do.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--selected", type=float, default=0.18, help="fraction selected for the position-list fronts")
     p.add_argument("--run-length", type=float, default=9.5, help="mean length of the selected runs")
+    p.add_argument("--requests", type=int, default=16, help="requests reading one document (the last line)")
     a = p.parse_args()
     dev = a.device
     print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}; device {dev}")
@@ -110,6 +115,29 @@ def main() -> None:
                   f"copied {t_range * 1e3:7.2f} ms ({sel_bytes / t_range / 1e9:5.1f} GB/s); in place / copied "
                   f"{t_list / t_range:.2f}x; whole cache {t_all * 1e3:7.2f} ms, / in place {t_all / t_list:.2f}x",
                   flush=True)
+    shared_document(a)
+
+
+def shared_document(a) -> None:
+    """``--requests`` requests that each read their own selection of one document in place, in one
+    call (the decode step of ``bench_serve.py --preset document``): every request's block table
+    is the document's, each head's selections differ per request; float32, K token-major."""
+    n, d, bs, dev = a.tokens, a.head_size, a.block_size, a.device
+    nb, r, k = -(-n // bs), a.requests, max(1, int(a.selected * n))
+    caches = [torch.randn(nb, 1, bs, 2 * d, device=dev) for _ in range(a.heads)]
+    tables = [torch.randperm(nb).int()[None].expand(r, nb).contiguous().to(dev) for _ in range(a.heads)]
+    fronts = torch.cat([selection(n, k, a.run_length, seed=1000 * i + h) for i in range(r) for h in range(a.heads)])
+    work = torch.tensor([[i, h, i, k, n, n, 0, (i * a.heads + h) * k] for i in range(r) for h in range(a.heads)],
+                        dtype=torch.int64, device=dev)
+    q = torch.randn(r, a.heads * a.group, d, device=dev)
+    out = torch.empty_like(q)
+    lay = BlockLayout.for_kernels(bs, d, False)
+    t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, lay, d**-0.5, fronts.int().to(dev)),
+                  a.repeats, dev)
+    print(f"shared document: {r} requests x {a.heads} heads, each its own {a.selected:.2f} of one {n}-token document "
+          f"read in place (float32, K token-major): {t * 1e3:.2f} ms, {t / (r * a.heads * k) * 1e9:.1f} ns per "
+          "listed position", flush=True)
+
 
 if __name__ == "__main__":
     main()
