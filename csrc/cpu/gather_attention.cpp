@@ -11,6 +11,9 @@
 // its blocks first and prefetches the next block's K and V lines while the current one is
 // computed, one line per step of the inner loops (Prefetcher): with one thread the kernel then
 // streams at about the machine's single-core read bandwidth instead of stalling at each block.
+// With token-major K, a position list's rows are read where they are (scores.h Rows), only the
+// listed ones. Tasks run by KV head (run()), so requests reading the same shared blocks follow
+// one another while those blocks are in cache.
 #include "../gather_attention.h"
 
 #include <omp.h>
