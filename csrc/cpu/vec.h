@@ -99,7 +99,14 @@ inline __m256 exp256(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
-// y[i] = exp(x[i] - shift) for i < n (y may be x); returns the sum.
+// The first n of the 8 lanes (0 <= n <= 8), as a mask for _mm256_maskload_ps / _mm256_maskstore_ps.
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// y[i] = exp(x[i] - shift) for i < n (y may be x); returns the sum. The last n % 8 in one masked
+// step (a gathered segment is often a few positions long: scalar expf calls were a tenth of the
+// gather kernel's time).
 inline float exp_shifted(const float* x, float* y, int64_t n, float shift) {
   const __m256 vs = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
@@ -109,11 +116,16 @@ inline float exp_shifted(const float* x, float* y, int64_t n, float shift) {
     _mm256_storeu_ps(y + i, e);
     acc = _mm256_add_ps(acc, e);
   }
+  if (i < n) {
+    const __m256i lanes = first_lanes(n - i);
+    const __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(_mm256_maskload_ps(x + i, lanes), vs)),
+                                   _mm256_castsi256_ps(lanes));
+    _mm256_maskstore_ps(y + i, lanes, e);
+    acc = _mm256_add_ps(acc, e);
+  }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, acc);
-  float sum = lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
-  for (; i < n; ++i) sum += (y[i] = std::exp(x[i] - shift));
-  return sum;
+  return lanes[0] + lanes[1] + lanes[2] + lanes[3] + lanes[4] + lanes[5] + lanes[6] + lanes[7];
 }
 inline float exp_shifted(float* x, int64_t n, float shift) { return exp_shifted(x, x, n, shift); }
 
