@@ -84,6 +84,12 @@ void accumulate_any(const float* p, int64_t bs, const Rows<typename E::T>& v, in
   }
 }
 
+// Whether position p is in the block of positions [start, start + bs) (without a division per
+// listed position: a list's entries are scanned block by block).
+inline bool in_block(int64_t p, int64_t start, int64_t bs) {
+  return static_cast<uint64_t>(p - start) < static_cast<uint64_t>(bs);
+}
+
 // A task: positions [v0, v1) of item `item`, counted over its two ranges (front, then generated).
 struct Task {
   int64_t item, v0, v1;
@@ -152,15 +158,14 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
   } else if (!a.k_transposed) {
     const int32_t* list = a.fronts + front_list;
     for (int64_t i = f0; i < f1;) {
-      const int64_t block = list[i] / bs;  // the entries in a row of the same block
+      const int64_t block = list[i] / bs, start = block * bs;  // the entries in a row of the same block
       int64_t j = i;
       bool consecutive = true;  // (a list need not be sorted: refills rewrite its entries in place)
-      for (; j < f1 && list[j] / bs == block; ++j) {
-        listed.push_back(static_cast<int32_t>(list[j] % bs));
+      for (; j < f1 && in_block(list[j], start, bs); ++j) {
+        listed.push_back(static_cast<int32_t>(list[j] - start));
         consecutive = consecutive && (j == i || list[j] == list[j - 1] + 1);
       }
-      const int64_t first = list[i] % bs;
-      segments.push_back({cache + static_cast<int64_t>(table[block]) * a.block_strides[h], first, j - i, -1,
+      segments.push_back({cache + static_cast<int64_t>(table[block]) * a.block_strides[h], list[i] - start, j - i, -1,
                           consecutive ? -1 : static_cast<int64_t>(listed.size()) - (j - i)});
       i = j;
     }
@@ -170,9 +175,9 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     thread_local std::vector<float> flags;
     flags.assign(bs, 0.f);
     for (int64_t i = f0; i < f1;) {
-      const int64_t block = list[i] / bs;  // the entries in a row of the same block
+      const int64_t block = list[i] / bs, start = block * bs;  // the entries in a row of the same block
       int64_t j = i;
-      for (; j < f1 && list[j] / bs == block; ++j) flags[list[j] % bs] = 1.f;
+      for (; j < f1 && in_block(list[j], start, bs); ++j) flags[list[j] - start] = 1.f;
       for (int64_t t0 = 0; t0 < bs; t0 += tile) {  // runs of touched tiles
         const auto touched = [&](int64_t t) {
           return std::any_of(flags.begin() + t, flags.begin() + t + tile, [](float f) { return f != 0.f; });
@@ -185,7 +190,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
         keeps.insert(keeps.end(), flags.begin() + t0, flags.begin() + t1);
         t0 = t1 - tile;
       }
-      for (int64_t k = i; k < j; ++k) flags[list[k] % bs] = 0.f;
+      for (int64_t k = i; k < j; ++k) flags[list[k] - start] = 0.f;
       i = j;
     }
   }
