@@ -159,7 +159,9 @@ class HeteroCacheMetadataBuilder(CPUAttentionMetadataBuilder):
         meta.slot_mapping = slot_mapping
         if plan.prefilling is not None:
             meta.prefilling = self._prefilling(plan.prefilling, meta)
-        if self.layout is not self.vllm_layout:  # (a compressed pool: vLLM's kernel reads its prefilling rows)
+        # a compressed pool in a layout of its own: vLLM's kernel reads its prefilling rows, staged
+        # (only a step with a prefilling row runs vLLM's kernel on a compressed head, runtime.layer.attend)
+        if plan.prefill and self.layout is not self.vllm_layout:
             meta.staging = Staging.of(meta.prefilling or meta, self.kv_cache_spec.block_size)
         return meta
 
