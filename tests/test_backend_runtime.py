@@ -387,6 +387,7 @@ def test_each_satellite_selection_is_a_prefix_of_the_pivots_ranking(counts):
     top = ref.topk_positions(scores[None], torch.tensor([k]), torch.tensor([cut]))[0]
     ranked = _ranked(scores, top, max(counts), cut)
     assert ranked.numel() == min(max(counts), cut)
+    assert torch.equal(ranked, torch.sort(-scores[:cut], stable=True).indices[: ranked.numel()])  # the definition
     for c in counts:
         want = ref.refill_indices(scores[None], torch.tensor([c]), torch.tensor([cut]))[0]
         assert torch.equal(ranked[:c].sort().values, want[want >= 0])
