@@ -391,6 +391,8 @@ def test_each_satellite_selection_is_a_prefix_of_the_pivots_ranking(counts):
     for c in counts:
         want = ref.refill_indices(scores[None], torch.tensor([c]), torch.tensor([cut]))[0]
         assert torch.equal(ranked[:c].sort().values, want[want >= 0])
+        # one count for every satellite: the same positions, unranked (ascending)
+        assert torch.equal(_ranked(scores, top, c, cut, ordered=False), want[want >= 0])
 
 
 @pytest.mark.parametrize("order", ["k-transposed", "token-major", "other"])
