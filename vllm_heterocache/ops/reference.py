@@ -244,12 +244,11 @@ def refill_slots(held: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor)
     stays = members(chosen).gather(1, old + 1) & (old >= 0)
     new = ~members(old).gather(1, chosen + 1) & (chosen >= 0)
     free = refillable & ~stays
-    # the k-th new position goes to the k-th free slot (there are at least as many free slots)
-    free_first = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    new_first = torch.sort(new.to(torch.uint8), dim=1, descending=True, stable=True).indices
-    placed = torch.arange(w) < new.sum(1, keepdim=True)
-    moves = torch.where(placed, chosen.gather(1, new_first), -1)
-    return torch.full_like(chosen, -1).scatter_(1, free_first, moves)
+    out = torch.full_like(chosen, -1)
+    for r in range(s):  # the k-th new position goes to the k-th free slot (there are at least as many)
+        positions = chosen[r][new[r]]
+        out[r, torch.nonzero(free[r])[: positions.numel(), 0]] = positions
+    return out
 
 
 
