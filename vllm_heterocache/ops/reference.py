@@ -85,6 +85,9 @@ def topk_positions(scores: torch.Tensor, counts: torch.Tensor, limits: torch.Ten
         c = int(counts[i])
         if c == 0:
             continue
+        if c == int(limits[i]):  # every candidate
+            out[i, :c] = torch.arange(c)
+            continue
         row = scores[i, : int(limits[i])].float()
         kth = torch.topk(row, c, sorted=False).values.min()  # the c-th highest score
         chosen = row > kth

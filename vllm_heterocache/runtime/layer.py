@@ -372,32 +372,19 @@ def _ranked(scores: torch.Tensor, top: torch.Tensor, width: int, cut: int, order
 
     ``ordered=False``, when every satellite takes all ``width``: the same positions, ascending,
     not ranked (the stable sort of 8K top-K scores took 0.5 ms per drift on the document load of
-    ``bench_serve.py``, where 88% of the checks drift, 2.8 a decode step; the set, 0.06-0.11 ms)."""
+    ``bench_serve.py``, where 88% of the checks drift, 2.8 a decode step; the set, about 0.1 ms)."""
     top = top[top >= 0]
     width = max(0, min(width, cut))
     if not ordered:
-        if top.numel() >= width:
-            return top[_best(scores[top], width)]
-        return _best(scores[:cut], width)
+        if top.numel() >= width:  # the best of the top-K
+            return top[ref.topk_positions(scores[top][None], torch.tensor([width]), torch.tensor([top.numel()]))[0]]
+        return ref.topk_positions(scores[None], torch.tensor([width]), torch.tensor([cut]))[0]
     if top.numel() >= width:
         candidates = top
     else:
         kth = torch.topk(scores[:cut], width, sorted=False).values.min()  # the width-th best score
         candidates = torch.nonzero(scores[:cut] >= kth)[:, 0]  # ascending, ties at kth included
     return candidates[torch.sort(-scores[candidates], stable=True).indices[:width]]
-
-
-def _best(scores: torch.Tensor, width: int) -> torch.Tensor:
-    """The indices of the ``width`` highest ``scores``, ascending; of the scores equal to the
-    ``width``-th highest, the lowest indices."""
-    if width >= scores.numel():
-        return torch.arange(scores.numel(), device=scores.device)
-    if width == 0:
-        return torch.zeros(0, dtype=torch.int64, device=scores.device)
-    kth = torch.topk(scores, width, sorted=False).values.min()
-    above = scores > kth
-    ties = torch.nonzero(scores == kth)[: width - int(above.sum()), 0]
-    return torch.nonzero(above.index_fill_(0, ties, True))[:, 0]
 
 
 def _refill_counts(ls: LayerStep, row: Row, sats) -> list[int]:
