@@ -108,16 +108,24 @@ def value(families: dict, name: str, sample: str | None = None, **labels) -> flo
     return sum(s.value for s in samples)
 
 
-def settled(base: str, timeout: float = 30) -> dict:
-    """``/metrics`` once the rank has published that it holds no request (it does at once when its
-    last request leaves)."""
+def settled(base: str, since: dict | None = None, admitted: int = 0, timeout: float = 30) -> dict:
+    """``/metrics`` once the rank holds no request and has published after admitting ``admitted``
+    requests more than ``since`` shows. Each request observes heterocache_request_kept_fraction
+    when it is admitted, and the rank publishes at once when its last request leaves, but the
+    client can have its answer before that publish: a scrape that only shows 0 requests can still
+    be the snapshot from before the request."""
+    def admissions(families: dict) -> float:
+        kept = families.get("heterocache_request_kept_fraction")
+        return sum(s.value for s in kept.samples if s.name.endswith("_count")) if kept else 0
+
     deadline = time.time() + timeout
     while True:
         families = scrape(base)
         if "heterocache_requests" in families and value(families, "heterocache_requests") == 0:
-            return families
-        assert time.time() < deadline, "heterocache_requests did not come back to 0"
-        time.sleep(0.5)
+            if since is None or admissions(families) - admissions(since) >= admitted:
+                return families
+        assert time.time() < deadline, "heterocache_requests did not come back to 0 after the requests"
+        time.sleep(0.2)
 
 
 def test_metrics_on_the_servers_own_endpoint(server):
@@ -130,7 +138,7 @@ def test_metrics_on_the_servers_own_endpoint(server):
                                                       "max_tokens": 40, "temperature": 0, "ignore_eos": True},
                       timeout=120)
     assert r.status_code == 200, r.text
-    after = settled(base)
+    after = settled(base, before, admitted=1)
     for name, (kind, _) in METRICS.items():
         family = "heterocache_" + name
         assert family in after, f"{family} missing from /metrics"
@@ -168,7 +176,7 @@ def test_prefix_caching_is_on_by_default_and_a_hit_changes_no_answer(server):
 
     before = settled(base)
     first, second = complete(), complete()
-    after = settled(base)
+    after = settled(base, before, admitted=2)
     assert first == second
 
     def grew(name, sample):
@@ -201,7 +209,7 @@ def test_policy_and_ratio_per_request(server):
     with ThreadPoolExecutor(len(choices)) as pool:  # together: one batch of mixed policies
         done = list(pool.map(complete, choices))
     assert all(c.usage.completion_tokens == 16 for c in done)
-    after = settled(base)
+    after = settled(base, before, admitted=len(choices))
     h = "heterocache_request_kept_fraction"
 
     def grew(policy, sample):
