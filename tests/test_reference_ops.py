@@ -18,12 +18,9 @@ def test_pool_scores_edges_do_not_count_padding():
     assert torch.equal(ref.pool_scores(x, 1), x)
 
 
-@pytest.mark.parametrize("w, hq, hkv", [(1, 4, 4), (4, 9, 3), (7, 8, 1)], ids=["mha-last-query", "gqa3-window4", "mqa-window7"])
-def test_prefill_scores_brute_force(w, hq, hkv):
-    g = _gen(1)
-    L, d = 37, 16
-    q, k = torch.randn(w, hq, d, generator=g), torch.randn(L, hkv, d, generator=g)
-    got = ref.prefill_scores(q, k, pool_kernel=3)
+def _brute_force_scores(q: torch.Tensor, k: torch.Tensor, pool_kernel: int) -> torch.Tensor:
+    """prefill_scores by its definition: one causal softmax per (query head, window query)."""
+    (w, hq, d), (L, hkv, _) = q.shape, k.shape
     want = torch.empty(hkv, L)
     for kv in range(hkv):
         per_head = []
@@ -33,9 +30,29 @@ def test_prefill_scores_brute_force(w, hq, hkv):
                 pos = L - w + i
                 logits = (k[: pos + 1, kv] @ q[i, qh]) / d**0.5
                 rows.append(F.pad(logits.softmax(-1), (0, L - pos - 1)))
-            per_head.append(ref.pool_scores(torch.stack(rows).mean(0, keepdim=True), 3)[0])
+            per_head.append(ref.pool_scores(torch.stack(rows).mean(0, keepdim=True), pool_kernel)[0])
         want[kv] = torch.stack(per_head).amax(0)
-    torch.testing.assert_close(got, want)
+    return want
+
+
+@pytest.mark.parametrize("w, hq, hkv", [(1, 4, 4), (4, 9, 3), (7, 8, 1)], ids=["mha-last-query", "gqa3-window4", "mqa-window7"])
+def test_prefill_scores_brute_force(w, hq, hkv):
+    g = _gen(1)
+    L, d = 37, 16
+    q, k = torch.randn(w, hq, d, generator=g), torch.randn(L, hkv, d, generator=g)
+    torch.testing.assert_close(ref.prefill_scores(q, k, pool_kernel=3), _brute_force_scores(q, k, 3))
+
+
+@pytest.mark.parametrize("length", [600, 516], ids=["window-in-the-last-chunk", "window-across-two-chunks"])
+def test_prefill_scores_over_several_chunks(monkeypatch, length):
+    """A prompt longer than one chunk of keys: the chunks' softmaxes, rescaled to each row's
+    maximum and sum, are the row's softmax (the causal window may straddle two chunks)."""
+    w, hq, hkv, d = 7, 8, 2, 16
+    monkeypatch.setattr(ref, "SCORE_WHOLE_BYTES", 0)
+    monkeypatch.setattr(ref, "SCORE_CHUNK_BYTES", 4 * hq * w * 256)  # chunks of 256 keys
+    g = _gen(2)
+    q, k = torch.randn(w, hq, d, generator=g), 3 * torch.randn(length, hkv, d, generator=g)
+    torch.testing.assert_close(ref.prefill_scores(q, k, pool_kernel=5), _brute_force_scores(q, k, 5))
 
 
 def test_topk_ties_go_to_lower_positions():
