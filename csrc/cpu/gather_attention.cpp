@@ -12,8 +12,11 @@
 // computed, one line per step of the inner loops (Prefetcher): with one thread the kernel then
 // streams at about the machine's single-core read bandwidth instead of stalling at each block.
 // With token-major K, a position list's rows are read where they are (scores.h Rows), only the
-// listed ones. Tasks run by KV head (run()), so requests reading the same shared blocks follow
-// one another while those blocks are in cache.
+// listed ones, and the next segment's listed rows are prefetched the same way, one line of K and
+// one of V per step (ListPrefetcher): issued all at once, as they were, they outran the core's
+// outstanding misses (bench_kernels.py's shared document at 32K: 30-33 instead of 39-45 ns per
+// listed position, one thread). Tasks run by KV head (run()), so requests reading the same
+// shared blocks follow one another while those blocks are in cache.
 #include "../gather_attention.h"
 
 #include <omp.h>
@@ -201,62 +204,64 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
     const int64_t off = seg.off, n = seg.n;
     const T* kregion = seg.kregion;
     const T* vregion = kregion + bs * D;
-    Prefetcher pf;  // the next segment's K and V, while this one is computed
-    if (si + 1 < num_segments) {
-      const Segment& nx = segments[si + 1];
-      if (nx.rows >= 0) {  // gathered rows: each listed token's K and V lines, now
-        for (int64_t i = 0; i < nx.n; ++i) {
-          const int64_t r = listed[nx.rows + i];
-          prefetch_lines(nx.kregion + r * D, D * sizeof(T));
-          prefetch_lines(nx.kregion + bs * D + r * D, D * sizeof(T));
-        }
+    // this segment's scores, softmax update and values, with `pf` prefetching the next segment's
+    // K and V meanwhile
+    const auto compute = [&](auto& pf) __attribute__((always_inline)) {
+      Rows<T> values{vregion + off * D, D};  // V is [bs, D]: the segment's n rows
+      if (a.k_transposed) {  // K is [D, bs]
+        scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs, pf);
       } else {
-        // K: the whole region when transposed (rows of bs), else the segment's tokens
-        pf.ranges[0] = a.k_transposed ? Range{nx.kregion, nx.kregion + D * bs}
-                                      : Range{nx.kregion + nx.off * D, nx.kregion + (nx.off + nx.n) * D};
-        pf.ranges[1] = Range{nx.kregion + bs * D + nx.off * D, nx.kregion + bs * D + (nx.off + nx.n) * D};
+        // token-major K: the segment's rows, consecutive or gathered; a gathered segment's K
+        // (float32) and V rows are read where they are, other K dtypes converted to float32 first
+        const int32_t* rows = seg.rows >= 0 ? listed.data() + seg.rows : nullptr;
+        Rows<float> keys{nullptr, D};
+        if (rows) {
+          values = Rows<T>{vregion, D, rows};
+          if constexpr (sizeof(T) == 4) {
+            keys = Rows<float>{reinterpret_cast<const float*>(kregion), D, rows};
+          } else {
+            for (int64_t i = 0; i < n; ++i) as_float(kregion + rows[i] * D, D, a.dtype, kbuf.data() + i * D);
+            keys.base = kbuf.data();
+          }
+        } else {
+          keys.base = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
+        }
+        scores_token_major(&q[0][0], kMaxHeadSize, G, D, keys, n, scores, bs, pf);
+      }
+      // online softmax: rescale what was accumulated, then add this block's values
+      const float* keep = seg.keep < 0 ? nullptr : keeps.data() + seg.keep;
+      for (int64_t g = 0; g < G; ++g) {
+        float* s = &scores[g * bs];
+        const float block_max = keep ? max_of_kept(s, keep, n) : max_of(s, n);
+        if (block_max > out.m[g]) {  // a new running max (else the correction would be exp(0) = 1)
+          const float correction = std::exp(out.m[g] - block_max);
+          if (out.l[g] > 0.f && correction != 1.f) {
+            out.l[g] *= correction;
+            float* acc = out.acc + g * kMaxHeadSize;
+            for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
+          }
+          out.m[g] = block_max;
+        }
+        out.l[g] += keep ? exp_shifted_kept(s, keep, n, out.m[g]) : exp_shifted(s, n, out.m[g]);
+      }
+      accumulate_any<E>(scores, bs, values, n, G, D, out.acc, pf);
+      pf.finish();
+    };
+    const Segment* nx = si + 1 < num_segments ? &segments[si + 1] : nullptr;
+    if (nx && nx->rows >= 0) {  // gathered rows next: each listed token's K and V lines
+      ListPrefetcher pf{nx->kregion, nx->kregion + bs * D, listed.data() + nx->rows, nx->n,
+                        static_cast<int64_t>(D * sizeof(T))};
+      compute(pf);
+    } else {
+      Prefetcher pf;  // K: the whole region when transposed (rows of bs), else the segment's tokens
+      if (nx) {
+        pf.ranges[0] = a.k_transposed ? Range{nx->kregion, nx->kregion + D * bs}
+                                      : Range{nx->kregion + nx->off * D, nx->kregion + (nx->off + nx->n) * D};
+        pf.ranges[1] = Range{nx->kregion + bs * D + nx->off * D, nx->kregion + bs * D + (nx->off + nx->n) * D};
         pf.start();
       }
+      compute(pf);
     }
-    Rows<T> values{vregion + off * D, D};  // V is [bs, D]: the segment's n rows
-    if (a.k_transposed) {  // K is [D, bs]
-      scores_transposed<E>(&q[0][0], kMaxHeadSize, G, D, kregion + off, bs, n, scores, bs, pf);
-    } else {
-      // token-major K: the segment's rows, consecutive or gathered; a gathered segment's K (float32)
-      // and V rows are read where they are, other K dtypes converted to float32 first
-      const int32_t* rows = seg.rows >= 0 ? listed.data() + seg.rows : nullptr;
-      Rows<float> keys{nullptr, D};
-      if (rows) {
-        values = Rows<T>{vregion, D, rows};
-        if constexpr (sizeof(T) == 4) {
-          keys = Rows<float>{reinterpret_cast<const float*>(kregion), D, rows};
-        } else {
-          for (int64_t i = 0; i < n; ++i) as_float(kregion + rows[i] * D, D, a.dtype, kbuf.data() + i * D);
-          keys.base = kbuf.data();
-        }
-      } else {
-        keys.base = as_float(kregion + off * D, n * D, a.dtype, kbuf.data());
-      }
-      scores_token_major(&q[0][0], kMaxHeadSize, G, D, keys, n, scores, bs, pf);
-    }
-    // online softmax: rescale what was accumulated, then add this block's values
-    const float* keep = seg.keep < 0 ? nullptr : keeps.data() + seg.keep;
-    for (int64_t g = 0; g < G; ++g) {
-      float* s = &scores[g * bs];
-      const float block_max = keep ? max_of_kept(s, keep, n) : max_of(s, n);
-      if (block_max > out.m[g]) {  // a new running max (else the correction would be exp(0) = 1)
-        const float correction = std::exp(out.m[g] - block_max);
-        if (out.l[g] > 0.f && correction != 1.f) {
-          out.l[g] *= correction;
-          float* acc = out.acc + g * kMaxHeadSize;
-          for (int64_t d = 0; d < D; ++d) acc[d] *= correction;
-        }
-        out.m[g] = block_max;
-      }
-      out.l[g] += keep ? exp_shifted_kept(s, keep, n, out.m[g]) : exp_shifted(s, n, out.m[g]);
-    }
-    accumulate_any<E>(scores, bs, values, n, G, D, out.acc, pf);
-    pf.finish();
   }
 }
 

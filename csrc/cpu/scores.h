@@ -56,11 +56,34 @@ struct Prefetcher {
   }
 };
 
-// Prefetch the cache lines of bytes [p, p + n).
-inline void prefetch_lines(const void* p, int64_t n) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
-}
+// Software prefetch of the K and V rows of a list (a later segment's gathered rows: row i at
+// k + index[i] * row_bytes and at v + index[i] * row_bytes), one line of each per call: as the
+// Hook of the current segment's inner loops, it spreads them over their steps (issued all at
+// once, they outran the core's outstanding misses); finish() issues what is left.
+struct ListPrefetcher {
+  const char* k;
+  const char* v;
+  const int32_t* index;
+  int64_t n, row_bytes;
+  int64_t i = 0, line = 0;
+  ListPrefetcher(const void* k, const void* v, const int32_t* index, int64_t n, int64_t row_bytes)
+      : k(static_cast<const char*>(k)), v(static_cast<const char*>(v)), index(index), n(n), row_bytes(row_bytes) {}
+  void operator()() {
+    if (i < n) {
+      const int64_t off = static_cast<int64_t>(index[i]) * row_bytes + line;
+      _mm_prefetch(k + off, _MM_HINT_T0);
+      _mm_prefetch(v + off, _MM_HINT_T0);
+      line += 64;
+      if (line >= row_bytes) {
+        line = 0;
+        ++i;
+      }
+    }
+  }
+  void finish() {
+    while (i < n) (*this)();
+  }
+};
 
 // out[i * out_stride + 8 * v + j] = q[i * q_stride .. +D] . k[.. 8 * v + j], i < NQ, v < NV,
 // j < 8, for K transposed ([D, k_stride] elements E::T: element d of token t at
