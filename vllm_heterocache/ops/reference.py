@@ -81,13 +81,11 @@ def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5)
         exps.append(logits.sub_(m.clamp(min=torch.finfo(torch.float32).min)).exp_())  # (those rows: 0)
         maxima.append(m)
         sums.append(exps[-1].sum(dim=-1, keepdim=True))
-    if len(bounds) == 1:
-        weights = [(sums[0] * w).reciprocal_()]  # [Hq, W, 1]: 1 / (W * sum)
-    else:
-        maxima_ = torch.stack(maxima)  # [chunks, Hq, W, 1]
-        rescale = (maxima_ - maxima_.amax(dim=0)).exp_()  # each chunk's maxima against its rows'
-        total = (torch.stack(sums) * rescale).sum(dim=0)  # [Hq, W, 1]: each row's softmax denominator
-        weights = list(rescale.div_(total * w).unbind(0))
+    # [chunks, Hq, W, 1]: each chunk's maxima against its rows' (one chunk: exactly 1), then
+    # the weights rescale / (W * the row's softmax denominator)
+    maxima_ = torch.stack(maxima)
+    rescale = (maxima_ - maxima_.amax(dim=0)).exp_()
+    weights = rescale.div_((torch.stack(sums) * rescale).sum(dim=0) * w).unbind(0)
     probs = torch.empty(hq, 1, length)  # the mean over the W queries of each softmax
     for (c0, c1), exp, weight in zip(bounds, exps, weights):
         torch.bmm(weight.transpose(1, 2), exp, out=probs[:, :, c0:c1])

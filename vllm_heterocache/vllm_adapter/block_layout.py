@@ -53,9 +53,10 @@ def compressed_pool_layout(vllm_layout: BlockLayout, reads_in_place: bool) -> Bl
     faster in float32, 3.5x in bf16, for a seventh of 32K positions,
     ``benchmarks/bench_kernels.py``). The price: a selection copied into a request's own blocks
     (every request without a hit) scores its keys from rows, which costs more compute than from
-    K transposed; it shows where the selections stay in the CPU's caches (a single request at 32K: attention 1.64 against 1.20 ms a step,
-    README "Prefix caching"), not where decoding streams from memory. Without in-place reads
-    every selection is copied, and vLLM's layout is the faster one.
+    K transposed; it shows where the selections stay in the CPU's caches (a single request at
+    32K: attention 1.64 against 1.20 ms a step, README "Prefix caching"), not where decoding
+    streams from memory. Without in-place reads every selection is copied, and vLLM's layout is
+    the faster one.
 
     vLLM's CPU kernel reads its own layout only: the adapter writes token-major caches itself
     (``ops.paged.write_slots``) and stages a prefill's rows into vLLM's layout for it
