@@ -13,9 +13,9 @@
 // streams at about the machine's single-core read bandwidth instead of stalling at each block.
 // With token-major K, a position list's rows are read where they are (scores.h Rows), only the
 // listed ones, and the next segment's listed rows are prefetched the same way, one line of K and
-// one of V per step (ListPrefetcher): issued all at once, as they were, they outran the core's
-// outstanding misses (bench_kernels.py's shared document at 32K: 30-33 instead of 39-45 ns per
-// listed position, one thread). Tasks run by KV head (run()), so requests reading the same
+// one of V per step, into L2 (ListPrefetcher): issued all at once, as they were, they outran the
+// core's outstanding misses (bench_kernels.py's shared document at 32K: 30-33 instead of 39-45 ns
+// per listed position, one thread), and into L1 they evicted the current segment's rows. Tasks run by KV head (run()), so requests reading the same
 // shared blocks follow one another while those blocks are in cache.
 #include "../gather_attention.h"
 

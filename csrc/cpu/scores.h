@@ -59,7 +59,12 @@ struct Prefetcher {
 // Software prefetch of the K and V rows of a list (a later segment's gathered rows: row i at
 // k + index[i] * row_bytes and at v + index[i] * row_bytes), one line of each per call: as the
 // Hook of the current segment's inner loops, it spreads them over their steps (issued all at
-// once, they outran the core's outstanding misses); finish() issues what is left.
+// once, they outran the core's outstanding misses); finish() issues what is left. Into L2, not
+// L1: a segment's rows (up to a block's, 64 KiB of K and V at 128 x 64 floats) would evict the
+// current segment's from a 32 KiB L1 before they are read. 16 requests x 2 heads over 4 layers'
+// scattered rows of 4 documents (the tiny model's shared-prefix load, from memory): 42-45
+// instead of 59-65 ns per listed position; rows already in the last-level cache: 32 instead of
+// 31 ns.
 struct ListPrefetcher {
   const char* k;
   const char* v;
@@ -71,8 +76,8 @@ struct ListPrefetcher {
   void operator()() {
     if (i < n) {
       const int64_t off = static_cast<int64_t>(index[i]) * row_bytes + line;
-      _mm_prefetch(k + off, _MM_HINT_T0);
-      _mm_prefetch(v + off, _MM_HINT_T0);
+      _mm_prefetch(k + off, _MM_HINT_T1);
+      _mm_prefetch(v + off, _MM_HINT_T1);
       line += 64;
       if (line >= row_bytes) {
         line = 0;
