@@ -17,7 +17,11 @@ compressed pools' (K token-major, ``vllm_adapter.block_layout``).
 
 Shared document (``--requests N``, default 16): N requests whose heads each read their own
 selection of one document in place, in one call, as the decode steps of ``bench_serve.py
---preset document`` do.
+--preset document`` do. With ``--documents P`` request i reads document i % P, and with
+``--layers M`` each of M layers has its own caches and a call of its own, one after another, as
+a decode step runs them: ``--tokens 3328 --selected 0.5 --run-length 3 --documents 4 --layers
+4`` is the tiny model's decode step of ``bench_serve.py --preset shared``, whose 54 MB of
+prefix KV the CPU's last-level cache does not hold.
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ def main() -> None:
     p.add_argument("--selected", type=float, default=0.18, help="fraction selected for the position-list fronts")
     p.add_argument("--run-length", type=float, default=9.5, help="mean length of the selected runs")
     p.add_argument("--requests", type=int, default=16, help="requests reading one document (the last line)")
+    p.add_argument("--documents", type=int, default=1, help="documents the requests read (the last line)")
+    p.add_argument("--layers", type=int, default=1, help="layers of caches, one call each (the last line)")
     a = p.parse_args()
     dev = a.device
     print(f"kernels: {kernels.describe()}; threads {torch.get_num_threads()}; device {dev}")
@@ -119,24 +125,34 @@ def main() -> None:
 
 
 def shared_document(a) -> None:
-    """``--requests`` requests that each read their own selection of one document in place, in one
-    call (the decode step of ``bench_serve.py --preset document``): every request's block table
-    is the document's, each head's selections differ per request; float32, K token-major."""
+    """``--requests`` requests that each read their own selection of one of ``--documents``
+    documents in place, one call per layer of ``--layers`` (the decode step of ``bench_serve.py
+    --preset document``, or of ``--preset shared`` with several): every request's block table is
+    its document's, each head's selections differ per request; float32, K token-major."""
     n, d, bs, dev = a.tokens, a.head_size, a.block_size, a.device
-    nb, r, k = -(-n // bs), a.requests, max(1, int(a.selected * n))
-    caches = [torch.randn(nb, 1, bs, 2 * d, device=dev) for _ in range(a.heads)]
-    tables = [torch.randperm(nb).int()[None].expand(r, nb).contiguous().to(dev) for _ in range(a.heads)]
+    nb, r, k, docs = -(-n // bs), a.requests, max(1, int(a.selected * n)), a.documents
+    layers = [[torch.randn(docs * nb, 1, bs, 2 * d, device=dev) for _ in range(a.heads)] for _ in range(a.layers)]
+    # per head, document j's blocks are a scrambled j-th share of the cache; request i reads document i % docs
+    tables = [torch.randperm(docs * nb).int().view(docs, nb)[torch.arange(r) % docs].contiguous().to(dev)
+              for _ in range(a.heads)]
     fronts = torch.cat([selection(n, k, a.run_length, seed=1000 * i + h) for i in range(r) for h in range(a.heads)])
+    fronts = fronts.int().to(dev)
     work = torch.tensor([[i, h, i, k, n, n, 0, (i * a.heads + h) * k] for i in range(r) for h in range(a.heads)],
                         dtype=torch.int64, device=dev)
     q = torch.randn(r, a.heads * a.group, d, device=dev)
     out = torch.empty_like(q)
     lay = BlockLayout.for_kernels(bs, d, False)
-    t = best_time(lambda: kernels.gather_attention(q, out, caches, tables, work, lay, d**-0.5, fronts.int().to(dev)),
-                  a.repeats, dev)
-    print(f"shared document: {r} requests x {a.heads} heads, each its own {a.selected:.2f} of one {n}-token document "
-          f"read in place (float32, K token-major): {t * 1e3:.2f} ms, {t / (r * a.heads * k) * 1e9:.1f} ns per "
-          "listed position", flush=True)
+
+    def step() -> None:
+        for caches in layers:
+            kernels.gather_attention(q, out, caches, tables, work, lay, d**-0.5, fronts)
+
+    t = best_time(step, a.repeats, dev)
+    where = f"one {n}-token document" if docs == 1 else f"{docs} documents of {n} tokens"
+    per_layer = f" in each of {a.layers} layers (a call each)" if a.layers > 1 else ""
+    print(f"shared document: {r} requests x {a.heads} heads, each its own {a.selected:.2f} of {where}{per_layer} "
+          f"read in place (float32, K token-major): {t * 1e3:.2f} ms, "
+          f"{t / (a.layers * r * a.heads * k) * 1e9:.1f} ns per listed position", flush=True)
 
 
 if __name__ == "__main__":
