@@ -253,7 +253,7 @@ void run_task(const GatherAttentionArgs& a, const Task& task, Partial& out) {
                         static_cast<int64_t>(D * sizeof(T))};
       compute(pf);
     } else {
-      Prefetcher pf;  // K: the whole region when transposed (rows of bs), else the segment's tokens
+      Prefetcher<> pf;  // K: the whole region when transposed (rows of bs), else the segment's tokens
       if (nx) {
         pf.ranges[0] = a.k_transposed ? Range{nx->kregion, nx->kregion + D * bs}
                                       : Range{nx->kregion + nx->off * D, nx->kregion + (nx->off + nx->n) * D};

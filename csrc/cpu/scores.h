@@ -20,11 +20,13 @@ struct NoHook {
 // Software prefetch of up to two byte ranges (a later block's K and V regions: blocks are in
 // scrambled order, so the hardware prefetchers cannot run ahead across them), one cache line per
 // call: passed as the Hook of the current block's inner loops, it spreads the prefetches over
-// their steps; finish() issues what is left.
+// their steps; finish() issues what is left. Into L1 by default (Hint); drift detection's into
+// L2 (drift_check.cpp).
 struct Range {
   const void* begin;
   const void* end;
 };
+template <int Hint = _MM_HINT_T0>
 struct Prefetcher {
   Range ranges[2] = {{nullptr, nullptr}, {nullptr, nullptr}};
   const char* p = nullptr;
@@ -43,7 +45,7 @@ struct Prefetcher {
   }
   void operator()() {
     if (p < e) {
-      _mm_prefetch(p, _MM_HINT_T0);
+      _mm_prefetch(p, static_cast<decltype(_MM_HINT_T0)>(Hint));
       p += 64;
       if (p >= e) {
         ++r;
