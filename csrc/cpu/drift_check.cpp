@@ -53,7 +53,7 @@ void block_logits(const DriftCheckArgs& a, const float* qs, int64_t p, int64_t b
   const float* q = qs + p * Q * D;
   // into L2: a block's keys (32 KiB at 128 x 64 floats) would evict from a 32 KiB L1 the current
   // block's, which every group of queries reads in turn (scores.h); 16 checks of 32K keys, each
-  // from memory, one thread: 2.0-2.3 instead of 2.3-2.8 ms a check (medians 2.13 and 2.49)
+  // from memory, one thread: 2.0-2.6 instead of 2.3-2.7 ms a check (medians 2.08 and 2.49)
   Prefetcher<_MM_HINT_T1> pf;
   if (b + 1 < B) {
     const T* next = block_keys<T>(a, p, b + 1);

@@ -15,8 +15,9 @@
 // listed ones, and the next segment's listed rows are prefetched the same way, one line of K and
 // one of V per step, into L2 (ListPrefetcher): issued all at once, as they were, they outran the
 // core's outstanding misses (bench_kernels.py's shared document at 32K: 30-33 instead of 39-45 ns
-// per listed position, one thread), and into L1 they evicted the current segment's rows. Tasks run by KV head (run()), so requests reading the same
-// shared blocks follow one another while those blocks are in cache.
+// per listed position, one thread), and into L1 they evicted the current segment's rows. Tasks
+// run by KV head (run()), so requests reading the same shared blocks follow one another while
+// those blocks are in cache.
 #include "../gather_attention.h"
 
 #include <omp.h>

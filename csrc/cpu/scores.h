@@ -64,9 +64,9 @@ struct Prefetcher {
 // once, they outran the core's outstanding misses); finish() issues what is left. Into L2, not
 // L1: a segment's rows (up to a block's, 64 KiB of K and V at 128 x 64 floats) would evict the
 // current segment's from a 32 KiB L1 before they are read. 16 requests x 2 heads over 4 layers'
-// scattered rows of 4 documents (the tiny model's shared-prefix load, from memory): 42-45
-// instead of 59-65 ns per listed position; rows already in the last-level cache: 32 instead of
-// 31 ns.
+// scattered rows of 4 documents (the tiny model's shared-prefix load, from memory): 41-44
+// instead of 57-65 ns per listed position; rows already in the last-level cache: 28.6-29.1
+// against 29.8-30.4 ns (bench_kernels.py's shared-document line).
 struct ListPrefetcher {
   const char* k;
   const char* v;
