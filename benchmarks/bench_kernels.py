@@ -19,9 +19,9 @@ Shared document (``--requests N``, default 16): N requests whose heads each read
 selection of one document in place, in one call, as the decode steps of ``bench_serve.py
 --preset document`` do. With ``--documents P`` request i reads document i % P, and with
 ``--layers M`` each of M layers has its own caches and a call of its own, one after another, as
-a decode step runs them: ``--tokens 3328 --selected 0.5 --run-length 3 --documents 4 --layers
-4`` is the tiny model's decode step of ``bench_serve.py --preset shared``, whose 54 MB of
-prefix KV the CPU's last-level cache does not hold.
+a decode step runs them: ``--tokens 3328 --heads 2 --selected 0.5 --run-length 3 --documents 4
+--layers 4`` is the tiny model's decode step of ``bench_serve.py --preset shared``, whose 54 MB
+of prefix KV the CPU's last-level cache does not hold.
 """
 
 from __future__ import annotations
