@@ -54,9 +54,11 @@ class LayerCaches:
         return torch.cat([k for k, _ in kv], dim=1), torch.cat([v for _, v in kv], dim=1)
 
     def keys(self, heads, row: int, length: int) -> torch.Tensor:
-        """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``."""
-        return torch.cat([read_prefix_k(self.per_head[h], self.layouts[h], self.tables[h][row], length)
-                          for h in heads], dim=1)
+        """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``, a view
+        of head-major keys (each head's ``[length, D]`` contiguous, as ``ref.prefill_scores``
+        reads them fastest)."""
+        return torch.stack([read_prefix_k(self.per_head[h], self.layouts[h], self.tables[h][row], length)[:, 0]
+                            for h in heads]).transpose(0, 1)
 
     def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return read_positions(self.per_head[head], self.layouts[head], self.tables[head][row], positions)
