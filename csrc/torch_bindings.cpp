@@ -7,6 +7,7 @@
 
 #include "bindings.h"
 #include "stage_blocks.h"
+#include "window_scores.h"
 
 namespace {
 
@@ -65,6 +66,21 @@ void stage_blocks(const at::Tensor& src, const at::Tensor& blocks, at::Tensor& d
       dst.stride(0), dst_k_transposed, blocks.data_ptr<int64_t>(), blocks.numel(), src.size(2), src.size(3) / 2});
 }
 
+void window_scores(at::Tensor& logits, int64_t window, int64_t pool_kernel, at::Tensor& out) {
+  TORCH_CHECK(logits.device().is_cpu() && out.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.dim() == 3 && logits.is_contiguous(),
+              "logits must be contiguous float32 [num_kv_heads, G * W, L]");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous() &&
+              out.size(0) == logits.size(0) && out.size(1) == logits.size(2),
+              "out must be contiguous float32 [num_kv_heads, L] (logits' heads and L)");
+  TORCH_CHECK(window >= 1 && window <= logits.size(2) && logits.size(1) % window == 0,
+              "window must be in 1 .. L and divide the rows of a KV head (G * W)");
+  TORCH_CHECK(pool_kernel >= 1 && pool_kernel % 2 == 1, "pool_kernel must be odd and >= 1");
+  heterocache::window_scores_cpu(heterocache::WindowScoresArgs{
+      logits.data_ptr<float>(), out.data_ptr<float>(), logits.size(0), logits.size(1) / window, window,
+      logits.size(2), pool_kernel});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heterocache, m) {
@@ -79,6 +95,7 @@ TORCH_LIBRARY(heterocache, m) {
       "refill_copy(Tensor storage, Tensor host_blocks, Tensor host_rows, Tensor positions, Tensor(a!)[] caches, "
       "Tensor[] tables, bool k_transposed) -> ()");
   m.def("stage_blocks(Tensor src, Tensor blocks, Tensor(a!) dst, bool src_k_transposed, bool dst_k_transposed) -> ()");
+  m.def("window_scores(Tensor(a!) logits, int window, int pool_kernel, Tensor(b!) out) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
@@ -86,6 +103,7 @@ TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
   m.impl("drift_check", &drift_check);
   m.impl("refill_copy", &refill_copy);
   m.impl("stage_blocks", &stage_blocks);
+  m.impl("window_scores", &window_scores);
 }
 
 // `import vllm_heterocache._C` loads this library (and so the registrations above).

@@ -356,8 +356,9 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
 # --- registration of the extension's ops (torch.library) -----------------------------------------
 
 OPS = ("heterocache::gather_attention", "heterocache::drift_check", "heterocache::refill_copy",
-       "heterocache::stage_blocks")
-CPU_ONLY_OPS = ("heterocache::stage_blocks",)  # (it stages blocks for vLLM's CPU kernel)
+       "heterocache::stage_blocks", "heterocache::window_scores")
+# (stage_blocks stages blocks for vLLM's CPU kernel; window_scores: CUDA takes the reference)
+CPU_ONLY_OPS = ("heterocache::stage_blocks", "heterocache::window_scores")
 needs_extension = pytest.mark.skipif(
     not kernels.HAVE_KERNELS,
     reason=f"extension vllm_heterocache._C not built, so no torch.ops.heterocache ops are registered: "
@@ -370,6 +371,9 @@ def op_args(qualname, device):
         g = torch.Generator().manual_seed(0)
         src, dst = torch.randn(6, 1, 16, 128, generator=g), torch.zeros(3, 1, 16, 128)
         return src, torch.tensor([4, 1, 4]), dst, False, True
+    if qualname == "heterocache::window_scores":
+        g = torch.Generator().manual_seed(0)
+        return torch.randn(2, 3 * 4, 37, generator=g), 4, 5, torch.empty(2, 37)
     if qualname == "heterocache::gather_attention":
         g, hkv, d, bs, items = CASES["gqa4-d64-scrambled"]
         q, _, _, caches, tables, work, fronts = make_case(g, hkv, d, bs, items, torch.float32, True, pad=8)
@@ -446,3 +450,43 @@ def test_stage_blocks_kernel_matches_reference(bs, d, dst_transposed, src_transp
     kernels.stage_blocks(src, src_layout, blocks, view(dst_flat), dst_layout)
     copy_blocks(src, src_layout, blocks, view(want_flat), dst_layout)
     assert torch.equal(dst_flat, want_flat)
+
+
+# --- prompt-end scores -----------------------------------------------------------------------------
+
+WINDOW_CASES = {  # (W, Hq, Hkv, D, L, pool_kernel)
+    "gqa4-window32": (32, 8, 2, 64, 700, 5),
+    "mha-last-query": (1, 4, 4, 16, 5, 3),
+    "mqa-window7-shorter-than-pool": (7, 8, 1, 16, 9, 11),
+    "gqa3-odd-length": (5, 9, 3, 80, 203, 5),
+    "no-pooling": (4, 4, 2, 32, 100, 1),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_prefill_scores_kernel_matches_reference(name):
+    """The compiled softmax, window mean, pooling and GQA max (csrc/window_scores.h) against
+    ref.prefill_scores: equal within float32 rounding (its exponential's relative error is ~1e-7),
+    and the selection they make equal."""
+    w, hq, hkv, d, length, pool = WINDOW_CASES[name]
+    g = torch.Generator().manual_seed(length)
+    q, k = 3 * torch.randn(w, hq, d, generator=g), torch.randn(length, hkv, d, generator=g)
+    want, got = ref.prefill_scores(q, k, pool), kernels.prefill_scores(q, k, pool)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=1e-9)
+    budgets = torch.full((hkv,), max(1, length // 3))
+    assert torch.equal(ref.select_tokens(got, budgets, min(w, length)), ref.select_tokens(want, budgets, min(w, length)))
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads_per_piece", [1, 2, 3, 4], ids=["a-head", "half-a-group", "odd-part", "a-kv-head"])
+def test_prefill_scores_kernel_in_pieces(monkeypatch, heads_per_piece):
+    """Logits larger than SCORE_WHOLE_BYTES are made a few query heads at a time: pieces of
+    whole KV heads, or parts of one head's group whose maxima are maxed, give the same scores."""
+    w, hq, hkv, d, length = 6, 8, 2, 16, 300
+    g = torch.Generator().manual_seed(heads_per_piece)
+    q, k = torch.randn(w, hq, d, generator=g), torch.randn(length, hkv, d, generator=g)
+    want = kernels.prefill_scores(q, k, 5)
+    monkeypatch.setattr(ref, "SCORE_WHOLE_BYTES", 4 * w * length * heads_per_piece)
+    torch.testing.assert_close(kernels.prefill_scores(q, k, 5), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(want, ref.prefill_scores(q, k, 5), rtol=2e-5, atol=1e-9)

@@ -1,9 +1,10 @@
 """The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallbacks.
 
-``torch.ops.heterocache.{gather_attention, drift_check, refill_copy, stage_blocks}`` when the
-extension is built (``setup.py``) and the cache layout is one they read, else
-:func:`gather_attention_reference` / :func:`drift_check_reference` / :func:`refill_copy_reference`
-/ :func:`~vllm_heterocache.ops.paged.copy_blocks`, the same contracts in PyTorch over any
+``torch.ops.heterocache.{gather_attention, drift_check, refill_copy, stage_blocks,
+window_scores}`` when the extension is built (``setup.py``) and the cache layout is one they
+read, else :func:`gather_attention_reference` / :func:`drift_check_reference` /
+:func:`refill_copy_reference` / :func:`~vllm_heterocache.ops.paged.copy_blocks` /
+:func:`~vllm_heterocache.ops.reference.prefill_scores`, the same contracts in PyTorch over any
 :class:`~vllm_heterocache.ops.paged.BlockLayout`. The functions below are the one place
 that chooses; :func:`describe` is the startup line that says which runs.
 """
@@ -41,6 +42,10 @@ if HAVE_KERNELS:
 
     @torch.library.register_fake("heterocache::stage_blocks")
     def _(src, blocks, dst, src_k_transposed, dst_k_transposed):
+        return None
+
+    @torch.library.register_fake("heterocache::window_scores")
+    def _(logits, window, pool_kernel, out):
         return None
 
 
@@ -205,3 +210,37 @@ def stage_blocks(src: torch.Tensor, src_layout: BlockLayout, blocks: torch.Tenso
         torch.ops.heterocache.stage_blocks(src, blocks, dst, src_layout.kernel_order, dst_layout.kernel_order)
     else:
         copy_blocks(src, src_layout, blocks, dst, dst_layout)
+
+
+def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
+    """:func:`reference.prefill_scores` (same arguments and result) with the logits' matrix
+    product taken by torch and the rest compiled (contract: csrc/window_scores.h): each window
+    query's softmax, the mean over the window, the pooling and the GQA max, in one pass over the
+    logits while a row is in L1 (CPU tensors; else the reference). The logits are made up to
+    ``reference.SCORE_WHOLE_BYTES`` at a time, for whole KV heads or, when one head's are more,
+    for parts of its group whose maxima are then maxed.
+
+    32 queries of 8 heads (2 KV heads) over 3.3K keys took 1.55 ms against the reference's 1.9
+    ms, over 32K keys 15.2-15.8 against 22.2-23.5 ms (one thread; most of the rest is the product).
+    """
+    w, hq, _ = query.shape
+    length, hkv, _ = key.shape
+    if not HAVE_KERNELS or query.device.type != "cpu" or w == 0 or length == 0:
+        return ref.prefill_scores(query, key, pool_kernel)
+    q, keys = ref.window_operands(query, key)  # [Hkv, G*W, D], [Hkv, D, L]
+    g = hq // hkv
+    out = torch.empty(hkv, length)
+    heads = max(1, ref.SCORE_WHOLE_BYTES // (4 * w * length))  # query heads whose logits are one piece
+    if heads >= g:
+        step = heads // g
+        for h0 in range(0, hkv, step):
+            h1 = min(hkv, h0 + step)
+            torch.ops.heterocache.window_scores(torch.bmm(q[h0:h1], keys[h0:h1]), w, pool_kernel, out[h0:h1])
+        return out
+    part = torch.empty(1, length)
+    for h in range(hkv):
+        for g0 in range(0, g, heads):
+            g1 = min(g, g0 + heads)
+            torch.ops.heterocache.window_scores(torch.mm(q[h, g0 * w : g1 * w], keys[h])[None], w, pool_kernel, part)
+            out[h] = part[0] if g0 == 0 else torch.maximum(out[h], part[0])
+    return out

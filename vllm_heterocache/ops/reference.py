@@ -81,9 +81,7 @@ def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5)
     """
     w, hq, d = query.shape
     length, hkv, _ = key.shape
-    g = hq // hkv
-    q = (query.float() / d**0.5).view(w, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * w, d)  # [Hkv, G*W, D]
-    keys = key.float().permute(1, 2, 0)  # [Hkv, D, L]
+    q, keys = window_operands(query, key)
     per_key = 4 * hq * max(1, w)  # bytes of logits per key
     if per_key * length <= SCORE_WHOLE_BYTES:  # one piece: torch's fused softmax, then the mean
         logits = _window_logits(q, keys, 0, length, hq, w)
@@ -110,6 +108,17 @@ def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5)
     for (c0, c1), exp, weight in zip(bounds, exps, weights):
         torch.bmm(weight.transpose(1, 2), exp, out=probs[:, :, c0:c1])
     return gqa_max(pool_scores(probs.view(hq, length), pool_kernel), hkv)
+
+
+def window_operands(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`prefill_scores`'s ``query`` and ``key`` as the factors of its logits: float32
+    ``[Hkv, G*W, D]`` queries scaled by 1/sqrt(D) (row ``g * W + w``: query head ``g`` of the KV
+    head's group, window query ``w``) and ``[Hkv, D, L]`` keys (a view)."""
+    w, hq, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    q = (query.float() / d**0.5).view(w, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * w, d)
+    return q, key.float().permute(1, 2, 0)
 
 
 def _window_logits(q: torch.Tensor, keys: torch.Tensor, c0: int, c1: int, hq: int, w: int) -> torch.Tensor:

@@ -219,7 +219,7 @@ def select_and_compact(ls: LayerStep, row: Row, query: torch.Tensor, key: torch.
         if kept_queries is not None and kept_queries[0] + kept_queries[1].shape[0] == lo:
             q = torch.cat([kept_queries[1], q])  # the window's queries of earlier chunks
         k = k_prompt[:, list(scored)] if whole else caches.keys(scored, row.index, L)
-        scores = ref.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, ls.parts.pool_kernel)
+        scores = kernels.prefill_scores(_heads_of(q, ls.num_kv_heads, scored), k, ls.parts.pool_kernel)
     if c:
         chosen = state.policy.select(budgets.per_head[layer, list(c)], L, W,
                                      scores[: len(c)] if state.policy.scores_prompt else None)
