@@ -415,6 +415,25 @@ def test_reading_a_prompt_back_equals_reading_its_positions(order):
         assert torch.equal(k[:, head], want_k) and torch.equal(v[:, head], want_v)
 
 
+def test_reading_several_heads_prompts_back_head_major():
+    """read_prefixes_k (prompt-end scoring's keys): single-head caches of every order, one with
+    padded block strides, read into one head-major tensor equal to reading their positions."""
+    from vllm_heterocache.ops.paged import BlockLayout, read_prefixes_k
+
+    bs, d, nb, length = 16, 8, 12, 70
+    g = torch.Generator().manual_seed(2)
+    page = bs * 2 * d
+    padded = torch.randn(nb, page + 40, generator=g).as_strided((nb, 1, bs, 2 * d), (page + 40, page, 2 * d, 1))
+    caches = [torch.randn(nb, 1, bs, 2 * d, generator=g), padded, torch.randn(nb, 1, bs, 2 * d, generator=g)]
+    layouts = [BlockLayout.for_kernels(bs, d, True), BlockLayout.for_kernels(bs, d, False),
+               BlockLayout(bs, d, torch.randperm(bs * d, generator=g), torch.randperm(bs * d, generator=g))]
+    rows = [torch.randperm(nb, generator=g)[:5].int() for _ in caches]
+    got = read_prefixes_k(caches, layouts, rows, length)
+    assert got.shape == (3, length, d)
+    for i, (cache, layout, row) in enumerate(zip(caches, layouts, rows)):
+        assert torch.equal(got[i], read_positions(cache, layout, row, torch.arange(length))[0])
+
+
 @pytest.mark.parametrize("order", ["k-transposed", "token-major", "other"])
 def test_slot_writes_and_block_copies_between_layouts(order):
     """write_slots (the compressed pools' cache write: vLLM's slot mapping, negative slots skipped)

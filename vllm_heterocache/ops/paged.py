@@ -161,6 +161,23 @@ def read_prefix_k(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.
     return _read_region(kv_cache, layout, block_row, length, 0)
 
 
+def read_prefixes_k(kv_caches, layouts, block_rows, length: int) -> torch.Tensor:
+    """K of positions ``0 .. length-1`` of several single-head caches (each with its layout and
+    block row): head-major ``[n, length, D]``, each head's one copy (token-major K is gathered
+    block by block straight into it: 0.19 instead of 0.45 ms for 2 heads of 3.3K tokens)."""
+    first = kv_caches[0]
+    bs, d = first.shape[2], first.shape[3] // 2
+    nblk = -(-length // bs)
+    out = torch.empty(len(kv_caches), nblk * bs, d, dtype=first.dtype, device=first.device)
+    for i, (cache, layout, row) in enumerate(zip(kv_caches, layouts, block_rows)):
+        nb, h = cache.shape[:2]
+        if h == 1 and layout.kernel_order is False:  # [bs, D] rows, as out holds them
+            torch.index_select(cache.view(nb, 2, bs * d)[:, 0], 0, row[:nblk].long(), out=out[i].view(nblk, bs * d))
+        else:
+            out[i, :length] = _read_region(cache, layout, row, length, 0)[:, 0]
+    return out[:, :length]
+
+
 def _read_region(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int,
                  which: int) -> torch.Tensor:
     """K (``which`` 0) or V (1) of positions ``0 .. length-1``: ``[length, H, D]``. The orders the

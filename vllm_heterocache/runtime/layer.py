@@ -27,7 +27,7 @@ import torch
 
 from vllm_heterocache.ops import kernels
 from vllm_heterocache.ops import reference as ref
-from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, read_prefix_k, write_positions
+from vllm_heterocache.ops.paged import BlockLayout, read_positions, read_prefix, read_prefixes_k, write_positions
 from vllm_heterocache.runtime.heads import LayerHeads
 from vllm_heterocache.runtime.host import HostTier
 from vllm_heterocache.runtime.refill import RefillQueue, degrade
@@ -57,8 +57,8 @@ class LayerCaches:
         """K of positions ``0 .. length-1`` of the given heads: ``[length, len(heads), D]``, a view
         of head-major keys (each head's ``[length, D]`` contiguous, as ``ref.prefill_scores``
         reads them fastest)."""
-        return torch.stack([read_prefix_k(self.per_head[h], self.layouts[h], self.tables[h][row], length)[:, 0]
-                            for h in heads]).transpose(0, 1)
+        return read_prefixes_k([self.per_head[h] for h in heads], [self.layouts[h] for h in heads],
+                               [self.tables[h][row] for h in heads], length).transpose(0, 1)
 
     def read(self, head: int, row: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return read_positions(self.per_head[head], self.layouts[head], self.tables[head][row], positions)
