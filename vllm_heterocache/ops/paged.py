@@ -153,12 +153,7 @@ def read_prefix(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Te
                 length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of positions ``0 .. length-1`` of every head: two ``[length, H, D]`` copies
     (reads whole blocks, cheaper than :func:`read_positions` for a prefix)."""
-    return read_prefix_k(kv_cache, layout, block_row, length), _read_region(kv_cache, layout, block_row, length, 1)
-
-
-def read_prefix_k(kv_cache: torch.Tensor, layout: BlockLayout, block_row: torch.Tensor, length: int) -> torch.Tensor:
-    """K of positions ``0 .. length-1`` of every head, ``[length, H, D]`` (:func:`read_prefix`)."""
-    return _read_region(kv_cache, layout, block_row, length, 0)
+    return _read_region(kv_cache, layout, block_row, length, 0), _read_region(kv_cache, layout, block_row, length, 1)
 
 
 def read_prefixes_k(kv_caches, layouts, block_rows, length: int) -> torch.Tensor:
