@@ -16,7 +16,7 @@ from setuptools import setup
 
 CPU_SOURCES = ["csrc/torch_bindings.cpp", "csrc/cpu/gather_attention.cpp", "csrc/cpu/drift_check.cpp",
                "csrc/cpu/refill_copy.cpp", "csrc/cpu/stage_blocks.cpp",
-               "csrc/cpu/window_scores.cpp"]
+               "csrc/cpu/window_scores.cpp", "csrc/cpu/write_slots.cpp"]
 CUDA_SOURCES = ["csrc/cuda/torch_bindings_cuda.cu", "csrc/cuda/gather_attention.cu", "csrc/cuda/drift_check.cu",
                 "csrc/cuda/refill_copy.cu"]
 CXX_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17"]

@@ -8,6 +8,7 @@
 #include "bindings.h"
 #include "stage_blocks.h"
 #include "window_scores.h"
+#include "write_slots.h"
 
 namespace {
 
@@ -81,6 +82,29 @@ void window_scores(at::Tensor& logits, int64_t window, int64_t pool_kernel, at::
       logits.size(2), pool_kernel});
 }
 
+void write_slots(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& key, const at::Tensor& value,
+                 bool k_transposed) {
+  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 1 && cache.stride(3) == 1 && cache.stride(2) == cache.size(3) &&
+              cache.size(3) % 2 == 0, "cache must be a single-head cache [num_blocks, 1, block_size, 2 * D], "
+              "contiguous inside a block");
+  TORCH_CHECK(cache.element_size() == 2 || cache.element_size() == 4, "cache: 16- or 32-bit elements");
+  const int64_t n = slots.numel(), d = cache.size(3) / 2;
+  for (const at::Tensor* t : {&key, &value}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == d && (t->stride(1) == 1 || d == 1),
+                "key and value must be [n, D] (n = slots, D of the cache) with contiguous rows");
+    TORCH_CHECK(t->scalar_type() == cache.scalar_type(), "key and value must have the cache's dtype");
+    TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
+  }
+  TORCH_CHECK(cache.device().is_cpu() && slots.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous(),
+              "slots must be contiguous int64 [n]");
+  TORCH_CHECK(n == 0 || slots.max().item<int64_t>() < cache.size(0) * cache.size(2),
+              "slots out of range: at most num_blocks * block_size - 1");
+  heterocache::write_slots_cpu(heterocache::WriteSlotsArgs{
+      static_cast<int64_t>(cache.element_size()), cache.data_ptr(), cache.stride(0), k_transposed, key.data_ptr(),
+      key.stride(0), value.data_ptr(), value.stride(0), slots.data_ptr<int64_t>(), n, cache.size(2), d});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(heterocache, m) {
@@ -96,6 +120,7 @@ TORCH_LIBRARY(heterocache, m) {
       "Tensor[] tables, bool k_transposed) -> ()");
   m.def("stage_blocks(Tensor src, Tensor blocks, Tensor(a!) dst, bool src_k_transposed, bool dst_k_transposed) -> ()");
   m.def("window_scores(Tensor(a!) logits, int window, int pool_kernel, Tensor(b!) out) -> ()");
+  m.def("write_slots(Tensor(a!) cache, Tensor slots, Tensor key, Tensor value, bool k_transposed) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
@@ -104,6 +129,7 @@ TORCH_LIBRARY_IMPL(heterocache, CPU, m) {
   m.impl("refill_copy", &refill_copy);
   m.impl("stage_blocks", &stage_blocks);
   m.impl("window_scores", &window_scores);
+  m.impl("write_slots", &write_slots);
 }
 
 // `import vllm_heterocache._C` loads this library (and so the registrations above).

@@ -356,9 +356,9 @@ def test_refill_copy_kernel_matches_reference(name, k_transposed, dtype, device)
 # --- registration of the extension's ops (torch.library) -----------------------------------------
 
 OPS = ("heterocache::gather_attention", "heterocache::drift_check", "heterocache::refill_copy",
-       "heterocache::stage_blocks", "heterocache::window_scores")
-# (stage_blocks stages blocks for vLLM's CPU kernel; window_scores: CUDA takes the reference)
-CPU_ONLY_OPS = ("heterocache::stage_blocks", "heterocache::window_scores")
+       "heterocache::stage_blocks", "heterocache::window_scores", "heterocache::write_slots")
+# (stage_blocks stages blocks for vLLM's CPU kernel; window_scores and write_slots: CUDA takes the reference)
+CPU_ONLY_OPS = ("heterocache::stage_blocks", "heterocache::window_scores", "heterocache::write_slots")
 needs_extension = pytest.mark.skipif(
     not kernels.HAVE_KERNELS,
     reason=f"extension vllm_heterocache._C not built, so no torch.ops.heterocache ops are registered: "
@@ -374,6 +374,10 @@ def op_args(qualname, device):
     if qualname == "heterocache::window_scores":
         g = torch.Generator().manual_seed(0)
         return torch.randn(2, 3 * 4, 37, generator=g), 4, 5, torch.empty(2, 37)
+    if qualname == "heterocache::write_slots":
+        g = torch.Generator().manual_seed(0)
+        kv = torch.randn(5, 2, 16, generator=g)
+        return torch.zeros(6, 1, 16, 32), torch.tensor([17, -1, 90, 3, 40]), kv[:, 1], kv[:, 0], False
     if qualname == "heterocache::gather_attention":
         g, hkv, d, bs, items = CASES["gqa4-d64-scrambled"]
         q, _, _, caches, tables, work, fronts = make_case(g, hkv, d, bs, items, torch.float32, True, pad=8)
@@ -450,6 +454,32 @@ def test_stage_blocks_kernel_matches_reference(bs, d, dst_transposed, src_transp
     kernels.stage_blocks(src, src_layout, blocks, view(dst_flat), dst_layout)
     copy_blocks(src, src_layout, blocks, view(want_flat), dst_layout)
     assert torch.equal(dst_flat, want_flat)
+
+
+@needs_kernels
+@IN_DTYPES
+@IN_LAYOUTS
+@pytest.mark.parametrize("tokens", [3, 700], ids=["decode-rows", "prefill-chunk"])
+def test_write_slots_kernel_matches_reference(tokens, k_transposed, dtype):
+    """The cache write at vLLM's slots (the compressed pools' own write): the kernel's cache equals
+    ops.paged.write_slots', bit for bit, for one head of a step's [T, H, D] K/V (rows strided),
+    with negative slots skipped, blocks padded apart, and the padding and unwritten slots untouched;
+    a prefill chunk's many rows take the parallel path."""
+    from vllm_heterocache.ops.paged import write_slots
+
+    g = torch.Generator().manual_seed(tokens)
+    nb, bs, d, pad = 40, 32, 64, 24
+    page = bs * 2 * d
+    flat = torch.randn(nb, page + pad, generator=g).to(dtype)
+    want_flat = flat.clone()
+    view = lambda f: f.as_strided((nb, 1, bs, 2 * d), (page + pad, page, 2 * d, 1))  # noqa: E731
+    slots = torch.randperm(nb * bs, generator=g)[:tokens]
+    slots[::3] = -1
+    k, v = torch.randn(tokens, 3, d, generator=g).to(dtype), torch.randn(tokens, 3, d, generator=g).to(dtype)
+    layout = layout_of(k_transposed, bs, d)
+    kernels.write_slots(view(flat), layout, slots, k[:, 1], v[:, 2])
+    write_slots(view(want_flat), layout, slots, k[:, 1], v[:, 2])
+    assert torch.equal(flat, want_flat)
 
 
 # --- prompt-end scores -----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The compiled kernels (``vllm_heterocache._C``, sources in ``csrc/``) and their fallbacks.
 
 ``torch.ops.heterocache.{gather_attention, drift_check, refill_copy, stage_blocks,
-window_scores}`` when the extension is built (``setup.py``) and the cache layout is one they
-read, else :func:`gather_attention_reference` / :func:`drift_check_reference` /
+window_scores, write_slots}`` when the extension is built (``setup.py``) and the cache layout is
+one they read, else :func:`gather_attention_reference` / :func:`drift_check_reference` /
 :func:`refill_copy_reference` / :func:`~vllm_heterocache.ops.paged.copy_blocks` /
-:func:`~vllm_heterocache.ops.reference.prefill_scores`, the same contracts in PyTorch over any
+:func:`~vllm_heterocache.ops.reference.prefill_scores` /
+:func:`~vllm_heterocache.ops.paged.write_slots`, the same contracts in PyTorch over any
 :class:`~vllm_heterocache.ops.paged.BlockLayout`. The functions below are the one place
 that chooses; :func:`describe` is the startup line that says which runs.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from vllm_heterocache.ops import reference as ref
+from vllm_heterocache.ops import paged
 from vllm_heterocache.ops.paged import BlockLayout, copy_blocks, read_positions, write_positions
 
 try:
@@ -46,6 +48,10 @@ if HAVE_KERNELS:
 
     @torch.library.register_fake("heterocache::window_scores")
     def _(logits, window, pool_kernel, out):
+        return None
+
+    @torch.library.register_fake("heterocache::write_slots")
+    def _(cache, slots, key, value, k_transposed):
         return None
 
 
@@ -210,6 +216,20 @@ def stage_blocks(src: torch.Tensor, src_layout: BlockLayout, blocks: torch.Tenso
         torch.ops.heterocache.stage_blocks(src, blocks, dst, src_layout.kernel_order, dst_layout.kernel_order)
     else:
         copy_blocks(src, src_layout, blocks, dst, dst_layout)
+
+
+def write_slots(kv_cache: torch.Tensor, layout: BlockLayout, slots: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """:func:`~vllm_heterocache.ops.paged.write_slots` (the same arguments and effect: K and V
+    ``[n, D]`` of a single-head cache at vLLM's int64 ``slots``, negative ones skipped), compiled
+    on the CPU (contract: csrc/write_slots.h): one row copy per token, where torch's indexed
+    assignment took about 250 ns a row for a 2K-token prefill chunk. K and V may be one head of
+    the step's ``[T, H, D]``; they are cast to the cache's dtype."""
+    if not (compiled(layout) and kv_cache.device.type == "cpu"):
+        return paged.write_slots(kv_cache, layout, slots, k, v)
+    k, v = (x.to(kv_cache.dtype) for x in (k, v))
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    torch.ops.heterocache.write_slots(kv_cache, slots.long(), k, v, layout.kernel_order)
 
 
 def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:

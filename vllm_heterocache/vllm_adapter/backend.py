@@ -13,7 +13,7 @@ compressed heads' in their budget class's. Per step and layer:
 
 1. cache write: each head's cache gets its new K/V at its group's slot mapping (vLLM's, with the
    generated tokens of a compressed pool moved to their row positions, ``placement``), in its
-   pool's layout (``block_layout``: vLLM's write for the full pool, ``ops.paged.write_slots``
+   pool's layout (``block_layout``: vLLM's write for the full pool, ``ops.kernels.write_slots``
    for compressed pools, which keep K token-major); satellites' prompt K/V is mirrored to the
    host tier;
 2. attention as planned: vLLM's CPU kernel per head where the plan says so (over a compressed
@@ -41,7 +41,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 )
 
 from vllm_heterocache.ops import kernels
-from vllm_heterocache.ops.paged import BlockLayout, write_slots
+from vllm_heterocache.ops.paged import BlockLayout
 from vllm_heterocache.runtime.core import HeteroCacheRuntime
 from vllm_heterocache.runtime.heads import LayerHeads
 from vllm_heterocache.runtime.layer import LayerCaches, LayerStep, attend, mirror_to_host
@@ -259,7 +259,7 @@ class HeteroCacheImpl(CPUAttentionBackendImpl):
                                 bound.scales, self.kv_cache_dtype)
             else:  # a compressed pool's own layout (block_layout.compressed_pool_layout)
                 n = meta.slot_mapping.numel()
-                write_slots(cache, meta.layout, meta.slot_mapping, key[:n, j], value[:n, j])
+                kernels.write_slots(cache, meta.layout, meta.slot_mapping, key[:n, j], value[:n, j])
         if metas[0].plan.rows and bound.heads.host_rows:
             mirror_to_host(self._step(bound, metas), key, value)
 

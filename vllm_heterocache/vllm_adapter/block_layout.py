@@ -59,7 +59,7 @@ def compressed_pool_layout(vllm_layout: BlockLayout, reads_in_place: bool) -> Bl
     the faster one.
 
     vLLM's CPU kernel reads its own layout only: the adapter writes token-major caches itself
-    (``ops.paged.write_slots``) and stages a prefill's rows into vLLM's layout for it
+    (``ops.kernels.write_slots``) and stages a prefill's rows into vLLM's layout for it
     (``backend``). The full pool keeps vLLM's layout (its heads read every position).
     """
     if not (kernels.compiled(vllm_layout) and reads_in_place):
