@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.ops import paged
+from vllm_heterocache.ops import reference as ref
 from vllm_heterocache.ops.paged import BlockLayout, copy_blocks, read_positions, write_positions
 
 try:
@@ -229,7 +229,7 @@ def write_slots(kv_cache: torch.Tensor, layout: BlockLayout, slots: torch.Tensor
         return paged.write_slots(kv_cache, layout, slots, k, v)
     k, v = (x.to(kv_cache.dtype) for x in (k, v))
     k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-    torch.ops.heterocache.write_slots(kv_cache, slots.long(), k, v, layout.kernel_order)
+    torch.ops.heterocache.write_slots(kv_cache, slots.long().contiguous(), k, v, layout.kernel_order)
 
 
 def prefill_scores(query: torch.Tensor, key: torch.Tensor, pool_kernel: int = 5) -> torch.Tensor:
