@@ -84,18 +84,17 @@ void window_scores(at::Tensor& logits, int64_t window, int64_t pool_kernel, at::
 
 void write_slots(at::Tensor& cache, const at::Tensor& slots, const at::Tensor& key, const at::Tensor& value,
                  bool k_transposed) {
-  TORCH_CHECK(cache.dim() == 4 && cache.size(1) == 1 && cache.stride(3) == 1 && cache.stride(2) == cache.size(3) &&
-              cache.size(3) % 2 == 0, "cache must be a single-head cache [num_blocks, 1, block_size, 2 * D], "
-              "contiguous inside a block");
-  TORCH_CHECK(cache.element_size() == 2 || cache.element_size() == 4, "cache: 16- or 32-bit elements");
+  TORCH_CHECK(cache.dim() == 4, "cache must be a single-head cache [num_blocks, 1, block_size, 2 * D]");
   const int64_t n = slots.numel(), d = cache.size(3) / 2;
+  check_cache(cache, 0, cache.size(2), d, cache.scalar_type(), at::kCPU);
+  TORCH_CHECK(cache.element_size() == 2 || cache.element_size() == 4, "cache: 16- or 32-bit elements");
   for (const at::Tensor* t : {&key, &value}) {
     TORCH_CHECK(t->dim() == 2 && t->size(0) == n && t->size(1) == d && (t->stride(1) == 1 || d == 1),
                 "key and value must be [n, D] (n = slots, D of the cache) with contiguous rows");
     TORCH_CHECK(t->scalar_type() == cache.scalar_type(), "key and value must have the cache's dtype");
     TORCH_CHECK(t->device().is_cpu(), "CPU tensors only");
   }
-  TORCH_CHECK(cache.device().is_cpu() && slots.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(slots.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous(),
               "slots must be contiguous int64 [n]");
   TORCH_CHECK(n == 0 || slots.max().item<int64_t>() < cache.size(0) * cache.size(2),
